@@ -23,7 +23,7 @@ class AudioDecodeError(Exception):
 
 
 def decode_audio(source: str | Path | bytes) -> tuple[np.ndarray, int]:
-    """Decode wav/flac/ogg/mp3 from a path or raw bytes into (samples, sample_rate).
+    """Decode wav/flac/ogg(vorbis, opus)/mp3 (libsndfile) from a path or raw bytes into (samples, sample_rate).
 
     Multi-channel audio is returned as (frames, channels). Raises AudioDecodeError on any decode failure and
     FileNotFoundError when a path does not exist.
@@ -35,16 +35,9 @@ def decode_audio(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
         data, sample_rate = sf.read(handle, dtype="float32", always_2d=False)
-    except Exception as sf_error:  # libsndfile could not read it; try audioread through librosa (e.g. m4a)
-        if isinstance(source, bytes):
-            raise AudioDecodeError(f"cannot decode audio bytes: {sf_error}") from sf_error
-        try:
-            import librosa
-
-            data, sample_rate = librosa.load(str(source), sr=None, mono=False)
-            data = data.T if data.ndim == 2 else data
-        except Exception as error:
-            raise AudioDecodeError(f"cannot decode {source}: {error}") from error
+    except Exception as error:  # libsndfile reports corrupt/unsupported input with several exception types
+        where = "audio bytes" if isinstance(source, bytes) else str(source)
+        raise AudioDecodeError(f"cannot decode {where}: {error}") from error
     if data.size == 0:
         raise AudioDecodeError(f"{source if not isinstance(source, bytes) else 'audio bytes'} holds no samples")
     return np.asarray(data, dtype=np.float32), int(sample_rate)

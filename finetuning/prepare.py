@@ -195,8 +195,8 @@ def fingerprint(spec: SpeakerSpec, items: list[SourceItem], settings: Settings, 
 def assign_splits(ids: list[str], given: list[str | None], settings: Settings, speaker: str) -> list[str]:
     """Keep splits the source gives; otherwise a deterministic seeded split per speaker.
 
-    The seeded split orders clips by a hash of (seed, speaker, id), so it does not depend on input order and
-    a clip keeps its split when others are added. At least one clip stays in train.
+    The seeded split ranks clips by a hash of (seed, speaker, id), so it does not depend on input order or on
+    the machine. At least one clip stays in train.
     """
     if any(g is not None for g in given):
         return [g or "train" for g in given]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
 FORMATS = ("jsonl", "ljspeech", "chatml", "hf")
 GIVEN_SPLITS = ("train", "validation", "test")
 METADATA_FILES = (("metadata.csv", "|"), ("metadata.txt", "|"), ("metadata.tsv", "\t"))

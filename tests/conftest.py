@@ -27,3 +27,40 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["equal"]
+
+
+def write_wav(path: Path, samples, sample_rate: int = 24000) -> Path:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, samples, sample_rate)
+    return path
+
+
+def speechlike(duration_s: float, sample_rate: int = 24000, seed: int = 0, level: float = 0.3):
+    """A voiced-sounding test signal: a 140 Hz harmonic tone with a 4 Hz syllable envelope and a little noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(duration_s * sample_rate)) / sample_rate
+    tone = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 6))
+    envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 4 * t)
+    signal = tone * envelope + 0.02 * rng.standard_normal(t.size)
+    return (level * signal / np.max(np.abs(signal))).astype("float32")
+
+
+def make_settings(tmp_path: Path, tiny_model_dir: Path, **overrides):
+    """Settings for a test: no .env, no environment, tiny speech tokenizer, everything under tmp_path."""
+    from finetuning.settings import load_settings
+
+    values = {
+        "VOICES_DIR": str(VOICES_DIR),
+        "DATASET_DIR": str(tmp_path / "dataset"),
+        "TOKENIZER_PATH": str(tiny_model_dir / "speech_tokenizer"),
+        "INIT_MODEL_PATH": str(tiny_model_dir),
+        "OUTPUT_DIR": str(tmp_path / "run"),
+        "DEVICE": "cpu",
+        "MIXED_PRECISION": "no",
+    }
+    values.update({k: str(v) for k, v in overrides.items()})
+    return load_settings(None, overrides=values, environ={})

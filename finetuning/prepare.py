@@ -321,7 +321,7 @@ def _unique_ids(items: list[SourceItem]) -> None:
             item.id = f"{item.id}-{seen[item.id]}"
 
 
-def _write_split(rows: list[dict], folder: Path, split: str, max_shard_bytes: float) -> None:
+def _write_split(rows: list[dict], folder: Path, split: str, fingerprint: str, max_shard_bytes: float) -> None:
     import datasets
 
     features = schema.features()
@@ -337,7 +337,7 @@ def _write_split(rows: list[dict], folder: Path, split: str, max_shard_bytes: fl
     for index, shard in enumerate(shards):
         columns = {name: [row[name] for row in shard] for name in features}
         dataset = datasets.Dataset.from_dict(columns, features=features)
-        dataset.to_parquet(str(folder / schema.shard_name(split, index, len(shards))))
+        dataset.to_parquet(str(folder / schema.shard_name(split, fingerprint, index, len(shards))))
 
 
 def _row(speaker: str, clip_id: str, text: str, language: str, samples: np.ndarray, codes: np.ndarray) -> dict:
@@ -433,7 +433,7 @@ def prepare_speaker(
     staging.mkdir(parents=True)
     for split, split_rows in rows.items():
         if split_rows:
-            _write_split(split_rows, staging, split, settings.MAX_SHARD_SIZE_MB * 1e6)
+            _write_split(split_rows, staging, split, print_, settings.MAX_SHARD_SIZE_MB * 1e6)
     summary = report.as_dict()
     summary.pop("prepared_this_run")
     (staging / schema.INFO_FILE).write_text(json.dumps({"fingerprint": print_, "summary": summary}, indent=2))
@@ -454,13 +454,10 @@ def local_configs(dataset_dir: Path) -> dict[str, dict]:
 
 def write_card(dataset_dir: Path) -> Path:
     """(Re)write README.md and preparation_summary.json from every finished config in the folder."""
-    configs = local_configs(dataset_dir)
-    splits = {
-        name: [s for s in schema.ALL_SPLITS if any((dataset_dir / name).glob(f"{s}-*.parquet"))] for name in configs
-    }
-    summaries = {name: info.get("summary", {}) for name, info in configs.items()}
+    infos = local_configs(dataset_dir)
     card = dataset_dir / schema.CARD_FILE
-    card.write_text(schema.render_card(splits, summaries))
+    card.write_text(schema.render_card(infos))
+    summaries = {name: info.get("summary", {}) for name, info in infos.items()}
     (dataset_dir / schema.SUMMARY_FILE).write_text(json.dumps(summaries, indent=2, sort_keys=True))
     return card
 

@@ -4,7 +4,7 @@ Layout of a prepared dataset (a local folder, or the same files in a Hub dataset
 
     README.md                               dataset card; its YAML ``configs:`` lists every speaker and split
     preparation_summary.json                per-speaker counts, hours and rejections of the last run
-    <speaker>/train-00000-of-0000N.parquet  one config per speaker, parquet shards of bounded size
+    <speaker>/train-<fp>-00000-of-0000N.parquet  one config per speaker, parquet shards of bounded size
     <speaker>/validation-*.parquet
     <speaker>/test-*.parquet                only when TEST_FRACTION > 0 or the source gives a test split
     <speaker>/reference-*.parquet           the speaker's reference clip(s), for speaker embeddings
@@ -52,17 +52,33 @@ def features():
     )
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+FINGERPRINT_CHARS = 12
 
 
-def render_card(configs: dict[str, list[str]], summaries: dict[str, dict]) -> str:
-    """Dataset card text. ``configs`` maps speaker -> splits present; ``summaries`` speaker -> summary dict."""
+def shard_name(split: str, fingerprint: str, index: int, count: int) -> str:
+    """Shard file name. The config's fingerprint is part of it (and of the card's patterns) so that a re-prepared
+    config never matches a cache entry of the old one: 🤗 datasets caches local folders by pattern."""
+    return f"{split}-{fingerprint[:FINGERPRINT_CHARS]}-{index:05d}-of-{count:05d}.parquet"
+
+
+def split_pattern(speaker: str, split: str, fingerprint: str) -> str:
+    return f"{speaker}/{split}-{fingerprint[:FINGERPRINT_CHARS]}-*.parquet"
+
+
+def render_card(infos: dict[str, dict]) -> str:
+    """Dataset card text from each config's prepare_info (``{"fingerprint": ..., "summary": {...}}``)."""
     lines = ["---", "configs:"]
+    summaries = {speaker: info.get("summary", {}) for speaker, info in infos.items()}
+    configs = {
+        speaker: [s for s in ALL_SPLITS if summary.get("splits", {}).get(s)] for speaker, summary in summaries.items()
+    }
     for speaker in sorted(configs):
         lines += [f"- config_name: {speaker}", "  data_files:"]
-        for split in [s for s in ALL_SPLITS if s in configs[speaker]]:
-            lines += [f"  - split: {split}", f"    path: {speaker}/{split}-*.parquet"]
+        for split in configs[speaker]:
+            lines += [
+                f"  - split: {split}",
+                f"    path: {split_pattern(speaker, split, infos[speaker]['fingerprint'])}",
+            ]
     lines += ["tags:", "- text-to-speech", "- qwen3-tts", "---", ""]
     lines += [
         "# Multi-speaker Qwen3-TTS fine-tuning data",

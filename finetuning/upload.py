@@ -181,15 +181,12 @@ def sync_dataset(dataset_dir: str | Path, remote: DatasetRemote, speakers: list[
         remote.upload_config(dataset_dir / config, config)
         report.uploaded.append(config)
 
-    all_configs = sorted(set(remote.configs()) | set(wanted))
-    summaries, splits = {}, {}
-    for config in all_configs:
+    infos = {}
+    for config in sorted(set(remote.configs()) | set(wanted)):
         info_text = remote.read_text(f"{config}/{schema.INFO_FILE}")
-        info = json.loads(info_text) if info_text else local.get(config, {})
-        summaries[config] = info.get("summary", {})
-        splits[config] = [s for s in schema.ALL_SPLITS if summaries[config].get("splits", {}).get(s)]
-    summaries_text = json.dumps(summaries, indent=2, sort_keys=True)
-    card = schema.render_card(splits, summaries)
+        infos[config] = json.loads(info_text) if info_text else local[config]
+    summaries_text = json.dumps({c: i.get("summary", {}) for c, i in infos.items()}, indent=2, sort_keys=True)
+    card = schema.render_card(infos)
     if remote.read_text(schema.CARD_FILE) != card:
         remote.write_text(schema.CARD_FILE, card, "Update dataset card")
         report.card_updated = True

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import speechlike, write_wav
+
 from finetuning.audio import (
     AudioDecodeError,
     QualityThresholds,

@@ -5,8 +5,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-
 from conftest import VOICES_DIR, make_settings, speechlike, write_wav
+
 from finetuning import schema
 from finetuning.prepare import PreparationError, SpeechEncoder, assign_splits, prepare_dataset
 from finetuning.settings import BUNDLED_SPEAKERS
@@ -37,8 +37,9 @@ def test_one_config_per_speaker_in_card_and_loadable(bundled):
     text = (Path(root) / schema.CARD_FILE).read_text()
     for speaker in BUNDLED_SPEAKERS:
         assert f"config_name: {speaker}" in text
+        fingerprint = next(r.fingerprint for r in reports if r.speaker == speaker)
         for split in ("train", "validation", "reference"):
-            assert f"path: {speaker}/{split}-*.parquet" in text
+            assert f"path: {speaker}/{split}-{fingerprint[:12]}-*.parquet" in text
     assert sorted(datasets.get_dataset_config_names(root)) == sorted(BUNDLED_SPEAKERS)
     for report in reports:
         train = datasets.load_dataset(root, name=report.speaker, split="train")
@@ -109,6 +110,16 @@ def test_changed_speaker_is_redone_alone_and_new_speaker_leaves_others(tmp_path,
     assert len(list(english_dir.glob("train-*.parquet"))) > 1
     train = datasets.load_dataset(str(tmp_path / "dataset"), name="english_speaker", split="train")
     assert len(train) + 1 == 4  # 4 clips: 3 train + 1 validation
+
+
+def test_reprepared_folder_never_loads_stale_rows(tmp_path, tiny_model_dir):
+    voices = copy_voices(tmp_path)
+    settings = make_settings(tmp_path, tiny_model_dir, VOICES_DIR=voices, TRAIN_SPEAKERS="english_speaker")
+    prepare_dataset(settings, encoder=encoder_for(settings), max_samples=3, report=lambda _: None)
+    before = datasets.load_dataset(settings.DATASET_DIR, name="english_speaker", split="train")
+    prepare_dataset(settings, encoder=encoder_for(settings), max_samples=6, report=lambda _: None)
+    after = datasets.load_dataset(settings.DATASET_DIR, name="english_speaker", split="train")
+    assert len(after) > len(before)
 
 
 def test_bad_clips_are_counted_not_fatal(tmp_path, tiny_model_dir):

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import speechlike, write_wav
+
 from finetuning.sources import SourceError, detect_format, read_source
 
 

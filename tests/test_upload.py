@@ -5,8 +5,8 @@ import shutil
 
 import datasets
 import pytest
-
 from conftest import VOICES_DIR, make_settings
+
 from finetuning import schema
 from finetuning.prepare import SpeechEncoder, prepare_dataset
 from finetuning.upload import FolderRemote, sync_dataset
@@ -41,7 +41,7 @@ def test_changed_speaker_reuploads_only_its_config(prepared, tmp_path):
     remote = FolderRemote(tmp_path / "remote")
     sync_dataset(settings.DATASET_DIR, remote)
     metadata = voices / "english_speaker" / "metadata.jsonl"
-    metadata.write_text(metadata.read_text().replace("Good morning.", "Good evening."))
+    metadata.write_text(metadata.read_text().replace("Good morning, how are you?", "Good evening, how are you?"))
     prepare_dataset(settings, encoder=SpeechEncoder(settings.TOKENIZER_PATH, "cpu"), max_samples=4, report=print)
     report = sync_dataset(settings.DATASET_DIR, remote)
     assert report.uploaded == ["english_speaker"] and report.skipped == ["swahili_speaker"]

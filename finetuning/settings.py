@@ -103,10 +103,35 @@ class Settings:
     GRADIENT_ACCUMULATION_STEPS: int = _setting(4, "micro-batches", "micro-batches per optimizer step")
     MIXED_PRECISION: str = _setting("bf16", "mode", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
     SEED: int = _setting(42, "int", "seed for splits, sampling and initialisation")
+    TRAINING_LAYOUT: str = _setting(
+        "non_streaming",
+        "mode",
+        "talker input layout trained; must match generation: non_streaming = generate_custom_voice's default, "
+        "streaming = generate(non_streaming_mode=False)",
+        choices=("non_streaming", "streaming"),
+    )
+    SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss")
+    WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay")
+    WARMUP_STEPS: int = _setting(10, "optimizer steps", "linear learning-rate warmup")
+    LR_SCHEDULE: str = _setting("cosine", "name", "decay after warmup", choices=("cosine", "linear", "constant"))
+    MAX_GRAD_NORM: float = _setting(1.0, "norm", "gradient clipping threshold; 0 disables clipping")
+    MAX_STEPS: int = _setting(0, "optimizer steps", "stop after this many optimizer steps; 0 = NUM_EPOCHS decides")
+    LOGGING_STEPS: int = _setting(10, "optimizer steps", "log the training loss every this many steps")
+    EVAL_STEPS: int = _setting(
+        100, "optimizer steps", "validation loss every this many steps (and at the end); 0 = only at the end"
+    )
+    SPEAKER_EMBEDDING_CLIPS: int = _setting(
+        0, "clips", "training clips averaged into each speaker embedding besides the reference clips"
+    )
+    EXPORT_DIR: str = _setting("", "path", "where the custom_voice checkpoint is written; empty = OUTPUT_DIR/model")
 
     @property
     def speakers(self) -> tuple[str, ...]:
         return self.TRAIN_SPEAKERS
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.EXPORT_DIR) if self.EXPORT_DIR else Path(self.OUTPUT_DIR) / "model"
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved settings with secrets removed: safe for logs, trackers, checkpoints and cards."""
@@ -222,6 +247,14 @@ def validate(settings: Settings) -> None:
         s.GRADIENT_ACCUMULATION_STEPS,
         ">= 1",
     )
+    _require(s.SUB_TALKER_LOSS_WEIGHT >= 0, "SUB_TALKER_LOSS_WEIGHT", s.SUB_TALKER_LOSS_WEIGHT, ">= 0")
+    _require(s.WEIGHT_DECAY >= 0, "WEIGHT_DECAY", s.WEIGHT_DECAY, ">= 0")
+    _require(s.WARMUP_STEPS >= 0, "WARMUP_STEPS", s.WARMUP_STEPS, "an integer >= 0")
+    _require(s.MAX_GRAD_NORM >= 0, "MAX_GRAD_NORM", s.MAX_GRAD_NORM, ">= 0 (0 disables clipping)")
+    _require(s.MAX_STEPS >= 0, "MAX_STEPS", s.MAX_STEPS, "an integer >= 0 (0 = run NUM_EPOCHS)")
+    _require(s.LOGGING_STEPS >= 1, "LOGGING_STEPS", s.LOGGING_STEPS, "an integer >= 1")
+    _require(s.EVAL_STEPS >= 0, "EVAL_STEPS", s.EVAL_STEPS, "an integer >= 0")
+    _require(s.SPEAKER_EMBEDDING_CLIPS >= 0, "SPEAKER_EMBEDDING_CLIPS", s.SPEAKER_EMBEDDING_CLIPS, ">= 0")
     device = s.DEVICE
     _require(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),

@@ -1,0 +1,140 @@
+"""Training data: prepared speaker configs -> tokenized examples -> padded batches.
+
+Reads the per-speaker configs written by data preparation, from the local DATASET_DIR or, when HF_DATASET_REPO
+is set, from the Hub. Training never decodes audio for codes: ``audio_codes`` were precomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetuning import schema
+from finetuning.settings import Settings
+from finetuning.step import assistant_text
+
+logger = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["id", "speaker", "text", "language", "num_frames", "audio_codes"]
+
+
+class DataError(ValueError):
+    """The prepared data cannot be used for training; the message names the speaker/split and the fix."""
+
+
+def load_split(settings: Settings, speaker: str, split: str, columns: list[str] | None = None):
+    """One speaker's split as a 🤗 ``Dataset`` (None when the config has no such split).
+
+    Local folders are read from the shards of the config's current fingerprint (``prepare_info.json``), so a
+    re-prepared speaker is never served from a stale cache.
+    """
+    import datasets
+
+    if settings.HF_DATASET_REPO:
+        try:
+            ds = datasets.load_dataset(
+                settings.HF_DATASET_REPO, name=speaker, split=split, token=settings.HF_TOKEN or None
+            )
+        except ValueError as error:  # unknown split
+            if "split" in str(error).lower():
+                return None
+            raise
+        return ds.select_columns(columns) if columns else ds
+    root = Path(settings.DATASET_DIR)
+    info_path = root / speaker / schema.INFO_FILE
+    if not info_path.exists():
+        raise DataError(
+            f"speaker {speaker} is not prepared in {root} (no {schema.INFO_FILE}); run "
+            "`uv run python finetuning/data_preparation.py` first or set HF_DATASET_REPO"
+        )
+    fingerprint = json.loads(info_path.read_text())["fingerprint"]
+    files = sorted((root / speaker).glob(schema.split_pattern(speaker, split, fingerprint).split("/", 1)[1]))
+    if not files:
+        return None
+    return datasets.Dataset.from_parquet([str(f) for f in files], columns=columns)
+
+
+def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
+    """The speaker's reference clips as 24 kHz float32 arrays."""
+    refs = load_split(settings, speaker, schema.REFERENCE_SPLIT)
+    if refs is None or len(refs) == 0:
+        raise DataError(f"speaker {speaker} has no reference split; re-run data preparation")
+    return [np.asarray(row["audio"]["array"], dtype=np.float32) for row in refs]
+
+
+@dataclass
+class Example:
+    """One utterance ready for the step: text_ids (Lt,), codes (T, 16)."""
+
+    id: str
+    speaker: int
+    language: str
+    text_ids: torch.Tensor
+    codes: torch.Tensor
+
+
+def build_examples(dataset, speaker_index: int, tokenizer, speaker: str, split: str) -> tuple[list[Example], int]:
+    """Tokenize rows; rows with no codes or no text are skipped, counted and logged. Returns (examples, skipped)."""
+    examples, skipped = [], 0
+    for row in dataset:
+        codes = np.asarray(row["audio_codes"], dtype=np.int64)
+        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != schema.NUM_CODEBOOKS or not row["text"]:
+            skipped += 1
+            logger.warning("speaker %s/%s: skipping row %s (empty text or codes)", speaker, split, row["id"])
+            continue
+        ids = tokenizer(assistant_text(row["text"]), return_tensors="pt")["input_ids"][0]
+        examples.append(
+            Example(
+                id=row["id"],
+                speaker=speaker_index,
+                language=row["language"],
+                text_ids=ids,
+                codes=torch.from_numpy(codes),
+            )
+        )
+    return examples, skipped
+
+
+def load_examples(settings: Settings, tokenizer, split: str) -> tuple[list[Example], dict[str, int]]:
+    """Examples of every TRAIN_SPEAKERS config for ``split``; raises DataError for a speaker with no rows in train."""
+    examples, skipped = [], {}
+    for index, speaker in enumerate(settings.TRAIN_SPEAKERS):
+        dataset = load_split(settings, speaker, split, TRAIN_COLUMNS)
+        rows, skipped[speaker] = build_examples(dataset or [], index, tokenizer, speaker, split)
+        if split == "train" and not rows:
+            raise DataError(
+                f"speaker {speaker} has no usable training rows ({skipped[speaker]} skipped); re-run data "
+                "preparation or remove the speaker from TRAIN_SPEAKERS"
+            )
+        examples.extend(rows)
+    return examples, skipped
+
+
+def collate(examples: list[Example]) -> dict:
+    """Batch of examples (kept as lists: the step builds variable-length sequences itself).
+
+    text_ids   list[(Lt_b,) long]
+    codes      list[(T_b, 16) long]
+    speaker    (B,) long      index into TRAIN_SPEAKERS
+    language   list[str]
+    num_frames (B,) long
+    """
+    return {
+        "text_ids": [e.text_ids for e in examples],
+        "codes": [e.codes for e in examples],
+        "speaker": torch.tensor([e.speaker for e in examples], dtype=torch.long),
+        "language": [e.language for e in examples],
+        "num_frames": torch.tensor([e.codes.shape[0] for e in examples], dtype=torch.long),
+    }
+
+
+def make_dataloader(examples: list[Example], batch_size: int, shuffle: bool, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        examples, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+    )

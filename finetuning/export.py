@@ -1,0 +1,153 @@
+"""Export a trained model as a stock ``custom_voice`` checkpoint directory.
+
+The directory loads with ``qwen_tts.Qwen3TTSModel.from_pretrained(dir)``; every trained speaker is a key of
+``talker_config.spk_id`` whose codec-embedding row holds that speaker's embedding (the mean x-vector used in
+training), so ``generate_custom_voice(speaker=name)`` conditions exactly as training did. The speaker encoder is
+not part of a custom-voice model and is left out. The resolved settings (no secrets) and a ``finetune_info.json``
+(speakers, rows, languages) are saved beside the weights. The directory is written to a temporary sibling and
+renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from finetuning.settings import Settings
+
+FIRST_SPEAKER_ROW = 3000  # custom-voice speakers occupy codec-embedding rows from here (as in the released models)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+INFO_FILE = "finetune_info.json"
+SETTINGS_FILE = "training_settings.json"
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked; the message says why."""
+
+
+def resolve_model_dir(path_or_id: str) -> Path:
+    """A local folder for a model path or Hub id (Hub ids are fetched into the Hugging Face cache)."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path_or_id))
+
+
+def speaker_rows(speakers: list[str], vocab_size: int) -> dict[str, int]:
+    """Codec-embedding row of each speaker, keyed by the lower-case name that generation looks up."""
+    names = [s.lower() for s in speakers]
+    if len(set(names)) != len(names):
+        raise ExportError(f"speaker names must differ ignoring case: {speakers}")
+    rows = {name: FIRST_SPEAKER_ROW + i for i, name in enumerate(names)}
+    if rows and max(rows.values()) >= vocab_size:
+        raise ExportError(
+            f"{len(names)} speakers need codec rows up to {max(rows.values())}, but the talker vocabulary has "
+            f"{vocab_size} rows"
+        )
+    return rows
+
+
+def custom_voice_config(base_config: dict, rows: dict[str, int]) -> dict:
+    """The base model's config.json turned into a custom-voice config listing ``rows``' speakers."""
+    config = json.loads(json.dumps(base_config))
+    config["tts_model_type"] = "custom_voice"
+    talker = config["talker_config"]
+    talker["spk_id"] = dict(rows)
+    talker["spk_is_dialect"] = {name: False for name in rows}
+    return config
+
+
+def export_state_dict(model, speaker_embeds: torch.Tensor, rows: dict[str, int], dtype: torch.dtype) -> dict:
+    """Weights of ``model`` without the speaker encoder, speaker rows set to ``speaker_embeds`` (S, D)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("speaker_encoder."):
+            continue
+        state[name] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).clone()
+    key = "talker.model.codec_embedding.weight"
+    for (_, row), embed in zip(rows.items(), speaker_embeds, strict=True):
+        state[key][row] = embed.to(state[key].dtype)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _base_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def export_checkpoint(
+    model,
+    base_model_dir: str | Path,
+    speakers: list[str],
+    speaker_embeds: torch.Tensor,
+    languages: dict[str, str],
+    output_dir: str | Path,
+    settings: Settings | None = None,
+    extra_info: dict | None = None,
+) -> Path:
+    """Write a custom-voice checkpoint of ``model`` (a ``Qwen3TTSForConditionalGeneration``) to ``output_dir``.
+
+    ``base_model_dir`` provides config, tokenizer files and the speech tokenizer; ``speaker_embeds`` is (S, D) in
+    ``speakers`` order; ``languages`` maps speaker -> the language it was trained with (for ``generate.py``'s
+    default). An existing ``output_dir`` is replaced only once the new one is complete.
+
+    Raises ExportError when the speakers do not fit the vocabulary or the base folder lacks config.json.
+    """
+    base = Path(base_model_dir)
+    output_dir = Path(output_dir)
+    if not (base / "config.json").exists():
+        raise ExportError(f"{base} has no config.json; INIT_MODEL_PATH must be a Qwen3-TTS model folder or Hub id")
+    base_config = json.loads((base / "config.json").read_text())
+    rows = speaker_rows(speakers, base_config["talker_config"]["vocab_size"])
+    if speaker_embeds.shape[0] != len(speakers):
+        raise ExportError(f"{len(speakers)} speakers but {speaker_embeds.shape[0]} embeddings")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        for item in base.iterdir():
+            if item.name in WEIGHT_FILES or item.name == "config.json" or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, staging / item.name)
+            else:
+                shutil.copy2(item, staging / item.name)
+        config = custom_voice_config(base_config, rows)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        state = export_state_dict(model, speaker_embeds, rows, _base_dtype(base_config))
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        info = {
+            "speakers": {
+                name: {"row": rows[name.lower()], "language": languages.get(name, "auto")} for name in speakers
+            },
+            "base_model": str(settings.INIT_MODEL_PATH) if settings else str(base),
+            **(extra_info or {}),
+        }
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
+        if settings is not None:
+            settings.save(staging / SETTINGS_FILE)
+        previous = output_dir.with_name(f".{output_dir.name}.previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        if output_dir.exists():
+            output_dir.rename(previous)
+        staging.rename(output_dir)
+        if previous.exists():
+            shutil.rmtree(previous)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return output_dir
+
+
+def read_info(checkpoint_dir: str | Path) -> dict:
+    """``finetune_info.json`` of an exported checkpoint ({} for checkpoints not made by this package)."""
+    path = Path(checkpoint_dir) / INFO_FILE
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,197 @@
+"""Overfit -> export -> stock generate: the trained codes come back out of ``generate_custom_voice``.
+
+A tiny model is trained through the real loop (``finetuning.train.train``) on the two bundled speakers x two
+utterances until it memorises them, exported as a custom-voice checkpoint, loaded with stock
+``qwen_tts.Qwen3TTSModel.from_pretrained`` and decoded greedily. One sentence is said by both speakers (their
+own recordings, one transcript), so the text alone cannot tell the model which codes to produce: only the
+speaker row can. With the official recipe's double label shift the same training does not reproduce the data,
+which shows the check can fail.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOICES_DIR, make_settings
+
+from finetuning.export import INFO_FILE, SETTINGS_FILE
+from finetuning.step import OFFICIAL_RECIPE_LABEL_SHIFT
+
+SPEAKERS = ("english_speaker", "swahili_speaker")
+UTTERANCES_PER_SPEAKER = 2
+OVERFIT_STEPS = 300
+MIN_TOKEN_MATCH = 0.95
+SECRET = "hf_secret_token_value_for_tests"
+SHARED_TEXT = "Karibu, welcome home."
+
+
+def _overfit_voices(root):
+    """A voices folder: each bundled speaker with its first clip (own text) and second clip (SHARED_TEXT)."""
+    import shutil
+
+    for speaker in SPEAKERS:
+        rows = [json.loads(line) for line in (VOICES_DIR / speaker / "metadata.jsonl").read_text().splitlines()]
+        own, shared = rows[0], rows[1]
+        out = root / speaker
+        out.mkdir(parents=True)
+        lines = [
+            {**own, "audio": str(VOICES_DIR / speaker / own["audio"])},
+            {**shared, "audio": str(VOICES_DIR / speaker / shared["audio"]), "text": SHARED_TEXT},
+        ]
+        (out / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        shutil.copy(VOICES_DIR / f"{speaker}.wav", root / f"{speaker}.wav")
+    return root
+
+
+def _overfit_settings(tmp_path, model_dir, layout, voices, steps=OVERFIT_STEPS):
+    return make_settings(
+        tmp_path,
+        model_dir,
+        VOICES_DIR=voices,
+        TRAIN_SPEAKERS=",".join(SPEAKERS),
+        VALIDATION_FRACTION=0.0,
+        BATCH_SIZE=len(SPEAKERS) * UTTERANCES_PER_SPEAKER,
+        GRADIENT_ACCUMULATION_STEPS=1,
+        LEARNING_RATE=6e-3,
+        LR_SCHEDULE="constant",
+        WARMUP_STEPS=0,
+        WEIGHT_DECAY=0.0,
+        MAX_STEPS=steps,
+        LOGGING_STEPS=50,
+        TRAINING_LAYOUT=layout,
+        HF_TOKEN=SECRET,
+    )
+
+
+def _train(tmp_path_factory, model_dir, layout, label_shift=1):
+    from finetuning.prepare import prepare_dataset
+    from finetuning.train import train
+
+    tmp_path = tmp_path_factory.mktemp(f"overfit_{layout}_{label_shift}")
+    settings = _overfit_settings(tmp_path, model_dir, layout, voices=_overfit_voices(tmp_path / "voices"))
+    prepare_dataset(settings, report=lambda _: None)
+    result = train(settings, label_shift=label_shift)
+    return settings, result
+
+
+def _trained_rows(settings):
+    from finetuning.data import load_split
+
+    rows = []
+    for speaker in settings.TRAIN_SPEAKERS:
+        for row in load_split(settings, speaker, "train", ["speaker", "text", "language", "audio_codes"]):
+            rows.append({**row, "audio_codes": torch.tensor(np.asarray(row["audio_codes"]), dtype=torch.long)})
+    return rows
+
+
+def _generate_codes(model, speaker, text, max_frames):
+    """Greedy stock ``generate_custom_voice`` (through ``finetuning.generate.synthesize``, which picks the trained
+    language and layout from the checkpoint), returning the frame codes it produced."""
+    from finetuning.generate import synthesize
+
+    seen = []
+    stock_generate = model.model.generate
+
+    def recording_generate(*args, **kwargs):
+        codes, hidden = stock_generate(*args, **kwargs)
+        seen.extend(codes)
+        return codes, hidden
+
+    model.model.generate = recording_generate
+    try:
+        wav, sample_rate = synthesize(model, speaker, text, greedy=True, max_new_tokens=max_frames)
+    finally:
+        del model.model.generate
+    assert sample_rate == 24000 and wav.ndim == 1 and np.isfinite(wav).all()
+    return seen[0].cpu()
+
+
+def _compare(generated, trained):
+    """(codebook-0 identical incl. length/EOS, share of all 16-codebook tokens equal)."""
+    same_length = generated.shape[0] == trained.shape[0]
+    first_equal = same_length and torch.equal(generated[:, 0], trained[:, 0])
+    n = min(generated.shape[0], trained.shape[0])
+    matches = (generated[:n] == trained[:n]).sum().item()
+    return first_equal, matches / trained.numel()
+
+
+def _check(settings, result):
+    import qwen_tts
+
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(result.export_dir))
+    report = []
+    for row in _trained_rows(settings):
+        trained = row["audio_codes"]
+        generated = _generate_codes(model, row["speaker"], row["text"], trained.shape[0] + 10)
+        first_equal, share = _compare(generated, trained)
+        report.append({"speaker": row["speaker"], "text": row["text"], "codebook0_equal": first_equal, "share": share})
+    return model, report
+
+
+@pytest.fixture(scope="module")
+def overfit_runs(tiny_model_dirs, tmp_path_factory):
+    """One run per tiny layout: the 1.7B-like layout in non-streaming mode (generate_custom_voice's default) and
+    the 0.6B-like layout (text width != talker width) in streaming mode."""
+    return {
+        ("equal", "non_streaming"): _train(tmp_path_factory, tiny_model_dirs["equal"], "non_streaming"),
+        ("wide_text", "streaming"): _train(tmp_path_factory, tiny_model_dirs["wide_text"], "streaming"),
+    }
+
+
+@pytest.mark.parametrize("case", [("equal", "non_streaming"), ("wide_text", "streaming")], ids="-".join)
+def test_overfit_then_generate_reproduces_every_speaker(overfit_runs, case):
+    settings, result = overfit_runs[case]
+    assert result.optimizer_steps == OVERFIT_STEPS and result.skipped_steps == 0
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+    model, report = _check(settings, result)
+    assert len(report) == len(SPEAKERS) * UTTERANCES_PER_SPEAKER
+    for item in report:
+        assert item["codebook0_equal"], item
+        assert item["share"] >= MIN_TOKEN_MATCH, item
+
+    # The shared sentence comes out as each speaker's own recording: swapping the name changes the output.
+    shared = {row["speaker"]: row["audio_codes"] for row in _trained_rows(settings) if row["text"] == SHARED_TEXT}
+    assert set(shared) == set(SPEAKERS)
+    first, second = SPEAKERS
+    as_second = _generate_codes(model, second, SHARED_TEXT, shared[first].shape[0] + 10)
+    first_equal, share = _compare(as_second, shared[first])
+    assert not first_equal and share < 0.5
+
+
+def test_double_shift_of_the_official_recipe_fails_the_check(tiny_model_dirs, tmp_path_factory):
+    settings, result = _train(
+        tmp_path_factory, tiny_model_dirs["equal"], "non_streaming", label_shift=OFFICIAL_RECIPE_LABEL_SHIFT
+    )
+    assert result.history[-1]["train/loss"] < 0.1  # it fits its (misaligned) targets just as well ...
+    _, report = _check(settings, result)
+    # ... but generation does not give the data back.
+    assert not all(item["codebook0_equal"] for item in report)
+    assert np.mean([item["share"] for item in report]) < MIN_TOKEN_MATCH
+
+
+def test_export_lists_every_speaker_and_keeps_no_secret(overfit_runs):
+    import qwen_tts
+
+    settings, result = overfit_runs[("equal", "non_streaming")]
+    export = result.export_dir
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(export))
+    assert sorted(model.get_supported_speakers()) == sorted(SPEAKERS)
+    assert model.model.tts_model_type == "custom_voice" and model.model.speaker_encoder is None
+    config = json.loads((export / "config.json").read_text())
+    rows = config["talker_config"]["spk_id"]
+    assert len(set(rows.values())) == len(SPEAKERS)
+    info = json.loads((export / INFO_FILE).read_text())
+    assert info["speakers"]["english_speaker"]["language"] == "english"
+    from safetensors import safe_open
+
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("speaker_encoder.") for k in f.keys())
+        table = f.get_tensor("talker.model.codec_embedding.weight")
+    assert not torch.allclose(table[rows["english_speaker"]], table[rows["swahili_speaker"]])
+    saved = json.loads((export / SETTINGS_FILE).read_text())
+    assert saved["TRAIN_SPEAKERS"] == list(SPEAKERS) and "HF_TOKEN" not in saved
+    for path in list(export.rglob("*")) + list(export.parent.rglob("*.json*")):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".txt", ".md"):
+            assert SECRET not in path.read_text(), path
+    assert not list(export.parent.glob(".model-*")), "staging folders must not be left behind"

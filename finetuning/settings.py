@@ -124,6 +124,44 @@ class Settings:
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips"
     )
     EXPORT_DIR: str = _setting("", "path", "where the custom_voice checkpoint is written; empty = OUTPUT_DIR/model")
+    # --- auxiliary losses ----------------------------------------------------------------------------------
+    USE_AUXILIARY_LOSSES: bool = _setting(
+        False, "bool", "add the mel / voice / prosody losses through the frozen speech-tokenizer decoder"
+    )
+    MEL_RECONSTRUCTION_WEIGHT: float = _setting(1.0, "weight", "multi-resolution log-mel loss; 0 = off")
+    VOICE_CONSISTENCY_WEIGHT: float = _setting(0.5, "weight", "1 - cosine to the speaker embedding; 0 = off")
+    PROSODY_WEIGHT: float = _setting(0.5, "weight", "energy and pitch-feature contour loss; 0 = off")
+    AUX_LOSS_EVERY_N_STEPS: int = _setting(1, "micro-batches", "compute the auxiliary losses every N micro-batches")
+    AUX_CROP_FRAMES: int = _setting(
+        16, "frames", "length of the random crop decoded for the auxiliary losses (12.5 frames per second)"
+    )
+    # --- evaluation ----------------------------------------------------------------------------------------
+    SPEAKER_SIM_BACKEND: str = _setting(
+        "auto",
+        "name",
+        "speaker encoder for similarity: auto = ECAPA if it loads, else resemblyzer (reason recorded)",
+        choices=("auto", "ecapa", "resemblyzer"),
+    )
+    ECAPA_SOURCE: str = _setting(
+        "speechbrain/spkrec-ecapa-voxceleb", "Hub id or path", "speechbrain ECAPA model for speaker similarity"
+    )
+    ASR_BACKEND: str = _setting(
+        "auto",
+        "name",
+        "recogniser for WER/CER: auto = transformers ASR_MODEL if it loads, else pocketsphinx (English)",
+        choices=("auto", "transformers", "pocketsphinx"),
+    )
+    ASR_MODEL: str = _setting("openai/whisper-small", "Hub id or path", "transformers ASR model; empty = none")
+    SCORER_ALLOW_DOWNLOAD: bool = _setting(
+        False, "bool", "let evaluation scorers download weights; off = local folders and the HF cache only"
+    )
+    EVAL_MAX_UTTERANCES: int = _setting(
+        8, "utterances", "validation utterances per speaker that evaluation generates and scores"
+    )
+    EVAL_MAX_SECONDS: float = _setting(20.0, "seconds", "cap on the length of each generated utterance")
+    EVAL_GENERATE_STEPS: int = _setting(
+        0, "optimizer steps", "generate and score speech during training every this many steps; 0 = never"
+    )
 
     @property
     def speakers(self) -> tuple[str, ...]:
@@ -255,6 +293,13 @@ def validate(settings: Settings) -> None:
     _require(s.LOGGING_STEPS >= 1, "LOGGING_STEPS", s.LOGGING_STEPS, "an integer >= 1")
     _require(s.EVAL_STEPS >= 0, "EVAL_STEPS", s.EVAL_STEPS, "an integer >= 0")
     _require(s.SPEAKER_EMBEDDING_CLIPS >= 0, "SPEAKER_EMBEDDING_CLIPS", s.SPEAKER_EMBEDDING_CLIPS, ">= 0")
+    for key in ("MEL_RECONSTRUCTION_WEIGHT", "VOICE_CONSISTENCY_WEIGHT", "PROSODY_WEIGHT"):
+        _require(getattr(s, key) >= 0, key, getattr(s, key), ">= 0 (0 turns the loss off)")
+    _require(s.AUX_LOSS_EVERY_N_STEPS >= 1, "AUX_LOSS_EVERY_N_STEPS", s.AUX_LOSS_EVERY_N_STEPS, "an integer >= 1")
+    _require(s.AUX_CROP_FRAMES >= 2, "AUX_CROP_FRAMES", s.AUX_CROP_FRAMES, "an integer >= 2")
+    _require(s.EVAL_MAX_UTTERANCES >= 1, "EVAL_MAX_UTTERANCES", s.EVAL_MAX_UTTERANCES, "an integer >= 1")
+    _require(s.EVAL_MAX_SECONDS > 0, "EVAL_MAX_SECONDS", s.EVAL_MAX_SECONDS, "> 0 seconds")
+    _require(s.EVAL_GENERATE_STEPS >= 0, "EVAL_GENERATE_STEPS", s.EVAL_GENERATE_STEPS, "an integer >= 0")
     device = s.DEVICE
     _require(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),

@@ -188,7 +188,10 @@ class StepOutput:
     sub_talker_tokens: int
     hidden_states: torch.Tensor  # (B, L, D) talker last hidden states
     codec0_logits: torch.Tensor  # (B, L, V)
-    sub_talker_logits: torch.Tensor  # (N, 15, V_cp)
+    sub_talker_logits: torch.Tensor  # (N, 15, V_cp) frame n's logits for codebooks 2..16
+    frame_codec0_logits: torch.Tensor  # (N, V) the logits that predicted frame n's first code
+    frame_batch: torch.Tensor  # (N,) batch row of frame n
+    frame_codes: torch.Tensor  # (N, 16) frame n's target codes
 
 
 def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
@@ -226,6 +229,9 @@ def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
         hidden_states=hidden,
         codec0_logits=logits,
         sub_talker_logits=sub_logits,
+        frame_codec0_logits=logits[inputs.frame_batch, inputs.frame_position],
+        frame_batch=inputs.frame_batch,
+        frame_codes=codes,
     )
 
 

@@ -56,7 +56,14 @@ def load_split(settings: Settings, speaker: str, split: str, columns: list[str] 
     files = sorted((root / speaker).glob(schema.split_pattern(speaker, split, fingerprint).split("/", 1)[1]))
     if not files:
         return None
-    return datasets.Dataset.from_parquet([str(f) for f in files], columns=columns)
+    quiet = not datasets.utils.are_progress_bars_disabled()
+    if quiet:  # one bar per tiny shard read is noise, not progress
+        datasets.utils.disable_progress_bars()
+    try:
+        return datasets.Dataset.from_parquet([str(f) for f in files], columns=columns)
+    finally:
+        if quiet:
+            datasets.utils.enable_progress_bars()
 
 
 def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:

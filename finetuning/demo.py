@@ -1,8 +1,10 @@
 """The whole pipeline, offline, on the bundled speakers with a tiny random model: ``uv run python finetuning/demo.py``.
 
-Nothing is downloaded: the Base model is a tiny, randomly initialised Qwen3-TTS of the real architecture
-(``finetuning/tiny_model.py``), so the speech it would produce is noise-like by design. The demo ignores your
-``.env`` so that it always runs the same way; pass ``--output_dir`` to put its files elsewhere.
+Builds a tiny Base model, prepares the bundled speakers, fine-tunes on both, exports a custom-voice checkpoint
+and speaks one sentence per speaker through stock ``generate_custom_voice``. Nothing is downloaded: the Base
+model is a tiny, randomly initialised Qwen3-TTS of the real architecture (``finetuning/tiny_model.py``) with a
+random speech codec, so the audio it produces is noise-like by design; the pipeline and the files are real.
+The demo ignores your ``.env`` so that it always runs the same way; pass ``--output_dir`` to put files elsewhere.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
+import soundfile as sf  # noqa: E402
+
+from finetuning.data import load_split  # noqa: E402
+from finetuning.generate import load_checkpoint, synthesize  # noqa: E402
 from finetuning.prepare import prepare_dataset  # noqa: E402
 from finetuning.settings import BUNDLED_SPEAKERS, load_settings  # noqa: E402
 from finetuning.tiny_model import build_tiny_model  # noqa: E402
+from finetuning.train import train  # noqa: E402
+
+DEMO_STEPS = 400
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo", help="where the demo writes (default: outputs/demo)")
     parser.add_argument("--layout", default="equal", choices=("equal", "wide_text"), help="tiny model layout")
+    parser.add_argument("--max_steps", type=int, default=DEMO_STEPS, help=f"optimizer steps (default {DEMO_STEPS})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = Path(args.output_dir)
 
-    print("[1/2] building a tiny random Qwen3-TTS Base model (offline) ...")
+    print("[1/4] building a tiny random Qwen3-TTS Base model (offline) ...")
     base = build_tiny_model(out / "tiny_base", layout=args.layout, seed=0)
     settings = load_settings(
         None,
@@ -45,14 +55,38 @@ def main(argv: list[str] | None = None) -> int:
             "OUTPUT_DIR": str(out / "run"),
             "DEVICE": "cpu",
             "MIXED_PRECISION": "no",
+            "BATCH_SIZE": 4,
+            "GRADIENT_ACCUMULATION_STEPS": 1,
+            "LEARNING_RATE": 3e-3,
+            "LR_SCHEDULE": "constant",
+            "WARMUP_STEPS": 0,
+            "MAX_STEPS": args.max_steps,
+            "LOGGING_STEPS": 25,
+            "EVAL_STEPS": 50,
         },
     )
     print(f"      model: {base}")
 
-    print("[2/2] preparing the bundled speakers (quality gate, 24 kHz, codes) ...")
+    print("[2/4] preparing the bundled speakers (quality gate, 24 kHz, codes) ...")
     prepare_dataset(settings)
     print(f"      dataset: {Path(settings.DATASET_DIR).resolve()} (summary: preparation_summary.json)")
-    print("Training, export and evaluation are not part of this version yet; the demo stops here.")
+
+    print(f"[3/4] fine-tuning both speakers for {settings.MAX_STEPS} steps and exporting ...")
+    result = train(settings)
+    print(f"      train loss {result.train_loss:.3f}, validation codec-0 loss {result.eval_loss:.3f}")
+    print(f"      checkpoint: {result.export_dir.resolve()} (metrics: {Path(settings.OUTPUT_DIR) / 'metrics.jsonl'})")
+
+    print("[4/4] speaking one training sentence per speaker with stock generate_custom_voice ...")
+    model = load_checkpoint(result.export_dir, device="cpu")
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    for speaker in settings.TRAIN_SPEAKERS:
+        text = load_split(settings, speaker, "train", ["text"])[0]["text"]
+        wav, sample_rate = synthesize(model, speaker, text, greedy=True, max_new_tokens=100)
+        path = samples / f"{speaker}.wav"
+        sf.write(path, wav, sample_rate)
+        print(f"      {path.resolve()}: {wav.size / sample_rate:.2f} s, {text!r}")
+    print("Done. Real use: put your keys in .env, then run data_preparation.py and finetune.py (see README).")
     return 0
 
 

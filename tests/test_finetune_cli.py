@@ -1,0 +1,67 @@
+"""The user-facing entry points, run as a user runs them (subprocesses)."""
+
+import json
+import subprocess
+import sys
+
+import soundfile as sf
+from conftest import REPO_ROOT, VOICES_DIR
+
+
+def _run(args, cwd, timeout=600):
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+
+
+def _env():
+    import os
+
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    for key in ("TRAIN_SPEAKERS", "DATASET_DIR", "OUTPUT_DIR", "INIT_MODEL_PATH", "HF_TOKEN"):
+        env.pop(key, None)
+    return env
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    proc = _run([str(REPO_ROOT / "finetuning" / "demo.py"), "--output_dir", str(out), "--max_steps", "20"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = out / "run" / "model"
+    info = json.loads((checkpoint / "finetune_info.json").read_text())
+    assert sorted(info["speakers"]) == ["english_speaker", "swahili_speaker"]
+    for speaker in info["speakers"]:
+        wav, sample_rate = sf.read(out / "samples" / f"{speaker}.wav")
+        assert sample_rate == 24000 and wav.size > 0
+    assert str(checkpoint.resolve()) in proc.stdout
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 20 and "eval/codec0_loss" in records[-1]
+
+
+def test_finetune_rejects_a_bad_setting_before_loading_anything(tmp_path):
+    env_file = tmp_path / "bad.env"
+    env_file.write_text("LEARNING_RATE=fast\n")
+    proc = _run([str(REPO_ROOT / "finetuning" / "finetune.py"), "--env-file", str(env_file)], tmp_path)
+    assert proc.returncode == 2
+    assert "LEARNING_RATE='fast'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_finetune_without_prepared_data_says_what_to_run(tmp_path, tiny_model_dir):
+    env_file = tmp_path / "run.env"
+    env_file.write_text(
+        "\n".join(
+            [
+                f"INIT_MODEL_PATH={tiny_model_dir}",
+                f"VOICES_DIR={VOICES_DIR}",
+                f"DATASET_DIR={tmp_path / 'nothing_here'}",
+                f"OUTPUT_DIR={tmp_path / 'run'}",
+                "DEVICE=cpu",
+                "MIXED_PRECISION=no",
+            ]
+        )
+    )
+    proc = _run([str(REPO_ROOT / "finetuning" / "finetune.py"), "--env-file", str(env_file)], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "data_preparation.py" in proc.stderr and "english_speaker" in proc.stderr
+    assert "Traceback" not in proc.stderr

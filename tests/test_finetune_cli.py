@@ -9,9 +9,7 @@ from conftest import REPO_ROOT, VOICES_DIR
 
 
 def _run(args, cwd, timeout=600):
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env()
-    )
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
 def _env():

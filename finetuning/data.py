@@ -27,8 +27,9 @@ class DataError(ValueError):
     """The prepared data cannot be used for training; the message names the speaker/split and the fix."""
 
 
-def load_split(settings: Settings, speaker: str, split: str, columns: list[str] | None = None):
-    """One speaker's split as a 🤗 ``Dataset`` (None when the config has no such split).
+def load_split(settings: Settings, speaker: str, split: str, columns: list[str] | None = None, streaming: bool = False):
+    """One speaker's split as a 🤗 ``Dataset`` (``IterableDataset`` when ``streaming``); None when the config has
+    no such split.
 
     Local folders are read from the shards of the config's current fingerprint (``prepare_info.json``), so a
     re-prepared speaker is never served from a stale cache.
@@ -38,7 +39,11 @@ def load_split(settings: Settings, speaker: str, split: str, columns: list[str] 
     if settings.HF_DATASET_REPO:
         try:
             ds = datasets.load_dataset(
-                settings.HF_DATASET_REPO, name=speaker, split=split, token=settings.HF_TOKEN or None
+                settings.HF_DATASET_REPO,
+                name=speaker,
+                split=split,
+                streaming=streaming,
+                token=settings.HF_TOKEN or None,
             )
         except ValueError as error:  # unknown split
             if "split" in str(error).lower():
@@ -56,6 +61,9 @@ def load_split(settings: Settings, speaker: str, split: str, columns: list[str] 
     files = sorted((root / speaker).glob(schema.split_pattern(speaker, split, fingerprint).split("/", 1)[1]))
     if not files:
         return None
+    if streaming:
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
+        return ds.select_columns(columns) if columns else ds
     quiet = not datasets.utils.are_progress_bars_disabled()
     if quiet:  # one bar per tiny shard read is noise, not progress
         datasets.utils.disable_progress_bars()
@@ -107,11 +115,19 @@ def build_examples(dataset, speaker_index: int, tokenizer, speaker: str, split: 
     return examples, skipped
 
 
-def load_examples(settings: Settings, tokenizer, split: str) -> tuple[list[Example], dict[str, int]]:
-    """Examples of every TRAIN_SPEAKERS config for ``split``; raises DataError for a speaker with no rows in train."""
+def load_examples(
+    settings: Settings, tokenizer, split: str, streaming: bool | None = None
+) -> tuple[list[Example], dict[str, int]]:
+    """Examples of every TRAIN_SPEAKERS config for ``split``, in dataset order.
+
+    ``streaming`` (default DATA_STREAMING) reads the rows as a stream of the training columns only; map-style
+    loading goes through the 🤗 cache. Both give the same examples. Raises DataError for a speaker with no
+    usable rows in train.
+    """
+    streaming = settings.DATA_STREAMING if streaming is None else streaming
     examples, skipped = [], {}
     for index, speaker in enumerate(settings.TRAIN_SPEAKERS):
-        dataset = load_split(settings, speaker, split, TRAIN_COLUMNS)
+        dataset = load_split(settings, speaker, split, TRAIN_COLUMNS, streaming=streaming)
         rows, skipped[speaker] = build_examples(dataset or [], index, tokenizer, speaker, split)
         if split == "train" and not rows:
             raise DataError(
@@ -125,6 +141,7 @@ def load_examples(settings: Settings, tokenizer, split: str) -> tuple[list[Examp
 def collate(examples: list[Example]) -> dict:
     """Batch of examples (kept as lists: the step builds variable-length sequences itself).
 
+    id         list[str]
     text_ids   list[(Lt_b,) long]
     codes      list[(T_b, 16) long]
     speaker    (B,) long      index into TRAIN_SPEAKERS
@@ -132,6 +149,7 @@ def collate(examples: list[Example]) -> dict:
     num_frames (B,) long
     """
     return {
+        "id": [e.id for e in examples],
         "text_ids": [e.text_ids for e in examples],
         "codes": [e.codes for e in examples],
         "speaker": torch.tensor([e.speaker for e in examples], dtype=torch.long),
@@ -141,7 +159,22 @@ def collate(examples: list[Example]) -> dict:
 
 
 def make_dataloader(examples: list[Example], batch_size: int, shuffle: bool, seed: int):
+    """Fixed-size batches (validation and simple uses); training uses ``make_train_loader``."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         examples, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+    )
+
+
+def make_train_loader(examples: list[Example], batch_sampler, workers: int, pin_memory: bool):
+    """Batches chosen by ``batch_sampler`` (``finetuning.sampler.DurationBatchSampler``), collated in ``workers``
+    processes with prefetch, in pinned memory when a GPU will receive them (copied with ``non_blocking``)."""
+    return torch.utils.data.DataLoader(
+        examples,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=workers > 0,  # the batch sampler runs in this process, so set_epoch still applies
     )

@@ -3,7 +3,7 @@
 Settings come from ``.env`` (see ``.env.training.example``); flags override them for one run. The run writes
 ``OUTPUT_DIR/metrics.jsonl`` and exports a custom-voice checkpoint to EXPORT_DIR (default ``OUTPUT_DIR/model``)
 that stock ``qwen_tts.Qwen3TTSModel.from_pretrained`` loads, every trained speaker selectable by name.
-Exit codes: 0 done, 1 data or training error, 2 bad settings.
+Exit codes: 0 done, 1 data or training error, 2 bad settings, 130 stopped by a signal (state saved).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
+from finetuning.checkpointing import ResumeError  # noqa: E402
 from finetuning.data import DataError  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
 from finetuning.train import TrainingError, train  # noqa: E402
@@ -37,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(settings)
-    except (DataError, TrainingError) as error:
+    except (DataError, TrainingError, ResumeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if result.interrupted:
+        print(f"stopped at step {result.optimizer_steps}; state saved, resume with --set RESUME_FROM=latest")
+        return 130
     if result.export_dir is not None:
         print(f"checkpoint: {result.export_dir} ({result.optimizer_steps} optimizer steps)")
     return 0

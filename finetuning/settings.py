@@ -97,7 +97,7 @@ class Settings:
     DEVICE: str = _setting("auto", "device", "device for data preparation and generation: auto, cpu, cuda, cuda:N")
     # --- training ----------------------------------------------------------------------------------------
     OUTPUT_DIR: str = _setting("outputs/run", "path", "where checkpoints, logs and the exported model go")
-    BATCH_SIZE: int = _setting(2, "utterances", "per-device batch size")
+    BATCH_SIZE: int = _setting(2, "utterances", "per-device batch size when MAX_BATCH_TOKENS is 0")
     LEARNING_RATE: float = _setting(2e-5, "1/step", "AdamW peak learning rate")
     NUM_EPOCHS: int = _setting(3, "epochs", "passes over the training data")
     GRADIENT_ACCUMULATION_STEPS: int = _setting(4, "micro-batches", "micro-batches per optimizer step")
@@ -124,6 +124,35 @@ class Settings:
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips"
     )
     EXPORT_DIR: str = _setting("", "path", "where the custom_voice checkpoint is written; empty = OUTPUT_DIR/model")
+    # --- data loading, resume, tracking --------------------------------------------------------------------
+    MAX_BATCH_TOKENS: int = _setting(
+        4096,
+        "talker positions",
+        "duration batching: padded positions (batch size x longest sequence) per batch; 0 = BATCH_SIZE batches",
+    )
+    NUM_BUCKETS: int = _setting(5, "buckets", "length buckets for duration batching")
+    SPEAKER_MIXING: str = _setting(
+        "balanced",
+        "mode",
+        "balanced = every speaker seen equally often (small speakers repeat), proportional = as in the data",
+        choices=("balanced", "proportional"),
+    )
+    DATA_STREAMING: bool = _setting(
+        False, "bool", "stream the configs (reads text and codes only, never caches the audio column)"
+    )
+    DATALOADER_WORKERS: int = _setting(2, "processes", "dataloader worker processes; 0 = load in the main process")
+    SAVE_STEPS: int = _setting(500, "optimizer steps", "save a resumable training state every this many steps; 0 = off")
+    SAVE_TOTAL_LIMIT: int = _setting(2, "states", "keep only the newest N saved training states")
+    RESUME_FROM: str = _setting("", "latest or path", "resume from OUTPUT_DIR's latest state or a state folder")
+    REPORT_TO: tuple[str, ...] = _setting(
+        ("tensorboard",), "comma-separated names", "trackers: tensorboard, wandb, or none"
+    )
+    WANDB_MODE: str = _setting(
+        "offline", "mode", "W&B mode when REPORT_TO has wandb; offline needs no network", choices=("offline", "online")
+    )
+    RECORD_SAMPLE_IDS: bool = _setting(
+        False, "bool", "write the ids each process trained on to OUTPUT_DIR/samples_rank<N>.jsonl (audits)"
+    )
     # --- auxiliary losses ----------------------------------------------------------------------------------
     USE_AUXILIARY_LOSSES: bool = _setting(
         False, "bool", "add the mel / voice / prosody losses through the frozen speech-tokenizer decoder"
@@ -293,6 +322,18 @@ def validate(settings: Settings) -> None:
     _require(s.LOGGING_STEPS >= 1, "LOGGING_STEPS", s.LOGGING_STEPS, "an integer >= 1")
     _require(s.EVAL_STEPS >= 0, "EVAL_STEPS", s.EVAL_STEPS, "an integer >= 0")
     _require(s.SPEAKER_EMBEDDING_CLIPS >= 0, "SPEAKER_EMBEDDING_CLIPS", s.SPEAKER_EMBEDDING_CLIPS, ">= 0")
+    _require(s.MAX_BATCH_TOKENS >= 0, "MAX_BATCH_TOKENS", s.MAX_BATCH_TOKENS, "an integer >= 0 (0 = fixed batches)")
+    _require(s.NUM_BUCKETS >= 1, "NUM_BUCKETS", s.NUM_BUCKETS, "an integer >= 1")
+    _require(s.DATALOADER_WORKERS >= 0, "DATALOADER_WORKERS", s.DATALOADER_WORKERS, "an integer >= 0")
+    _require(s.SAVE_STEPS >= 0, "SAVE_STEPS", s.SAVE_STEPS, "an integer >= 0 (0 = never)")
+    _require(s.SAVE_TOTAL_LIMIT >= 1, "SAVE_TOTAL_LIMIT", s.SAVE_TOTAL_LIMIT, "an integer >= 1")
+    trackers = ("tensorboard", "wandb", "none")
+    _require(
+        all(t in trackers for t in s.REPORT_TO) and ("none" not in s.REPORT_TO or len(s.REPORT_TO) == 1),
+        "REPORT_TO",
+        ",".join(s.REPORT_TO),
+        "tensorboard and/or wandb, or none alone",
+    )
     for key in ("MEL_RECONSTRUCTION_WEIGHT", "VOICE_CONSISTENCY_WEIGHT", "PROSODY_WEIGHT"):
         _require(getattr(s, key) >= 0, key, getattr(s, key), ">= 0 (0 turns the loss off)")
     _require(s.AUX_LOSS_EVERY_N_STEPS >= 1, "AUX_LOSS_EVERY_N_STEPS", s.AUX_LOSS_EVERY_N_STEPS, "an integer >= 1")

@@ -23,10 +23,14 @@ with ``lm_head[i-1]``, as in generation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from finetuning.losses import AuxiliaryLosses
 
 LAYOUTS = ("non_streaming", "streaming")
 IGNORE_INDEX = -100
@@ -77,6 +81,14 @@ def language_id_for(talker_config, language: str | None) -> int | None:
     if language is None:
         return None
     return talker_config.codec_language_id.get(language.lower())
+
+
+def sequence_length(talker_config, num_text_tokens: int, num_frames: int, language: str | None, layout: str) -> int:
+    """Talker positions ``build_sequence`` makes for one utterance (the padded cost batching budgets for)."""
+    prefix = len(codec_prefix_ids(talker_config, language_id_for(talker_config, language))) + 2  # + speaker, pad
+    content = num_text_tokens - ROLE_TOKENS - SUFFIX_TOKENS
+    text_part = content + 2 if layout == "non_streaming" else 1
+    return ROLE_TOKENS + prefix + text_part + num_frames
 
 
 def frame_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
@@ -192,6 +204,8 @@ class StepOutput:
     frame_codec0_logits: torch.Tensor  # (N, V) the logits that predicted frame n's first code
     frame_batch: torch.Tensor  # (N,) batch row of frame n
     frame_codes: torch.Tensor  # (N, 16) frame n's target codes
+    attention_mask: torch.Tensor  # (B, L) 1 for real positions
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # auxiliary loss components (unweighted)
 
 
 def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
@@ -232,6 +246,7 @@ def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
         frame_codec0_logits=logits[inputs.frame_batch, inputs.frame_position],
         frame_batch=inputs.frame_batch,
         frame_codes=codes,
+        attention_mask=inputs.attention_mask,
     )
 
 
@@ -239,7 +254,9 @@ class TalkerStep(torch.nn.Module):
     """The training step as one module, so ``accelerator.prepare`` (DDP, autocast) wraps the real forward.
 
     Holds the model and the fixed speaker embeddings (S, D) as a non-persistent buffer: the speaker encoder is
-    not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``.
+    not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``. With
+    ``aux_losses`` (``finetuning.losses.AuxiliaryLosses``) the total also gets Σ weight · auxiliary component,
+    and the unweighted components land in ``StepOutput.aux``.
     """
 
     def __init__(
@@ -249,6 +266,7 @@ class TalkerStep(torch.nn.Module):
         layout: str = "non_streaming",
         sub_talker_loss_weight: float = 0.3,
         label_shift: int = CORRECT_LABEL_SHIFT,
+        aux_losses: AuxiliaryLosses | None = None,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -258,6 +276,7 @@ class TalkerStep(torch.nn.Module):
         self.layout = layout
         self.sub_talker_loss_weight = sub_talker_loss_weight
         self.label_shift = label_shift
+        self.aux_losses = aux_losses
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, StepOutput]:
         """Returns (total loss, components) for a ``finetuning.data.collate`` batch."""
@@ -273,4 +292,8 @@ class TalkerStep(torch.nn.Module):
             label_shift=self.label_shift,
         )
         out = talker_forward(self.model, inputs)
-        return out.codec0_loss + self.sub_talker_loss_weight * out.sub_talker_loss, out
+        loss = out.codec0_loss + self.sub_talker_loss_weight * out.sub_talker_loss
+        if self.aux_losses is not None:
+            out.aux = self.aux_losses(out, speaker_embeds)
+            loss = loss + self.aux_losses.weighted_sum(out.aux)
+        return loss, out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +16,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetuning.data import DataError, load_examples, load_split, make_dataloader
+from finetuning.checkpointing import Progress, StopRequest, resolve_resume, save_training_state
+from finetuning.data import DataError, Example, collate, load_examples, load_split, make_train_loader
 from finetuning.export import export_checkpoint, resolve_model_dir
+from finetuning.sampler import DurationBatchSampler
 from finetuning.settings import Settings
 from finetuning.speakers import freeze_speaker_encoder, speaker_embedding
-from finetuning.step import TalkerStep
+from finetuning.step import TalkerStep, sequence_length
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+FRAMES_PER_SECOND = 12.5
 NO_DECAY_MARKERS = ("bias", "norm", "embedding")  # parameters AdamW does not shrink
 
 
@@ -35,10 +37,12 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a run did: optimizer steps taken, steps skipped for non-finite loss, last losses, export path."""
+    """What a run did: optimizer steps taken, steps skipped for non-finite loss, last losses, export path
+    (None when the run stopped early on a signal: its state is saved for RESUME_FROM=latest)."""
 
     optimizer_steps: int = 0
     skipped_steps: int = 0
+    interrupted: bool = False
     train_loss: float = float("nan")
     eval_loss: float | None = None
     export_dir: Path | None = None
@@ -101,21 +105,23 @@ def make_scheduler(optimizer, settings: Settings, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate_loss(step_module, dataloader, accelerator) -> dict[str, float]:
-    """Token-weighted validation losses over the whole loader, gathered across processes."""
+def evaluate_loss(step_module, examples: list[Example], settings: Settings, accelerator) -> dict[str, float]:
+    """Token-weighted validation losses over this process's share of ``examples``, summed across processes."""
+    from accelerate.utils import send_to_device
+
     step_module.eval()
     totals = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
-    for batch in dataloader:
-        _, out = step_module(batch)
-        totals += torch.tensor(
+    shard = examples[accelerator.process_index :: accelerator.num_processes]
+    size = settings.BATCH_SIZE
+    for start in range(0, len(shard), size):
+        _, out = step_module(send_to_device(collate(shard[start : start + size]), accelerator.device))
+        totals += torch.stack(
             [
-                out.codec0_loss.item() * out.codec0_tokens,
-                out.codec0_tokens,
-                out.sub_talker_loss.item() * out.sub_talker_tokens,
-                out.sub_talker_tokens,
-            ],
-            device=accelerator.device,
-            dtype=torch.float64,
+                out.codec0_loss.double() * out.codec0_tokens,
+                torch.tensor(out.codec0_tokens, device=accelerator.device, dtype=torch.float64),
+                out.sub_talker_loss.double() * out.sub_talker_tokens,
+                torch.tensor(out.sub_talker_tokens, device=accelerator.device, dtype=torch.float64),
+            ]
         )
     step_module.train()
     totals = accelerator.reduce(totals, reduction="sum")
@@ -124,22 +130,62 @@ def evaluate_loss(step_module, dataloader, accelerator) -> dict[str, float]:
     return {"eval/codec0_loss": codec0, "eval/sub_talker_loss": sub}
 
 
+def make_accelerator(settings: Settings):
+    """Accelerator with mixed precision, accumulation and the trackers REPORT_TO names (never silently none)."""
+    import importlib.util
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = [t for t in settings.REPORT_TO if t != "none"]
+    for tracker in trackers:
+        if importlib.util.find_spec(tracker) is None:
+            raise TrainingError(
+                f"REPORT_TO={','.join(settings.REPORT_TO)} needs the {tracker} package: `uv pip install {tracker}`, "
+                "or set REPORT_TO=none to log only to metrics.jsonl"
+            )
+    if "wandb" in trackers:
+        os.environ["WANDB_MODE"] = settings.WANDB_MODE
+    return Accelerator(
+        mixed_precision=settings.MIXED_PRECISION,
+        gradient_accumulation_steps=settings.GRADIENT_ACCUMULATION_STEPS,
+        cpu=settings.DEVICE == "cpu",
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=settings.OUTPUT_DIR, logging_dir=settings.OUTPUT_DIR),
+    )
+
+
+def make_sampler(examples: list[Example], settings: Settings, talker_config, accelerator) -> DurationBatchSampler:
+    lengths = [
+        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT)
+        for e in examples
+    ]
+    return DurationBatchSampler(
+        lengths,
+        [e.speaker for e in examples],
+        batch_size=settings.BATCH_SIZE,
+        max_batch_tokens=settings.MAX_BATCH_TOKENS,
+        num_buckets=settings.NUM_BUCKETS,
+        mixing=settings.SPEAKER_MIXING,
+        seed=settings.SEED,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+
+
 def train(settings: Settings, label_shift: int = 1) -> TrainResult:
     """Fine-tune INIT_MODEL_PATH on TRAIN_SPEAKERS and export to ``settings.export_dir``.
 
     ``label_shift`` other than 1 reproduces the official recipe's misalignment; only tests use it.
-    Raises DataError / TrainingError with a message naming the fix.
+    Raises DataError / TrainingError / ResumeError with a message naming the fix.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import send_to_device, set_seed
 
-    accelerator = Accelerator(
-        mixed_precision=settings.MIXED_PRECISION,
-        gradient_accumulation_steps=settings.GRADIENT_ACCUMULATION_STEPS,
-        cpu=settings.DEVICE == "cpu",
-    )
+    accelerator = make_accelerator(settings)
     set_seed(settings.SEED)
     output_dir = Path(settings.OUTPUT_DIR)
+    resume_path = resolve_resume(settings.RESUME_FROM, output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         settings.save(output_dir / "training_settings.json")
@@ -153,8 +199,10 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
     if any(train_skipped.values()):
         logger.warning("skipped training rows per speaker: %s", train_skipped)
 
-    train_loader = make_dataloader(train_examples, settings.BATCH_SIZE, shuffle=True, seed=settings.SEED)
-    val_loader = make_dataloader(val_examples, settings.BATCH_SIZE, shuffle=False, seed=settings.SEED)
+    sampler = make_sampler(train_examples, settings, model.config.talker_config, accelerator)
+    train_loader = make_train_loader(
+        train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory=accelerator.device.type == "cuda"
+    )
     step_module = TalkerStep(
         model,
         speaker_embeds,
@@ -163,75 +211,87 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
         label_shift=label_shift,
     )
     optimizer = make_optimizer(model, settings)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / settings.GRADIENT_ACCUMULATION_STEPS)
+    steps_per_epoch = max(1, len(sampler) // settings.GRADIENT_ACCUMULATION_STEPS)
     total_steps = settings.MAX_STEPS or settings.NUM_EPOCHS * steps_per_epoch
-    num_epochs = math.ceil(total_steps / max(steps_per_epoch, 1))
     scheduler = make_scheduler(optimizer, settings, total_steps)
-    step_module, optimizer, train_loader = accelerator.prepare(step_module, optimizer, train_loader)
-    if val_examples:
-        val_loader = accelerator.prepare(val_loader)
+    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    progress = Progress(seed=settings.SEED)
+    accelerator.register_for_checkpointing(scheduler, progress)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        logger.info("resumed from %s at step %d", resume_path, progress.optimizer_steps)
     trainable = [p for p in step_module.parameters() if p.requires_grad]
     max_norm = settings.MAX_GRAD_NORM if settings.MAX_GRAD_NORM > 0 else float("inf")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("finetune", config=_tracker_config(settings))
 
-    result = TrainResult()
+    result = TrainResult(optimizer_steps=progress.optimizer_steps, skipped_steps=progress.skipped_steps)
     metrics_path = output_dir / METRICS_FILE
-    progress = tqdm(total=total_steps, desc="training", disable=not accelerator.is_local_main_process)
+    sample_log = output_dir / f"samples_rank{accelerator.process_index}.jsonl" if settings.RECORD_SAMPLE_IDS else None
+    bar = tqdm(
+        total=total_steps, initial=progress.optimizer_steps, desc="training", disable=not accelerator.is_main_process
+    )
+    window = _Window(accelerator.device)
     step_module.train()
-    running = torch.zeros(3, device=accelerator.device)  # loss, codec0, sub-talker sums since the last log
-    running_count = 0
-    started = time.perf_counter()
-    done = False
-    for epoch in range(num_epochs):
-        for batch in train_loader:
-            with accelerator.accumulate(step_module):
-                loss, out = step_module(batch)
-                accelerator.backward(loss)
-                running += torch.stack([loss.detach(), out.codec0_loss.detach(), out.sub_talker_loss.detach()])
-                running_count += 1
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-                    if torch.isfinite(grad_norm):
-                        optimizer.step()
-                        if not accelerator.optimizer_step_was_skipped:
-                            scheduler.step()
-                    else:
-                        result.skipped_steps += 1
-                        logger.warning("non-finite loss or gradient at step %d: update skipped", result.optimizer_steps)
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            result.optimizer_steps += 1
-            progress.update(1)
-            step = result.optimizer_steps
-            if step % settings.LOGGING_STEPS == 0 or step == total_steps:
-                means = (accelerator.reduce(running, reduction="mean") / max(running_count, 1)).tolist()
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "train/loss": means[0],
-                    "train/codec0_loss": means[1],
-                    "train/sub_talker_loss": means[2],
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
-                    "train/skipped_steps": result.skipped_steps,
-                    "train/elapsed_s": time.perf_counter() - started,
-                }
-                result.train_loss = means[0]
-                running.zero_()
-                running_count = 0
-                progress.set_postfix(loss=f"{means[0]:.3f}")
-                _log(accelerator, metrics_path, record, result)
-            if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
-                record = {"step": step, **evaluate_loss(step_module, val_loader, accelerator)}
-                _log(accelerator, metrics_path, record, result)
-            if step >= total_steps:
-                done = True
-                break
-        if done:
-            break
-    progress.close()
+    with StopRequest() as stop:
+        while progress.optimizer_steps < total_steps and not result.interrupted:
+            sampler.set_epoch(progress.epoch)
+            sampler.start_at(progress.batches_done)
+            for batch in train_loader:
+                batch = send_to_device(batch, accelerator.device, non_blocking=True)
+                with accelerator.accumulate(step_module):
+                    loss, out = step_module(batch)
+                    accelerator.backward(loss)
+                    window.add(loss, out, batch)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+                        if torch.isfinite(grad_norm):
+                            optimizer.step()
+                            if not accelerator.optimizer_step_was_skipped:
+                                scheduler.step()
+                        else:
+                            progress.skipped_steps += 1
+                            logger.warning(
+                                "non-finite loss or gradient at step %d: update skipped", progress.optimizer_steps
+                            )
+                    optimizer.zero_grad(set_to_none=True)
+                progress.batches_done += 1
+                if sample_log is not None:
+                    with sample_log.open("a") as f:
+                        f.write(json.dumps({"epoch": progress.epoch, "ids": batch["id"]}) + "\n")
+                if not accelerator.sync_gradients:
+                    continue
+                progress.optimizer_steps += 1
+                step = progress.optimizer_steps
+                bar.update(1)
+                if step % settings.LOGGING_STEPS == 0 or step == total_steps:
+                    record = {"step": step, "epoch": progress.epoch, **window.flush(accelerator)}
+                    record.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
+                    record["train/skipped_steps"] = progress.skipped_steps
+                    bar.set_postfix(loss=f"{record['train/loss']:.3f}")
+                    result.train_loss = record["train/loss"]
+                    _log(accelerator, metrics_path, record, result)
+                if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
+                    record = {"step": step, **evaluate_loss(step_module, val_examples, settings, accelerator)}
+                    _log(accelerator, metrics_path, record, result)
+                stop_now = _any_process(accelerator, stop.requested)
+                if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
+                    save_training_state(accelerator, output_dir, step, settings.SAVE_TOTAL_LIMIT)
+                if stop_now:
+                    result.interrupted = True
+                if step >= total_steps or stop_now:
+                    break
+            else:
+                progress.epoch += 1
+                progress.batches_done = 0
+    bar.close()
+    result.optimizer_steps, result.skipped_steps = progress.optimizer_steps, progress.skipped_steps
+    if result.interrupted:
+        logger.warning("stopped on a signal at step %d; resume with RESUME_FROM=latest", result.optimizer_steps)
+        accelerator.end_training()
+        return result
     if val_examples:
-        eval_metrics = evaluate_loss(step_module, val_loader, accelerator)
+        eval_metrics = evaluate_loss(step_module, val_examples, settings, accelerator)
         result.eval_loss = eval_metrics["eval/codec0_loss"]
         _log(accelerator, metrics_path, {"step": result.optimizer_steps, **eval_metrics}, result)
 
@@ -255,10 +315,71 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
     return result
 
 
+class _Window:
+    """Loss components, samples, audio seconds and padding since the last log, kept on the device."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.samples = 0
+        self.frames = 0
+        self.real_positions = 0
+        self.padded_positions = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss, out, batch) -> None:
+        parts = {"loss": loss, "codec0_loss": out.codec0_loss, "sub_talker_loss": out.sub_talker_loss, **out.aux}
+        for name, value in parts.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.micro_batches += 1
+        self.samples += len(batch["id"])
+        self.frames += int(batch["num_frames"].sum())
+        mask = out.attention_mask
+        self.real_positions += int(mask.sum())
+        self.padded_positions += mask.numel()
+
+    def flush(self, accelerator) -> dict[str, float]:
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[n] / self.micro_batches for n in names])
+        values = accelerator.reduce(values, reduction="mean").tolist()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        counts = torch.tensor(
+            [self.samples, self.frames, self.real_positions, self.padded_positions], device=self.device
+        )
+        samples, frames, real, padded = accelerator.reduce(counts, reduction="sum").tolist()
+        record = {f"train/{n}": v for n, v in zip(names, values, strict=True)}
+        record.update(
+            {
+                "train/samples_per_s": samples / elapsed,
+                "train/audio_s_per_s": frames / FRAMES_PER_SECOND / elapsed,
+                "train/padding_fraction": 1 - real / max(padded, 1),
+            }
+        )
+        self.reset()
+        return record
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True on every process when any process has ``flag`` set (all must stop at the same step)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def _tracker_config(settings: Settings) -> dict:
+    """Settings for trackers: secrets left out, lists joined (TensorBoard's hparams take scalars only)."""
+    return {k: ",".join(v) if isinstance(v, list) else v for k, v in settings.public_dict().items()}
+
+
 def _log(accelerator, path: Path, record: dict, result: TrainResult) -> None:
     result.history.append(record)
     if not accelerator.is_main_process:
         return
+    step = record["step"]
+    accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=step)
     logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -61,6 +61,7 @@ def make_settings(tmp_path: Path, tiny_model_dir: Path, **overrides):
         "OUTPUT_DIR": str(tmp_path / "run"),
         "DEVICE": "cpu",
         "MIXED_PRECISION": "no",
+        "DATALOADER_WORKERS": 0,
     }
     values.update({k: str(v) for k, v in overrides.items()})
     return load_settings(None, overrides=values, environ={})

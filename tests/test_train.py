@@ -52,6 +52,7 @@ def _overfit_settings(tmp_path, model_dir, layout, voices, steps=OVERFIT_STEPS):
         TRAIN_SPEAKERS=",".join(SPEAKERS),
         VALIDATION_FRACTION=0.0,
         BATCH_SIZE=len(SPEAKERS) * UTTERANCES_PER_SPEAKER,
+        MAX_BATCH_TOKENS=0,  # one batch of everything
         GRADIENT_ACCUMULATION_STEPS=1,
         LEARNING_RATE=6e-3,
         LR_SCHEDULE="constant",

@@ -290,6 +290,10 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
         logger.warning("stopped on a signal at step %d; resume with RESUME_FROM=latest", result.optimizer_steps)
         accelerator.end_training()
         return result
+    if sample_log is not None:  # lets an audit confirm every process ends with the same weights
+        checksum = sum(p.detach().double().sum().item() for p in trainable)
+        with sample_log.open("a") as f:
+            f.write(json.dumps({"final_parameter_sum": checksum}) + "\n")
     if val_examples:
         eval_metrics = evaluate_loss(step_module, val_examples, settings, accelerator)
         result.eval_loss = eval_metrics["eval/codec0_loss"]

@@ -63,3 +63,17 @@ def test_finetune_without_prepared_data_says_what_to_run(tmp_path, tiny_model_di
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "data_preparation.py" in proc.stderr and "english_speaker" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted((REPO_ROOT / "finetuning" / "accelerate_configs").glob("*.yaml")):
+        kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
+    assert kinds == {
+        "deepspeed_zero2": "DistributedType.DEEPSPEED",
+        "fsdp": "DistributedType.FSDP",
+        "multi_gpu_ddp": "DistributedType.MULTI_GPU",
+        "single_gpu": "DistributedType.NO",
+    }

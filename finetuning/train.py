@@ -232,6 +232,7 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
         total=total_steps, initial=progress.optimizer_steps, desc="training", disable=not accelerator.is_main_process
     )
     window = _Window(accelerator.device)
+    speech_eval = _SpeechEvaluation(settings)
     step_module.train()
     with StopRequest() as stop:
         while progress.optimizer_steps < total_steps and not result.interrupted:
@@ -274,6 +275,8 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
                 if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
                     record = {"step": step, **evaluate_loss(step_module, val_examples, settings, accelerator)}
                     _log(accelerator, metrics_path, record, result)
+                if settings.EVAL_GENERATE_STEPS and step % settings.EVAL_GENERATE_STEPS == 0 and step != total_steps:
+                    speech_eval.run(accelerator, step_module, model_dir, speaker_embeds, languages, step)
                 stop_now = _any_process(accelerator, stop.requested)
                 if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
                     save_training_state(accelerator, output_dir, step, settings.SAVE_TOTAL_LIMIT)
@@ -314,6 +317,16 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
             extra_info={"optimizer_steps": result.optimizer_steps, "training_layout": settings.TRAINING_LAYOUT},
         )
         logger.info("exported %s", result.export_dir)
+    if settings.EVAL_GENERATE_STEPS:
+        speech_eval.run(
+            accelerator,
+            step_module,
+            model_dir,
+            speaker_embeds,
+            languages,
+            result.optimizer_steps,
+            checkpoint=result.export_dir,
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -365,6 +378,54 @@ class _Window:
         )
         self.reset()
         return record
+
+
+class _SpeechEvaluation:
+    """Generated-speech evaluation during training (EVAL_GENERATE_STEPS), on the main process only: the model is
+    exported to ``OUTPUT_DIR/eval_checkpoint`` (replaced each time), spoken and scored by
+    ``finetuning.evaluation``; means and one clip per speaker go to TensorBoard (scalars to other trackers).
+    Scorers and real-audio targets load once, at the first evaluation."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.scorers = None
+        self.targets = None
+
+    def run(self, accelerator, step_module, model_dir, speaker_embeds, languages, step, checkpoint=None) -> None:
+        from finetuning.evaluation import evaluate_checkpoint, load_scorers, load_targets
+        from finetuning.report import log_report
+
+        if accelerator.is_main_process:
+            settings = self.settings
+            if checkpoint is None:
+                trained = accelerator.unwrap_model(step_module).model
+                trained.eval()
+                checkpoint = export_checkpoint(
+                    trained,
+                    model_dir,
+                    list(settings.TRAIN_SPEAKERS),
+                    speaker_embeds,
+                    languages,
+                    Path(settings.OUTPUT_DIR) / "eval_checkpoint",
+                    settings=settings,
+                    extra_info={"optimizer_steps": step, "training_layout": settings.TRAINING_LAYOUT},
+                )
+                trained.train()
+            if self.scorers is None:
+                self.scorers = load_scorers(settings)
+                self.targets = load_targets(settings, list(settings.TRAIN_SPEAKERS), self.scorers)
+            report = evaluate_checkpoint(checkpoint, settings, scorers=self.scorers, targets=self.targets, step=step)
+            tracker = _tensorboard(accelerator)
+            scalars = log_report(tracker if tracker is not None else accelerator, report, step)
+            logger.info("speech evaluation at step %d: %s", step, {k: round(v, 4) for k, v in scalars.items()})
+        accelerator.wait_for_everyone()
+
+
+def _tensorboard(accelerator):
+    try:
+        return accelerator.get_tracker("tensorboard")
+    except (ValueError, KeyError):
+        return None
 
 
 def _any_process(accelerator, flag: bool) -> bool:

@@ -266,7 +266,7 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
                 step = progress.optimizer_steps
                 bar.update(1)
                 if step % settings.LOGGING_STEPS == 0 or step == total_steps:
-                    record = {"step": step, "epoch": progress.epoch, **window.flush(accelerator)}
+                    record = {"step": step, "epoch": progress.epoch, **window.flush(accelerator, step)}
                     record.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
                     record["train/skipped_steps"] = progress.skipped_steps
                     bar.set_postfix(loss=f"{record['train/loss']:.3f}")
@@ -339,7 +339,8 @@ class _Window:
         self.device = device
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, step: int = 0) -> None:
+        self.first_step = step
         self.sums: dict[str, torch.Tensor] = {}
         self.micro_batches = 0
         self.samples = 0
@@ -359,7 +360,7 @@ class _Window:
         self.real_positions += int(mask.sum())
         self.padded_positions += mask.numel()
 
-    def flush(self, accelerator) -> dict[str, float]:
+    def flush(self, accelerator, step: int) -> dict[str, float]:
         names = sorted(self.sums)
         values = torch.stack([self.sums[n] / self.micro_batches for n in names])
         values = accelerator.reduce(values, reduction="mean").tolist()
@@ -374,9 +375,10 @@ class _Window:
                 "train/samples_per_s": samples / elapsed,
                 "train/audio_s_per_s": frames / FRAMES_PER_SECOND / elapsed,
                 "train/padding_fraction": 1 - real / max(padded, 1),
+                "train/optimizer_steps_per_s": (step - self.first_step) / elapsed,
             }
         )
-        self.reset()
+        self.reset(step)
         return record
 
 

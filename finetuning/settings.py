@@ -157,10 +157,12 @@ class Settings:
     USE_AUXILIARY_LOSSES: bool = _setting(
         False, "bool", "add the mel / voice / prosody losses through the frozen speech-tokenizer decoder"
     )
-    MEL_RECONSTRUCTION_WEIGHT: float = _setting(1.0, "weight", "multi-resolution log-mel loss; 0 = off")
-    VOICE_CONSISTENCY_WEIGHT: float = _setting(0.5, "weight", "1 - cosine to the speaker embedding; 0 = off")
-    PROSODY_WEIGHT: float = _setting(0.5, "weight", "energy and pitch-feature contour loss; 0 = off")
-    AUX_LOSS_EVERY_N_STEPS: int = _setting(1, "micro-batches", "compute the auxiliary losses every N micro-batches")
+    MEL_RECONSTRUCTION_WEIGHT: float = _setting(0.05, "weight", "multi-resolution log-mel loss; 0 = off")
+    VOICE_CONSISTENCY_WEIGHT: float = _setting(0.05, "weight", "1 - cosine to the speaker embedding; 0 = off")
+    PROSODY_WEIGHT: float = _setting(0.05, "weight", "energy and pitch-feature contour loss; 0 = off")
+    AUX_LOSS_EVERY_N_STEPS: int = _setting(
+        16, "micro-batches", "compute the auxiliary losses every N micro-batches (they decode audio: costly)"
+    )
     AUX_CROP_FRAMES: int = _setting(
         16, "frames", "length of the random crop decoded for the auxiliary losses (12.5 frames per second)"
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KIT_VERSION = 1
+TINY_KIT_VERSION = 2
 LAYOUTS = ("equal", "wide_text")
 
 SAMPLE_RATE = 24_000
@@ -199,6 +200,34 @@ def _randomise_codebooks(speech_tokenizer: torch.nn.Module, generator: torch.Gen
                 param.copy_(torch.randn(param.shape, generator=generator))
 
 
+DECODER_RMS = 0.1  # output level of the tiny decoder on random codes
+
+
+def _make_decoder_audible(speech_tokenizer: torch.nn.Module, generator: torch.Generator) -> None:
+    """Random init shrinks the decoder's signal ~10x per convolution, so tiny codes decode to ~1e-9 (silence, and
+    denormals that slow CPU convolutions ~10x). Give its convolutions variance-preserving weights and scale the
+    last one so random codes decode at about DECODER_RMS."""
+    decoder = speech_tokenizer.decoder
+    with torch.no_grad():
+        for name, module in decoder.named_modules():
+            if name.startswith(("quantizer", "pre_transformer")):
+                continue
+            if isinstance(module, torch.nn.Conv1d):
+                fan_in = module.weight[0].numel()
+            elif isinstance(module, torch.nn.ConvTranspose1d):
+                fan_in = module.weight.shape[0] * module.weight.shape[2] / module.stride[0]
+            else:
+                continue
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / math.sqrt(fan_in))
+        last = decoder.decoder[-1].conv
+        captured = []
+        handle = last.register_forward_hook(lambda _m, _i, output: captured.append(output))
+        decoder(torch.randint(0, CODEBOOK_SIZE, (2, NUM_CODE_GROUPS, 8), generator=generator))
+        handle.remove()
+        last.weight.mul_(DECODER_RMS / captured[0].std())
+        last.bias.zero_()
+
+
 def _model_config(spec: TinyModelSpec, text_tokenizer):
     from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSConfig
 
@@ -326,6 +355,7 @@ def build_tiny_model(output_dir: str | os.PathLike, layout: str = "equal", seed:
         speech_config = _speech_tokenizer_config()
         speech_tokenizer = Qwen3TTSTokenizerV2Model(speech_config).eval()
         _randomise_codebooks(speech_tokenizer, generator)
+        _make_decoder_audible(speech_tokenizer, generator)
         speech_dir = staging / "speech_tokenizer"
         speech_dir.mkdir()
         speech_tokenizer.save_pretrained(speech_dir, safe_serialization=True)

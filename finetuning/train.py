@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from finetuning.checkpointing import Progress, StopRequest, resolve_resume, save_training_state
 from finetuning.data import DataError, Example, collate, load_examples, load_split, make_train_loader
 from finetuning.export import export_checkpoint, resolve_model_dir
+from finetuning.losses import build_auxiliary_losses
 from finetuning.sampler import DurationBatchSampler
 from finetuning.settings import Settings
 from finetuning.speakers import freeze_speaker_encoder, speaker_embedding
@@ -209,6 +210,7 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
         layout=settings.TRAINING_LAYOUT,
         sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
         label_shift=label_shift,
+        aux_losses=build_auxiliary_losses(settings, model, model_dir, accelerator.device),
     )
     optimizer = make_optimizer(model, settings)
     steps_per_epoch = max(1, len(sampler) // settings.GRADIENT_ACCUMULATION_STEPS)
@@ -342,6 +344,7 @@ class _Window:
     def reset(self, step: int = 0) -> None:
         self.first_step = step
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # auxiliary losses run every AUX_LOSS_EVERY_N_STEPS micro-batches only
         self.micro_batches = 0
         self.samples = 0
         self.frames = 0
@@ -353,6 +356,7 @@ class _Window:
         parts = {"loss": loss, "codec0_loss": out.codec0_loss, "sub_talker_loss": out.sub_talker_loss, **out.aux}
         for name, value in parts.items():
             self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.micro_batches += 1
         self.samples += len(batch["id"])
         self.frames += int(batch["num_frames"].sum())
@@ -362,7 +366,7 @@ class _Window:
 
     def flush(self, accelerator, step: int) -> dict[str, float]:
         names = sorted(self.sums)
-        values = torch.stack([self.sums[n] / self.micro_batches for n in names])
+        values = torch.stack([self.sums[n] / self.counts[n] for n in names])
         values = accelerator.reduce(values, reduction="mean").tolist()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         counts = torch.tensor(

@@ -82,3 +82,14 @@ def test_kit_reuses_a_finished_build(tmp_path):
     assert json.loads((first / "tiny_model.json").read_text())["layout"] == "wide_text"
     with pytest.raises(ValueError, match="unknown tiny layout"):
         build_tiny_model(tmp_path / "x", layout="huge")
+
+
+def test_tiny_decoder_is_audible(tiny_model_dir):
+    import qwen_tts
+    import torch
+
+    tokenizer = qwen_tts.Qwen3TTSTokenizer.from_pretrained(str(tiny_model_dir / "speech_tokenizer"))
+    codes = torch.randint(0, 2048, (20, 16), generator=torch.Generator().manual_seed(0))
+    wavs, sample_rate = tokenizer.decode([{"audio_codes": codes}])
+    rms = float(np.sqrt(np.mean(np.square(wavs[0]))))
+    assert sample_rate == 24000 and 0.01 < rms < 1.0

@@ -124,3 +124,15 @@ def test_env_example_documents_every_key_and_matches_file():
     assert (REPO_ROOT / ".env.training.example").read_text() == text
     parsed = load_settings(REPO_ROOT / ".env.training.example", environ={})
     assert parsed == Settings()
+
+
+def test_readme_and_example_document_every_key():
+    from conftest import REPO_ROOT
+
+    from finetuning.settings import FIELDS
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = (REPO_ROOT / ".env.training.example").read_text()
+    missing = [key for key in FIELDS if f"`{key}`" not in readme]
+    assert not missing, f"README settings table lacks {missing}"
+    assert all(f"\n{key}=" in example for key in FIELDS)

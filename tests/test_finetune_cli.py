@@ -77,3 +77,18 @@ def test_shipped_accelerate_configs_parse():
         "multi_gpu_ddp": "DistributedType.MULTI_GPU",
         "single_gpu": "DistributedType.NO",
     }
+
+
+def test_a_tracker_that_cannot_load_stops_the_run_with_the_fix(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from finetuning.settings import load_settings
+    from finetuning.train import TrainingError, make_accelerator
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    settings = load_settings(None, environ={}, overrides={"REPORT_TO": "tensorboard,wandb", "OUTPUT_DIR": tmp_path})
+    with pytest.raises(TrainingError, match="wandb.*REPORT_TO=none"):
+        make_accelerator(settings)

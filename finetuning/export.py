@@ -11,6 +11,7 @@ renamed into place, so a crash never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -91,12 +92,15 @@ def export_checkpoint(
     output_dir: str | Path,
     settings: Settings | None = None,
     extra_info: dict | None = None,
+    link_base_files: bool = False,
 ) -> Path:
     """Write a custom-voice checkpoint of ``model`` (a ``Qwen3TTSForConditionalGeneration``) to ``output_dir``.
 
     ``base_model_dir`` provides config, tokenizer files and the speech tokenizer; ``speaker_embeds`` is (S, D) in
     ``speakers`` order; ``languages`` maps speaker -> the language it was trained with (for ``generate.py``'s
-    default). An existing ``output_dir`` is replaced only once the new one is complete.
+    default). An existing ``output_dir`` is replaced only once the new one is complete. ``link_base_files``
+    hard-links the base folder's unchanged files (tokenizers, speech tokenizer) instead of copying them where the
+    filesystem allows, for the repeated exports of in-training evaluation.
 
     Raises ExportError when the speakers do not fit the vocabulary or the base folder lacks config.json.
     """
@@ -115,10 +119,11 @@ def export_checkpoint(
         for item in base.iterdir():
             if item.name in WEIGHT_FILES or item.name == "config.json" or item.name.startswith("."):
                 continue
+            copy = _link_or_copy if link_base_files else shutil.copy2
             if item.is_dir():
-                shutil.copytree(item, staging / item.name)
+                shutil.copytree(item, staging / item.name, copy_function=copy)
             else:
-                shutil.copy2(item, staging / item.name)
+                copy(item, staging / item.name)
         config = custom_voice_config(base_config, rows)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         state = export_state_dict(model, speaker_embeds, rows, _base_dtype(base_config))
@@ -145,6 +150,13 @@ def export_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
     return output_dir
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(Path(source).resolve(), destination)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, destination)
 
 
 def read_info(checkpoint_dir: str | Path) -> dict:

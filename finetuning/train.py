@@ -415,6 +415,7 @@ class _SpeechEvaluation:
                     Path(settings.OUTPUT_DIR) / "eval_checkpoint",
                     settings=settings,
                     extra_info={"optimizer_steps": step, "training_layout": settings.TRAINING_LAYOUT},
+                    link_base_files=True,
                 )
                 trained.train()
             if self.scorers is None:

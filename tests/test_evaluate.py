@@ -365,3 +365,7 @@ def test_training_evaluates_generated_speech_every_eval_generate_steps(trained):
     assert any(tag.startswith("eval/english_speaker/perplexity") for tag in tags["scalars"])
     assert "eval/swahili_speaker/sample" in tags["audio"]
     assert "train/loss" in tags["scalars"]
+    # in-training exports link the base model's unchanged files instead of copying them every time
+    base = Path(settings.INIT_MODEL_PATH) / "speech_tokenizer" / "model.safetensors"
+    linked = out / "eval_checkpoint" / "speech_tokenizer" / "model.safetensors"
+    assert linked.stat().st_ino == base.stat().st_ino

@@ -308,7 +308,10 @@ class AuxiliaryLosses(nn.Module):
             PROSODY: ProsodyLoss,
         }
         self.losses = nn.ModuleDict({name: builders[name]() for name in self.weights})
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        # Training-mode calls so far. Crops depend only on (seed, this count), so a resumed run that restores the
+        # count (``finetuning.train``) draws the same crops as an uninterrupted one.
         self.training_calls = 0
 
     def crop_indices(self, frame_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,6 +331,7 @@ class AuxiliaryLosses(nn.Module):
     def forward(self, out, speaker_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training:
             due = self.training_calls % self.every_n_steps == 0
+            self.generator.manual_seed(self.seed * 1_000_003 + self.training_calls)
             self.training_calls += 1
             if not due:
                 return {}

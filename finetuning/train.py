@@ -222,6 +222,9 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         logger.info("resumed from %s at step %d", resume_path, progress.optimizer_steps)
+    aux_losses = accelerator.unwrap_model(step_module).aux_losses
+    if aux_losses is not None:  # states are saved at optimizer steps: micro-batches so far = steps x accumulation
+        aux_losses.training_calls = progress.optimizer_steps * settings.GRADIENT_ACCUMULATION_STEPS
     trainable = [p for p in step_module.parameters() if p.requires_grad]
     max_norm = settings.MAX_GRAD_NORM if settings.MAX_GRAD_NORM > 0 else float("inf")
     if accelerator.is_main_process:

@@ -49,6 +49,8 @@ def _env_file(root, model_dir, name, **extra):
         "LOGGING_STEPS": 5,
         "DATALOADER_WORKERS": 0,
         "VALIDATION_FRACTION": 0.0,
+        "USE_AUXILIARY_LOSSES": "true",  # resumed crops and cadence must match too
+        "AUX_LOSS_EVERY_N_STEPS": 3,  # not a divisor of the accumulation-aligned save points
         **extra,
     }
     path = root / f"{name}.env"
@@ -84,7 +86,7 @@ def test_hard_killed_run_resumes_to_the_same_weights(prepared):
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert _states(root / "straight") == [f"step-{STEPS - SAVE_STEPS:08d}", f"step-{STEPS:08d}"]  # keep-last-2
 
-    env_file = _env_file(root, model_dir, "killed", RESUME_FROM="latest")
+    env_file = _env_file(root, model_dir, "killed", RESUME_FROM="latest")  # same settings as "straight"
     proc = subprocess.Popen(
         [sys.executable, FINETUNE, "--env-file", str(env_file)],
         stdout=subprocess.DEVNULL,

@@ -20,6 +20,7 @@ import logging  # noqa: E402
 
 from finetuning.checkpointing import ResumeError  # noqa: E402
 from finetuning.data import DataError  # noqa: E402
+from finetuning.export import ExportError  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
 from finetuning.train import TrainingError, train  # noqa: E402
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(settings)
-    except (DataError, TrainingError, ResumeError) as error:
+    except (DataError, TrainingError, ResumeError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.interrupted:

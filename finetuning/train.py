@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from finetuning.checkpointing import Progress, StopRequest, resolve_resume, save_training_state
 from finetuning.data import DataError, Example, collate, load_examples, load_split, make_train_loader
-from finetuning.export import export_checkpoint, resolve_model_dir
+from finetuning.export import export_checkpoint, resolve_model_dir, speaker_rows
 from finetuning.losses import build_auxiliary_losses
 from finetuning.sampler import DurationBatchSampler
 from finetuning.settings import Settings
@@ -194,6 +194,7 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH)
     model, tokenizer = load_base_model(model_dir, accelerator.device)
     freeze_speaker_encoder(model)
+    speaker_rows(list(settings.TRAIN_SPEAKERS), model.config.talker_config.vocab_size)  # fail before training
     speaker_embeds, languages = compute_speaker_embeddings(model, settings)
     train_examples, train_skipped = load_examples(settings, tokenizer, "train")
     val_examples, _ = load_examples(settings, tokenizer, "validation")

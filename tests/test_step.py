@@ -230,3 +230,13 @@ def test_frame_embedding_sums_all_codebooks(loaded):
         changed = frame_embeddings(model.talker, codes)
     assert not torch.allclose(base, changed)
     assert np.isfinite(changed.numpy()).all()
+
+
+def test_speaker_rows_must_fit_the_vocabulary():
+    from finetuning.export import ExportError, speaker_rows
+
+    assert speaker_rows(["Alice", "bob"], 3072) == {"alice": 3000, "bob": 3001}
+    with pytest.raises(ExportError, match="vocabulary"):
+        speaker_rows([f"s{i}" for i in range(80)], 3072)
+    with pytest.raises(ExportError, match="ignoring case"):
+        speaker_rows(["Alice", "alice"], 3072)

@@ -72,6 +72,9 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
 def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int) -> Path:
     """Save the state for ``step`` on every process, mark it complete, and prune to the newest ``keep``."""
     path = state_dir(output_dir, step)
+    if accelerator.is_main_process:  # a state being rewritten is incomplete until its marker is written again
+        (path / "progress.done").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

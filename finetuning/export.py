@@ -31,14 +31,14 @@ class ExportError(RuntimeError):
     """The model cannot be exported as asked; the message says why."""
 
 
-def resolve_model_dir(path_or_id: str) -> Path:
+def resolve_model_dir(path_or_id: str, token: str | None = None) -> Path:
     """A local folder for a model path or Hub id (Hub ids are fetched into the Hugging Face cache)."""
     path = Path(path_or_id)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(path_or_id))
+    return Path(snapshot_download(path_or_id, token=token))
 
 
 def speaker_rows(speakers: list[str], vocab_size: int) -> dict[str, int]:
@@ -65,10 +65,13 @@ def custom_voice_config(base_config: dict, rows: dict[str, int]) -> dict:
     return config
 
 
-def export_state_dict(model, speaker_embeds: torch.Tensor, rows: dict[str, int], dtype: torch.dtype) -> dict:
-    """Weights of ``model`` without the speaker encoder, speaker rows set to ``speaker_embeds`` (S, D)."""
+def export_state_dict(
+    model, speaker_embeds: torch.Tensor, rows: dict[str, int], dtype: torch.dtype, state_dict: dict | None = None
+) -> dict:
+    """Weights of ``model`` (or ``state_dict``, e.g. gathered from FSDP shards) without the speaker encoder,
+    speaker rows set to ``speaker_embeds`` (S, D)."""
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         if name.startswith("speaker_encoder."):
             continue
         state[name] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).clone()
@@ -93,6 +96,7 @@ def export_checkpoint(
     settings: Settings | None = None,
     extra_info: dict | None = None,
     link_base_files: bool = False,
+    state_dict: dict | None = None,
 ) -> Path:
     """Write a custom-voice checkpoint of ``model`` (a ``Qwen3TTSForConditionalGeneration``) to ``output_dir``.
 
@@ -100,7 +104,8 @@ def export_checkpoint(
     ``speakers`` order; ``languages`` maps speaker -> the language it was trained with (for ``generate.py``'s
     default). An existing ``output_dir`` is replaced only once the new one is complete. ``link_base_files``
     hard-links the base folder's unchanged files (tokenizers, speech tokenizer) instead of copying them where the
-    filesystem allows, for the repeated exports of in-training evaluation.
+    filesystem allows, for the repeated exports of in-training evaluation. ``state_dict`` replaces
+    ``model.state_dict()`` (a full state gathered from sharded training).
 
     Raises ExportError when the speakers do not fit the vocabulary or the base folder lacks config.json.
     """
@@ -126,7 +131,7 @@ def export_checkpoint(
                 copy(item, staging / item.name)
         config = custom_voice_config(base_config, rows)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        state = export_state_dict(model, speaker_embeds, rows, _base_dtype(base_config))
+        state = export_state_dict(model, speaker_embeds, rows, _base_dtype(base_config), state_dict)
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         info = {
             "speakers": {

@@ -94,7 +94,11 @@ class Settings:
     TOKENIZER_PATH: str = _setting(
         "Qwen/Qwen3-TTS-Tokenizer-12Hz", "Hub id or path", "12 Hz speech tokenizer used to precompute codes"
     )
-    DEVICE: str = _setting("auto", "device", "device for data preparation and generation: auto, cpu, cuda, cuda:N")
+    DEVICE: str = _setting(
+        "auto",
+        "device",
+        "device for data preparation and evaluation (cpu also forces training onto the CPU): auto, cpu, cuda, cuda:N",
+    )
     # --- training ----------------------------------------------------------------------------------------
     OUTPUT_DIR: str = _setting("outputs/run", "path", "where checkpoints, logs and the exported model go")
     BATCH_SIZE: int = _setting(2, "utterances", "per-device batch size when MAX_BATCH_TOKENS is 0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetuning.checkpointing import Progress, StopRequest, resolve_resume, save_training_state
-from finetuning.data import DataError, Example, collate, load_examples, load_split, make_train_loader
+from finetuning.checkpointing import Progress, StopRequest, resolve_resume, save_training_state, saved_states
+from finetuning.data import Example, collate, load_examples, load_split, make_train_loader
 from finetuning.export import export_checkpoint, resolve_model_dir, speaker_rows
 from finetuning.losses import build_auxiliary_losses
 from finetuning.sampler import DurationBatchSampler
@@ -64,22 +65,22 @@ def load_base_model(model_dir: Path, device: torch.device):
     return model.to(device), wrapper.processor.tokenizer
 
 
-def compute_speaker_embeddings(model, settings: Settings) -> tuple[torch.Tensor, dict[str, str]]:
+def compute_speaker_embeddings(model, settings: Settings) -> torch.Tensor:
     """(S, D) mean x-vectors in TRAIN_SPEAKERS order over each speaker's reference clips plus the first
-    SPEAKER_EMBEDDING_CLIPS training clips, and each speaker's training language."""
+    SPEAKER_EMBEDDING_CLIPS training clips (read only when asked, streamed when DATA_STREAMING)."""
+    from itertools import islice
+
     from finetuning.data import load_reference_audio
 
-    embeds, languages = [], {}
+    embeds = []
     for speaker in settings.TRAIN_SPEAKERS:
         clips = load_reference_audio(settings, speaker)
-        train = load_split(settings, speaker, "train", ["audio", "language"])
-        if train is None or len(train) == 0:
-            raise DataError(f"speaker {speaker} has no training rows; re-run data preparation")
-        languages[speaker] = train[0]["language"]
-        for row in train.select(range(min(settings.SPEAKER_EMBEDDING_CLIPS, len(train)))):
-            clips.append(row["audio"]["array"])
+        if settings.SPEAKER_EMBEDDING_CLIPS:
+            train = load_split(settings, speaker, "train", ["audio"], streaming=settings.DATA_STREAMING)
+            for row in islice(train or [], settings.SPEAKER_EMBEDDING_CLIPS):
+                clips.append(row["audio"]["array"])
         embeds.append(speaker_embedding(model, clips))
-    return torch.stack(embeds), languages
+    return torch.stack(embeds)
 
 
 def make_optimizer(model, settings: Settings) -> torch.optim.Optimizer:
@@ -114,9 +115,14 @@ def evaluate_loss(step_module, examples: list[Example], settings: Settings, acce
     totals = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
     shard = examples[accelerator.process_index :: accelerator.num_processes]
     size = settings.BATCH_SIZE
-    for start in range(0, len(shard), size):
-        _, out = step_module(send_to_device(collate(shard[start : start + size]), accelerator.device))
-        totals += torch.stack(
+    # Every process runs the same number of forward passes (DDP/FSDP forwards are collective); a process whose
+    # share ran out repeats an example with weight 0.
+    per_process = math.ceil(len(examples) / accelerator.num_processes)
+    for start in range(0, per_process, size):
+        part = shard[start : start + size]
+        weight = 1.0 if part else 0.0
+        _, out = step_module(send_to_device(collate(part or examples[:1]), accelerator.device))
+        totals += weight * torch.stack(
             [
                 out.codec0_loss.double() * out.codec0_tokens,
                 torch.tensor(out.codec0_tokens, device=accelerator.device, dtype=torch.float64),
@@ -187,17 +193,25 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
     set_seed(settings.SEED)
     output_dir = Path(settings.OUTPUT_DIR)
     resume_path = resolve_resume(settings.RESUME_FROM, output_dir)
+    if resume_path is None and saved_states(output_dir):
+        raise TrainingError(
+            f"{output_dir} holds saved training states of an earlier run ({saved_states(output_dir)[-1].name}); "
+            "set RESUME_FROM=latest to continue it, or use another OUTPUT_DIR (or delete its states/ folder)"
+        )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         settings.save(output_dir / "training_settings.json")
 
-    model_dir = resolve_model_dir(settings.INIT_MODEL_PATH)
+    model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=settings.HF_TOKEN or None)
     model, tokenizer = load_base_model(model_dir, accelerator.device)
     freeze_speaker_encoder(model)
     speaker_rows(list(settings.TRAIN_SPEAKERS), model.config.talker_config.vocab_size)  # fail before training
-    speaker_embeds, languages = compute_speaker_embeddings(model, settings)
+    speaker_embeds = compute_speaker_embeddings(model, settings)
     train_examples, train_skipped = load_examples(settings, tokenizer, "train")
     val_examples, _ = load_examples(settings, tokenizer, "validation")
+    languages = {}  # each speaker's training language, recorded in the export for generation's default
+    for example in train_examples:
+        languages.setdefault(settings.TRAIN_SPEAKERS[example.speaker], example.language)
     if any(train_skipped.values()):
         logger.warning("skipped training rows per speaker: %s", train_skipped)
 
@@ -214,8 +228,10 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
         aux_losses=build_auxiliary_losses(settings, model, model_dir, accelerator.device),
     )
     optimizer = make_optimizer(model, settings)
-    steps_per_epoch = max(1, len(sampler) // settings.GRADIENT_ACCUMULATION_STEPS)
-    total_steps = settings.MAX_STEPS or settings.NUM_EPOCHS * steps_per_epoch
+    # Accumulation runs across epoch ends, so NUM_EPOCHS passes take ceil(epochs x batches / accumulation) steps.
+    total_steps = settings.MAX_STEPS or math.ceil(
+        settings.NUM_EPOCHS * len(sampler) / settings.GRADIENT_ACCUMULATION_STEPS
+    )
     scheduler = make_scheduler(optimizer, settings, total_steps)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     progress = Progress(seed=settings.SEED)
@@ -223,10 +239,11 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         logger.info("resumed from %s at step %d", resume_path, progress.optimizer_steps)
+        if accelerator.is_main_process:
+            _truncate_metrics(output_dir / METRICS_FILE, progress.optimizer_steps)
     aux_losses = accelerator.unwrap_model(step_module).aux_losses
     if aux_losses is not None:  # states are saved at optimizer steps: micro-batches so far = steps x accumulation
         aux_losses.training_calls = progress.optimizer_steps * settings.GRADIENT_ACCUMULATION_STEPS
-    trainable = [p for p in step_module.parameters() if p.requires_grad]
     max_norm = settings.MAX_GRAD_NORM if settings.MAX_GRAD_NORM > 0 else float("inf")
     if accelerator.is_main_process:
         accelerator.init_trackers("finetune", config=_tracker_config(settings))
@@ -237,7 +254,7 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
     bar = tqdm(
         total=total_steps, initial=progress.optimizer_steps, desc="training", disable=not accelerator.is_main_process
     )
-    window = _Window(accelerator.device)
+    window = _Window(accelerator.device, progress.optimizer_steps)
     speech_eval = _SpeechEvaluation(settings)
     step_module.train()
     with StopRequest() as stop:
@@ -251,11 +268,13 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
                     accelerator.backward(loss)
                     window.add(loss, out, batch)
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-                        if torch.isfinite(grad_norm):
+                        # Frozen parameters have no gradient and are ignored; FSDP needs the module's own list.
+                        grad_norm = accelerator.clip_grad_norm_(step_module.parameters(), max_norm)
+                        finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
+                        if finite or accelerator.scaler is not None:  # fp16's scaler skips and rescales itself
                             optimizer.step()
-                            if not accelerator.optimizer_step_was_skipped:
-                                scheduler.step()
+                        if finite and not accelerator.optimizer_step_was_skipped:
+                            scheduler.step()
                         else:
                             progress.skipped_steps += 1
                             logger.warning(
@@ -273,16 +292,20 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
                 bar.update(1)
                 if step % settings.LOGGING_STEPS == 0 or step == total_steps:
                     record = {"step": step, "epoch": progress.epoch, **window.flush(accelerator, step)}
-                    record.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
+                    record.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": _float(grad_norm)})
                     record["train/skipped_steps"] = progress.skipped_steps
                     bar.set_postfix(loss=f"{record['train/loss']:.3f}")
                     result.train_loss = record["train/loss"]
                     _log(accelerator, metrics_path, record, result)
                 if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
+                    paused = time.perf_counter()
                     record = {"step": step, **evaluate_loss(step_module, val_examples, settings, accelerator)}
                     _log(accelerator, metrics_path, record, result)
+                    window.started += time.perf_counter() - paused  # evaluation is not training time
                 if settings.EVAL_GENERATE_STEPS and step % settings.EVAL_GENERATE_STEPS == 0 and step != total_steps:
+                    paused = time.perf_counter()
                     speech_eval.run(accelerator, step_module, model_dir, speaker_embeds, languages, step)
+                    window.started += time.perf_counter() - paused
                 stop_now = _any_process(accelerator, stop.requested)
                 if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
                     save_training_state(accelerator, output_dir, step, settings.SAVE_TOTAL_LIMIT)
@@ -300,7 +323,7 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
         accelerator.end_training()
         return result
     if sample_log is not None:  # lets an audit confirm every process ends with the same weights
-        checksum = sum(p.detach().double().sum().item() for p in trainable)
+        checksum = sum(p.detach().double().sum().item() for p in step_module.parameters() if p.requires_grad)
         with sample_log.open("a") as f:
             f.write(json.dumps({"final_parameter_sum": checksum}) + "\n")
     if val_examples:
@@ -309,6 +332,7 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
         _log(accelerator, metrics_path, {"step": result.optimizer_steps, **eval_metrics}, result)
 
     accelerator.wait_for_everyone()
+    state = _model_state(accelerator, step_module)  # every process takes part (FSDP gathers shards)
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(step_module).model
         trained.eval()
@@ -321,6 +345,7 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
             settings.export_dir,
             settings=settings,
             extra_info={"optimizer_steps": result.optimizer_steps, "training_layout": settings.TRAINING_LAYOUT},
+            state_dict=state,
         )
         logger.info("exported %s", result.export_dir)
     if settings.EVAL_GENERATE_STEPS:
@@ -341,9 +366,9 @@ def train(settings: Settings, label_shift: int = 1) -> TrainResult:
 class _Window:
     """Loss components, samples, audio seconds and padding since the last log, kept on the device."""
 
-    def __init__(self, device):
+    def __init__(self, device, step: int = 0):
         self.device = device
-        self.reset()
+        self.reset(step)
 
     def reset(self, step: int = 0) -> None:
         self.first_step = step
@@ -402,34 +427,59 @@ class _SpeechEvaluation:
         self.targets = None
 
     def run(self, accelerator, step_module, model_dir, speaker_embeds, languages, step, checkpoint=None) -> None:
+        """Called on every process; only the main one exports, speaks and scores. A failure is logged, and the
+        training run goes on."""
+        state = _model_state(accelerator, step_module) if checkpoint is None else None
+        if accelerator.is_main_process:
+            try:
+                if checkpoint is None:
+                    checkpoint = export_checkpoint(
+                        accelerator.unwrap_model(step_module).model,
+                        model_dir,
+                        list(self.settings.TRAIN_SPEAKERS),
+                        speaker_embeds,
+                        languages,
+                        Path(self.settings.OUTPUT_DIR) / "eval_checkpoint",
+                        settings=self.settings,
+                        extra_info={"optimizer_steps": step, "training_layout": self.settings.TRAINING_LAYOUT},
+                        link_base_files=True,
+                        state_dict=state,
+                    )
+                self._score(accelerator, checkpoint, step)
+            except Exception as error:  # noqa: BLE001  (reported, never the end of a training run)
+                logger.error("speech evaluation at step %d failed: %s", step, error, exc_info=True)
+        accelerator.wait_for_everyone()
+
+    def _score(self, accelerator, checkpoint: Path, step: int) -> None:
         from finetuning.evaluation import evaluate_checkpoint, load_scorers, load_targets
         from finetuning.report import log_report
 
-        if accelerator.is_main_process:
-            settings = self.settings
-            if checkpoint is None:
-                trained = accelerator.unwrap_model(step_module).model
-                trained.eval()
-                checkpoint = export_checkpoint(
-                    trained,
-                    model_dir,
-                    list(settings.TRAIN_SPEAKERS),
-                    speaker_embeds,
-                    languages,
-                    Path(settings.OUTPUT_DIR) / "eval_checkpoint",
-                    settings=settings,
-                    extra_info={"optimizer_steps": step, "training_layout": settings.TRAINING_LAYOUT},
-                    link_base_files=True,
-                )
-                trained.train()
-            if self.scorers is None:
-                self.scorers = load_scorers(settings)
-                self.targets = load_targets(settings, list(settings.TRAIN_SPEAKERS), self.scorers)
-            report = evaluate_checkpoint(checkpoint, settings, scorers=self.scorers, targets=self.targets, step=step)
-            tracker = _tensorboard(accelerator)
-            scalars = log_report(tracker if tracker is not None else accelerator, report, step)
-            logger.info("speech evaluation at step %d: %s", step, {k: round(v, 4) for k, v in scalars.items()})
-        accelerator.wait_for_everyone()
+        if self.scorers is None:
+            self.scorers = load_scorers(self.settings)
+            self.targets = load_targets(self.settings, list(self.settings.TRAIN_SPEAKERS), self.scorers)
+        report = evaluate_checkpoint(checkpoint, self.settings, scorers=self.scorers, targets=self.targets, step=step)
+        tracker = _tensorboard(accelerator)
+        scalars = log_report(tracker if tracker is not None else accelerator, report, step)
+        logger.info("speech evaluation at step %d: %s", step, {k: round(v, 4) for k, v in scalars.items()})
+
+
+def _model_state(accelerator, step_module) -> dict:
+    """The talker model's full state dict (keys as in the model), gathered from every process."""
+    prefix = "model."
+    full = accelerator.get_state_dict(step_module)
+    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records logged after the resumed state (the interrupted run got further than its last save)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _float(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _tensorboard(accelerator):

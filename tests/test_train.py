@@ -21,7 +21,7 @@ from finetuning.step import OFFICIAL_RECIPE_LABEL_SHIFT
 SPEAKERS = ("english_speaker", "swahili_speaker")
 UTTERANCES_PER_SPEAKER = 2
 OVERFIT_STEPS = 300
-AUX_OVERFIT_STEPS = 500
+AUX_OVERFIT_STEPS = 700
 MIN_TOKEN_MATCH = 0.95
 SECRET = "hf_secret_token_value_for_tests"
 SHARED_TEXT = "Karibu, welcome home."

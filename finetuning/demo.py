@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             "MAX_STEPS": args.max_steps,
             "LOGGING_STEPS": 25,
             "EVAL_STEPS": 50,
+            "SAVE_STEPS": 0,  # a demo run is short: nothing to resume
         },
     )
     print(f"      model: {base}")

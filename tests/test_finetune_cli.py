@@ -36,6 +36,16 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 20 and "eval/codec0_loss" in records[-1]
 
+    generate = str(REPO_ROOT / "finetuning" / "generate.py")
+    wav_path = tmp_path / "hello.wav"
+    args = ["--checkpoint", str(checkpoint), "--text", "Hello there.", "--greedy", "--max_new_tokens", "10"]
+    proc = _run([generate, *args, "--speaker", "swahili_speaker", "--output", str(wav_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wav, sample_rate = sf.read(wav_path)
+    assert sample_rate == 24000 and 0 < wav.size <= 10 * 1920
+    proc = _run([generate, *args, "--speaker", "nobody"], tmp_path)
+    assert proc.returncode == 2 and "english_speaker" in proc.stderr and "Traceback" not in proc.stderr
+
 
 def test_finetune_rejects_a_bad_setting_before_loading_anything(tmp_path):
     env_file = tmp_path / "bad.env"

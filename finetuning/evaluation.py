@@ -34,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from finetuning import metrics, schema
 from finetuning.audio import resample
@@ -529,7 +530,8 @@ def _evaluate_speaker(
     rows = [{"id": u.id, "text": u.text, "language": u.language, "audio_codes": u.codes} for u in target.utterances]
     examples, section["skipped_rows"] = build_examples(rows, 0, wrapper.processor.tokenizer, speaker, target.split)
     text_ids = {example.id: example.text_ids for example in examples}
-    for utterance in (u for u in target.utterances if u.id in text_ids):
+    spoken = [u for u in target.utterances if u.id in text_ids]
+    for utterance in tqdm(spoken, desc=f"{speaker}: generating and scoring", unit="utt", leave=False):
         language = _generation_language(model, utterance.language)
         seed = utterance_seed(settings.SEED, speaker, utterance.id)
         wav = generate_speech(voice, utterance.text, language, seed, max_new_tokens, wrapper.device)

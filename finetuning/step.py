@@ -55,6 +55,7 @@ class TalkerInputs:
     frame_batch     (N,)      long    batch row of each frame
     frame_position  (N,)      long    position whose hidden state predicted that frame's first code
     frame_codes     (N, 16)   long    the frame's codes
+    num_labels      int               targets in ``labels`` (counted without a device sync)
     """
 
     inputs_embeds: torch.Tensor
@@ -63,6 +64,7 @@ class TalkerInputs:
     frame_batch: torch.Tensor
     frame_position: torch.Tensor
     frame_codes: torch.Tensor
+    num_labels: int  # real first-codebook targets (codes + EOS per utterance), counted on the host
 
 
 def codec_prefix_ids(talker_config, language_id: int | None) -> list[int]:
@@ -187,6 +189,7 @@ def build_talker_inputs(
         frame_batch=torch.cat(frame_batch).to(inputs_embeds.device),
         frame_position=torch.cat(frame_position).to(inputs_embeds.device),
         frame_codes=torch.cat(frame_codes).long(),
+        num_labels=sum(code.shape[0] + 1 for code in codes),
     )
 
 
@@ -219,8 +222,8 @@ def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
         use_cache=False,
     ).last_hidden_state  # (B, L, D)
     logits = talker.codec_head(hidden)  # (B, L, V)
-    valid = inputs.labels != IGNORE_INDEX
-    codec0_loss = F.cross_entropy(logits[valid].float(), inputs.labels[valid])
+    # Mean over real targets; ignore_index instead of boolean indexing keeps the step free of host syncs.
+    codec0_loss = F.cross_entropy(logits.flatten(0, 1).float(), inputs.labels.flatten(), ignore_index=IGNORE_INDEX)
 
     frame_hidden = hidden[inputs.frame_batch, inputs.frame_position]  # (N, D)
     codes = inputs.frame_codes  # (N, 16)
@@ -238,7 +241,7 @@ def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
     return StepOutput(
         codec0_loss=codec0_loss,
         sub_talker_loss=sub_loss,
-        codec0_tokens=int(valid.sum()),
+        codec0_tokens=inputs.num_labels,
         sub_talker_tokens=int(codes[:, 1:].numel()),
         hidden_states=hidden,
         codec0_logits=logits,

@@ -375,10 +375,8 @@ class _Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}  # auxiliary losses run every AUX_LOSS_EVERY_N_STEPS micro-batches only
         self.micro_batches = 0
-        self.samples = 0
-        self.frames = 0
-        self.real_positions = 0
-        self.padded_positions = 0
+        # samples, frames, real and padded positions: kept on the device (no host sync per micro-batch)
+        self.counts_on_device = torch.zeros(4, device=self.device, dtype=torch.float64)
         self.started = time.perf_counter()
 
     def add(self, loss, out, batch) -> None:
@@ -387,21 +385,18 @@ class _Window:
             self.sums[name] = self.sums.get(name, 0) + value.detach().float()
             self.counts[name] = self.counts.get(name, 0) + 1
         self.micro_batches += 1
-        self.samples += len(batch["id"])
-        self.frames += int(batch["num_frames"].sum())
         mask = out.attention_mask
-        self.real_positions += int(mask.sum())
-        self.padded_positions += mask.numel()
+        self.counts_on_device[0] += len(batch["id"])
+        self.counts_on_device[1] += batch["num_frames"].sum()
+        self.counts_on_device[2] += mask.sum()
+        self.counts_on_device[3] += mask.numel()
 
     def flush(self, accelerator, step: int) -> dict[str, float]:
         names = sorted(self.sums)
         values = torch.stack([self.sums[n] / self.counts[n] for n in names])
         values = accelerator.reduce(values, reduction="mean").tolist()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        counts = torch.tensor(
-            [self.samples, self.frames, self.real_positions, self.padded_positions], device=self.device
-        )
-        samples, frames, real, padded = accelerator.reduce(counts, reduction="sum").tolist()
+        samples, frames, real, padded = accelerator.reduce(self.counts_on_device, reduction="sum").tolist()
         record = {f"train/{n}": v for n, v in zip(names, values, strict=True)}
         record.update(
             {
@@ -491,6 +486,8 @@ def _tensorboard(accelerator):
 
 def _any_process(accelerator, flag: bool) -> bool:
     """True on every process when any process has ``flag`` set (all must stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
     value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 

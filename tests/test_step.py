@@ -124,6 +124,8 @@ def test_labels_are_codes_shifted_once_and_sub_talker_reads_the_predicting_posit
         shifted = build_talker_inputs(
             model, text_ids, codes, spk, [None, 2050], label_shift=OFFICIAL_RECIPE_LABEL_SHIFT
         )
+        for built in (inputs, shifted):  # the host-side count the loss averages by equals the real targets
+            assert built.num_labels == int((built.labels != IGNORE_INDEX).sum())
         # The official recipe's double shift: each position learns the code one frame further ahead.
         _, prefill_len = build_sequence(model, text_ids[0], codes[0], spk[0], None, "non_streaming")
         assert shifted.labels[0, prefill_len - 2].item() == codes[0][0, 0].item()

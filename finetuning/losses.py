@@ -152,12 +152,17 @@ class MelReconstructionLoss(nn.Module):
 
 
 class VoiceConsistencyLoss(nn.Module):
-    """1 - cosine between the frozen speaker encoder's x-vector of a waveform and the sample's speaker embedding.
+    """1 - cosine between the frozen speaker encoder's x-vectors of a predicted and a target waveform.
+
+    The target is the decoded target codes of the same crop, like the other losses' targets, not the speaker's
+    mean x-vector over whole reference clips: a ~1 s crop of perfect codes does not embed to that mean, so a
+    mean target would pull the talker away from its own training data (measured on the overfit test: the
+    smallest sub-talker margin fell from about +6 to -0.15 logits and greedy decoding diverged).
 
     ``embed(audio (C, S)) -> (C, D)`` is ``extract_speaker_embedding`` made differentiable: the same 128-bin
     log-mel front end (n_fft 1024, hop 256, 0-12 kHz), batched, without ``inference_mode``. The encoder is the
     model's own module (it stays part of the model); it is frozen here and kept in eval mode.
-    forward(audio (C, S), speaker_embeds (C, D)) -> scalar in [0, 2], mean over crops.
+    forward(audio (C, S), target (C, S)) -> scalar in [0, 2], mean over crops; no gradient into the target.
     """
 
     def __init__(self, speaker_encoder: nn.Module):
@@ -186,9 +191,11 @@ class VoiceConsistencyLoss(nn.Module):
         dtype = next(self.speaker_encoder.parameters()).dtype
         return self.speaker_encoder(self.mel(audio).to(dtype))  # (C, D)
 
-    def forward(self, audio: torch.Tensor, speaker_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(self, audio: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         embeds = self.embed(audio).float()
-        return (1 - F.cosine_similarity(embeds, speaker_embeds.float().to(embeds.device), dim=-1)).mean()
+        with torch.no_grad():
+            wanted = self.embed(target).float()
+        return (1 - F.cosine_similarity(embeds, wanted, dim=-1)).mean()
 
 
 class ProsodyLoss(nn.Module):
@@ -258,9 +265,9 @@ class ProsodyLoss(nn.Module):
 class AuxiliaryLosses(nn.Module):
     """Decode random crops of the talker's soft predictions and score them with the losses whose weight is > 0.
 
-    ``forward(out, speaker_embeds)`` takes a ``finetuning.step.StepOutput`` (its ``frame_codec0_logits (N, V)``,
-    ``sub_talker_logits (N, K-1, V_cp)``, ``frame_batch (N,)``, ``frame_codes (N, K)``) and the batch's speaker
-    embeddings (B, D), and returns ``{name: unweighted scalar}`` for each active loss; the caller adds
+    ``forward(out)`` takes a ``finetuning.step.StepOutput`` (its ``frame_codec0_logits (N, V)``,
+    ``sub_talker_logits (N, K-1, V_cp)``, ``frame_batch (N,)``, ``frame_codes (N, K)``) and returns
+    ``{name: unweighted scalar}`` for each active loss, every one against the decoded target codes; the caller adds
     ``sum(weights[name] * value)``. In training mode the losses run on every ``every_n_steps``-th call (counted
     from the first) and the other calls return ``{}``; on average a loss then adds weight / every_n_steps. In eval
     mode they run on every call, on the centred crop, and the count does not advance.
@@ -328,7 +335,7 @@ class AuxiliaryLosses(nn.Module):
         index = starts_of_rows[rows, None] + offsets[:, None] + torch.arange(length)  # (C, L)
         return rows.to(frame_batch.device), index.to(frame_batch.device)
 
-    def forward(self, out, speaker_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, out) -> dict[str, torch.Tensor]:
         if self.training:
             due = self.training_calls % self.every_n_steps == 0
             self.generator.manual_seed(self.seed * 1_000_003 + self.training_calls)
@@ -340,23 +347,15 @@ class AuxiliaryLosses(nn.Module):
         codes = out.frame_codes
         if codes.shape[1] != self.codec.num_codebooks:
             raise ValueError(f"frames have {codes.shape[1]} codebooks, the decoder {self.codec.num_codebooks}")
-        rows, index = self.crop_indices(out.frame_batch)
+        _, index = self.crop_indices(out.frame_batch)
         size = self.codec.codebook_size
         with torch.autocast(codes.device.type, enabled=False):
             first = out.frame_codec0_logits[index][..., :size].float().softmax(-1)  # (C, L, V)
             rest = out.sub_talker_logits[index][..., :size].float().softmax(-1)  # (C, L, K-1, V)
         audio = self.codec(torch.cat([first[:, :, None], rest], dim=2)).float()  # (C, S)
-        target = None
-        if MEL_RECONSTRUCTION in self.weights or PROSODY in self.weights:
-            target = self.codec.decode_codes(codes[index]).float()  # (C, S)
-        components = {}
+        target = self.codec.decode_codes(codes[index]).float()  # (C, S)
         with torch.autocast(audio.device.type, enabled=False):  # STFT features in float32
-            for name, loss in self.losses.items():
-                if name == VOICE_CONSISTENCY:
-                    components[name] = loss(audio, speaker_embeds[rows])
-                else:
-                    components[name] = loss(audio, target)
-        return components
+            return {name: loss(audio, target) for name, loss in self.losses.items()}
 
     def weighted_sum(self, components: dict[str, torch.Tensor]) -> torch.Tensor | float:
         """Σ weight · component over ``components`` (0.0 when empty)."""

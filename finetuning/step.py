@@ -297,6 +297,6 @@ class TalkerStep(torch.nn.Module):
         out = talker_forward(self.model, inputs)
         loss = out.codec0_loss + self.sub_talker_loss_weight * out.sub_talker_loss
         if self.aux_losses is not None and self.training:  # validation losses are talker losses only
-            out.aux = self.aux_losses(out, speaker_embeds)
+            out.aux = self.aux_losses(out)
             loss = loss + self.aux_losses.weighted_sum(out.aux)
         return loss, out

@@ -70,3 +70,20 @@ def make_settings(tmp_path: Path, tiny_model_dir: Path, **overrides):
     }
     values.update({k: str(v) for k, v in overrides.items()})
     return load_settings(None, overrides=values, environ={})
+
+
+_MARGINS: dict[str, dict[str, float]] = {}
+
+
+@pytest.fixture(scope="session")
+def margin_log() -> dict[str, dict[str, float]]:
+    """Smallest teacher-forced margins per overfit case, printed at the end of the run (CPU kernels differ)."""
+    return _MARGINS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MARGINS:
+        capability = torch.backends.cpu.get_cpu_capability()
+        terminalreporter.section(f"smallest teacher-forced margins (logits; torch CPU capability {capability})")
+        for case, margins in sorted(_MARGINS.items()):
+            terminalreporter.write_line(f"{case}: " + ", ".join(f"{k} {v:.2f}" for k, v in margins.items()))

@@ -20,15 +20,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetuning.audio import load_mono_24k  # noqa: E402
-from finetuning.metrics import (  # noqa: E402
+from finetuning.evaluation.metrics import (  # noqa: E402
     analyse_clip,
     perplexity,
     pronunciation_score,
     prosody_difference,
     tone_similarity,
 )
-from finetuning.scorers import BackendUnavailable, load_asr_backend, load_speaker_backend  # noqa: E402
+from finetuning.evaluation.scorers import BackendUnavailable, load_asr_backend, load_speaker_backend  # noqa: E402
+from finetuning.preparation.audio import load_mono_24k  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 24_000

@@ -18,11 +18,11 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from finetuning.checkpointing import ResumeError  # noqa: E402
-from finetuning.data import DataError  # noqa: E402
-from finetuning.export import ExportError  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
-from finetuning.train import TrainingError, train  # noqa: E402
+from finetuning.training.checkpointing import ResumeError  # noqa: E402
+from finetuning.training.data import DataError  # noqa: E402
+from finetuning.training.export import ExportError  # noqa: E402
+from finetuning.training.loop import TrainingError, train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

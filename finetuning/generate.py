@@ -17,7 +17,7 @@ import argparse  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from finetuning.export import read_info  # noqa: E402
+from finetuning.training.export import read_info  # noqa: E402
 
 
 def resolve_device(device: str) -> str:

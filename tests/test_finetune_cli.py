@@ -95,7 +95,7 @@ def test_a_tracker_that_cannot_load_stops_the_run_with_the_fix(tmp_path):
     import pytest
 
     from finetuning.settings import load_settings
-    from finetuning.train import TrainingError, make_accelerator
+    from finetuning.training.loop import TrainingError, make_accelerator
 
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")

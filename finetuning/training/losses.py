@@ -258,7 +258,7 @@ class ProsodyLoss(nn.Module):
 class AuxiliaryLosses(nn.Module):
     """Decode random crops of the talker's soft predictions and score them with the losses whose weight is > 0.
 
-    ``forward(out, speaker_embeds)`` takes a ``finetuning.step.StepOutput`` (its ``frame_codec0_logits (N, V)``,
+    ``forward(out, speaker_embeds)`` takes a ``training.step.StepOutput`` (its ``frame_codec0_logits (N, V)``,
     ``sub_talker_logits (N, K-1, V_cp)``, ``frame_batch (N,)``, ``frame_codes (N, K)``) and the batch's speaker
     embeddings (B, D), and returns ``{name: unweighted scalar}`` for each active loss; the caller adds
     ``sum(weights[name] * value)``. In training mode the losses run on every ``every_n_steps``-th call (counted
@@ -311,7 +311,7 @@ class AuxiliaryLosses(nn.Module):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         # Training-mode calls so far. Crops depend only on (seed, this count), so a resumed run that restores the
-        # count (``finetuning.train``) draws the same crops as an uninterrupted one.
+        # count (``finetuning.training.loop``) draws the same crops as an uninterrupted one.
         self.training_calls = 0
 
     def crop_indices(self, frame_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

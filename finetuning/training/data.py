@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetuning import schema
+from finetuning.preparation import schema
 from finetuning.settings import Settings
-from finetuning.step import assistant_text
+from finetuning.training.step import assistant_text
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,9 @@ def make_dataloader(examples: list[Example], batch_size: int, shuffle: bool, see
 
 
 def make_train_loader(examples: list[Example], batch_sampler, workers: int, pin_memory: bool):
-    """Batches chosen by ``batch_sampler`` (``finetuning.sampler.DurationBatchSampler``), collated in ``workers``
-    processes with prefetch, in pinned memory when a GPU will receive them (copied with ``non_blocking``)."""
+    """Batches chosen by ``batch_sampler`` (``finetuning.training.sampler.DurationBatchSampler``), collated in
+    ``workers`` processes with prefetch, in pinned memory when a GPU will receive them (copied with
+    ``non_blocking``)."""
     return torch.utils.data.DataLoader(
         examples,
         batch_sampler=batch_sampler,

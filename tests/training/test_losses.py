@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VOICES_DIR, make_settings, speechlike
 
-from finetuning.losses import (
+from finetuning.training.losses import (
     AUX_LOSS_NAMES,
     MEL_RECONSTRUCTION,
     PROSODY,
@@ -24,7 +24,7 @@ from finetuning.losses import (
     build_auxiliary_losses,
     load_codec_decoder,
 )
-from finetuning.step import TalkerStep, assistant_text, build_talker_inputs, talker_forward
+from finetuning.training.step import TalkerStep, assistant_text, build_talker_inputs, talker_forward
 
 SAMPLE_RATE = 24_000
 
@@ -279,7 +279,7 @@ def test_crops_are_contiguous_frames_of_one_utterance_and_seeded(loaded):
 
 
 def test_talker_step_total_adds_weighted_components(loaded, tiny_model_dir, tmp_path):
-    from finetuning.train import make_optimizer
+    from finetuning.training.loop import make_optimizer
 
     model = loaded.model
     settings = make_settings(

@@ -1,7 +1,7 @@
 """Evaluation metrics: pure functions from audio (or token scores) to floats.
 
 Audio is a 1-D float32 numpy array in [-1, 1] with its sample rate. Scoring models (speaker encoders, speech
-recognisers) come from ``finetuning.scorers`` and are passed in; nothing here loads a model or keeps state.
+recognisers) come from ``finetuning.evaluation.scorers`` and are passed in; nothing here loads a model or keeps state.
 
 | metric                         | range        | better      |
 |--------------------------------|--------------|-------------|
@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from finetuning.audio import resample
+from finetuning.preparation.audio import resample
 
 if TYPE_CHECKING:
     import torch
 
-    from finetuning.scorers import SpeakerEncoder, SpeechRecognizer
+    from finetuning.evaluation.scorers import SpeakerEncoder, SpeechRecognizer
 
 ANALYSIS_SAMPLE_RATE = 16_000
 HOP_LENGTH = 160  # 10 ms frames at ANALYSIS_SAMPLE_RATE

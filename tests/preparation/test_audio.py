@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 from conftest import speechlike, write_wav
 
-from finetuning.audio import (
+from finetuning.preparation.audio import (
     AudioDecodeError,
     QualityThresholds,
     decode_audio,

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetuning.audio import decode_audio, load_mono_24k
-from finetuning.metrics import (
+from finetuning.evaluation.metrics import (
     analyse_clip,
     cer,
     normalize_text,
@@ -23,11 +22,12 @@ from finetuning.metrics import (
     tone_similarity,
     wer,
 )
-from finetuning.scorers import BackendUnavailable, load_asr_backend, load_speaker_backend
+from finetuning.evaluation.scorers import BackendUnavailable, load_asr_backend, load_speaker_backend
+from finetuning.preparation.audio import decode_audio, load_mono_24k
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VOICES_DIR = REPO_ROOT / "voices"
-FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 SR = 24_000
 
 

@@ -16,8 +16,8 @@ The model type decides how it speaks: a ``custom_voice`` checkpoint (exported by
 stock ``generate_voice_clone`` in x-vector-only mode from the speaker's first reference clip. Scoring models
 load once (``load_scorers``) and are passed in; one that cannot load is reported as unavailable with the reason,
 never replaced. Every number in the report names the scorer behind it; ranges and directions come from the table
-in ``finetuning.metrics``. The training loop can call ``evaluate_checkpoint`` and ``log_report``
-(``finetuning.report`` writes and logs reports).
+in ``finetuning.evaluation.metrics``. The training loop can call ``evaluate_checkpoint`` and ``log_report``
+(``finetuning.evaluation.report`` writes and logs reports).
 """
 
 from __future__ import annotations
@@ -36,11 +36,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from finetuning import metrics, schema
-from finetuning.audio import resample
-from finetuning.data import DataError, build_examples, load_split
-from finetuning.export import read_info
-from finetuning.report import (  # noqa: F401  (the report API is re-exported for callers of the runner)
+from finetuning.evaluation import metrics
+from finetuning.evaluation.report import (  # noqa: F401  (the report API is re-exported for callers of the runner)
     JSON_FILE,
     MARKDOWN_FILE,
     log_report,
@@ -48,14 +45,18 @@ from finetuning.report import (  # noqa: F401  (the report API is re-exported fo
     report_scalars,
     write_report,
 )
-from finetuning.scorers import (
+from finetuning.evaluation.scorers import (
     BackendUnavailable,
     SpeakerEncoder,
     SpeechRecognizer,
     load_asr_backend,
     load_speaker_backend,
 )
+from finetuning.preparation import schema
+from finetuning.preparation.audio import resample
 from finetuning.settings import Settings
+from finetuning.training.data import DataError, build_examples, load_split
+from finetuning.training.export import read_info
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class EvaluationError(RuntimeError):
 
 @lru_cache(maxsize=1)
 def metric_catalogue() -> dict[str, dict[str, str]]:
-    """{metric: {"group", "range", "better"}} for every reported metric, from ``finetuning.metrics``' table."""
+    """{metric: {"group", "range", "better"}} for every reported metric, from the table in ``metrics``' docstring."""
     table = {}
     for line in (metrics.__doc__ or "").splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -104,7 +105,7 @@ def metric_catalogue() -> dict[str, dict[str, str]]:
     for metric, group in METRIC_GROUP.items():
         row = table.get("perplexity" if group == "perplexity" else metric)
         if row is None:
-            raise RuntimeError(f"finetuning.metrics' docstring table has no row for {metric!r}")
+            raise RuntimeError(f"finetuning.evaluation.metrics' docstring table has no row for {metric!r}")
         catalogue[metric] = {"group": group, **row}
     return catalogue
 
@@ -322,7 +323,7 @@ def held_out_perplexity(model, text_ids, codes, speaker_embed, language: str, la
     """
     import torch
 
-    from finetuning.step import build_talker_inputs, language_id_for, talker_forward
+    from finetuning.training.step import build_talker_inputs, language_id_for, talker_forward
 
     device = model.talker.device
     with torch.inference_mode():

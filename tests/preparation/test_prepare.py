@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import VOICES_DIR, make_settings, speechlike, write_wav
 
-from finetuning import schema
-from finetuning.prepare import PreparationError, SpeechEncoder, assign_splits, prepare_dataset
+from finetuning.preparation import schema
+from finetuning.preparation.prepare import PreparationError, SpeechEncoder, assign_splits, prepare_dataset
 from finetuning.settings import BUNDLED_SPEAKERS
 from finetuning.tiny_model import SAMPLES_PER_FRAME
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetuning.checkpointing import Progress, StopRequest, resolve_resume, save_training_state, saved_states
-from finetuning.data import Example, collate, load_examples, load_split, make_train_loader
-from finetuning.export import export_checkpoint, resolve_model_dir, speaker_rows
-from finetuning.losses import build_auxiliary_losses
-from finetuning.sampler import DurationBatchSampler
 from finetuning.settings import Settings
-from finetuning.speakers import freeze_speaker_encoder, speaker_embedding
-from finetuning.step import TalkerStep, sequence_length
+from finetuning.training.checkpointing import Progress, StopRequest, resolve_resume, save_training_state, saved_states
+from finetuning.training.data import Example, collate, load_examples, load_split, make_train_loader
+from finetuning.training.export import export_checkpoint, resolve_model_dir, speaker_rows
+from finetuning.training.losses import build_auxiliary_losses
+from finetuning.training.sampler import DurationBatchSampler
+from finetuning.training.speakers import freeze_speaker_encoder, speaker_embedding
+from finetuning.training.step import TalkerStep, sequence_length
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def compute_speaker_embeddings(model, settings: Settings) -> torch.Tensor:
     SPEAKER_EMBEDDING_CLIPS training clips (read only when asked, streamed when DATA_STREAMING)."""
     from itertools import islice
 
-    from finetuning.data import load_reference_audio
+    from finetuning.training.data import load_reference_audio
 
     embeds = []
     for speaker in settings.TRAIN_SPEAKERS:
@@ -413,7 +413,7 @@ class _Window:
 class _SpeechEvaluation:
     """Generated-speech evaluation during training (EVAL_GENERATE_STEPS), on the main process only: the model is
     exported to ``OUTPUT_DIR/eval_checkpoint`` (replaced each time), spoken and scored by
-    ``finetuning.evaluation``; means and one clip per speaker go to TensorBoard (scalars to other trackers).
+    ``finetuning.evaluation.runner``; means and one clip per speaker go to TensorBoard (scalars to other trackers).
     Scorers and real-audio targets load once, at the first evaluation."""
 
     def __init__(self, settings: Settings):
@@ -446,8 +446,8 @@ class _SpeechEvaluation:
         accelerator.wait_for_everyone()
 
     def _score(self, accelerator, checkpoint: Path, step: int) -> None:
-        from finetuning.evaluation import evaluate_checkpoint, load_scorers, load_targets
-        from finetuning.report import log_report
+        from finetuning.evaluation.report import log_report
+        from finetuning.evaluation.runner import evaluate_checkpoint, load_scorers, load_targets
 
         if self.scorers is None:
             self.scorers = load_scorers(self.settings)

@@ -21,7 +21,7 @@ SAVE_STEPS = 4
 def prepared(tiny_model_dir, tmp_path_factory):
     from conftest import make_settings
 
-    from finetuning.prepare import prepare_dataset
+    from finetuning.preparation.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("resume")
     settings = make_settings(root, tiny_model_dir, VALIDATION_FRACTION=0.0)

@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import speechlike, write_wav
 
-from finetuning.sources import SourceError, detect_format, read_source
+from finetuning.preparation.sources import SourceError, detect_format, read_source
 
 
 def test_jsonl_with_audio_and_optional_fields(tmp_path):

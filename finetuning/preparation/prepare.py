@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from finetuning import schema
-from finetuning.audio import (
+from finetuning.preparation import schema
+from finetuning.preparation.audio import (
     TARGET_SAMPLE_RATE,
     AudioDecodeError,
     QualityThresholds,
@@ -31,8 +31,8 @@ from finetuning.audio import (
     quality_issue,
     rms_dbfs,
 )
+from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, read_source
 from finetuning.settings import Settings
-from finetuning.sources import FORMATS, SourceError, SourceItem, read_source
 
 logger = logging.getLogger(__name__)
 

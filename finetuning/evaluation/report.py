@@ -96,7 +96,7 @@ def render_markdown(report: dict) -> str:
 
 
 def _means_table(runs: dict, speaker: str, difference: dict) -> list[str]:
-    from finetuning.evaluation import metric_catalogue
+    from finetuning.evaluation.runner import metric_catalogue
 
     roles = list(runs)
     header = ["metric", "range", "better", "scorer", "real audio", *roles]
@@ -133,7 +133,7 @@ def _utterance_table(role: str, utterances: list[dict]) -> list[str]:
         "tone_f0_corr",
         "duration_ratio",
     )
-    from finetuning.evaluation import NAN_REASON
+    from finetuning.evaluation.runner import NAN_REASON
 
     lines = ["", f"Utterances ({role}):", ""]
     lines.append("| id | text | generated s | capped | " + " | ".join(shown) + " | transcript | errors |")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from finetuning.losses import AuxiliaryLosses
+    from finetuning.training.losses import AuxiliaryLosses
 
 LAYOUTS = ("non_streaming", "streaming")
 IGNORE_INDEX = -100
@@ -258,7 +258,7 @@ class TalkerStep(torch.nn.Module):
 
     Holds the model and the fixed speaker embeddings (S, D) as a non-persistent buffer: the speaker encoder is
     not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``. With
-    ``aux_losses`` (``finetuning.losses.AuxiliaryLosses``) the total also gets Σ weight · auxiliary component,
+    ``aux_losses`` (``finetuning.training.losses.AuxiliaryLosses``) the total also gets Σ weight · auxiliary component,
     and the unweighted components land in ``StepOutput.aux``.
     """
 
@@ -282,7 +282,7 @@ class TalkerStep(torch.nn.Module):
         self.aux_losses = aux_losses
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, StepOutput]:
-        """Returns (total loss, components) for a ``finetuning.data.collate`` batch."""
+        """Returns (total loss, components) for a ``finetuning.training.data.collate`` batch."""
         tcfg = self.model.config.talker_config
         speaker_embeds = self.speaker_embeds[batch["speaker"]].to(self.model.talker.dtype)
         inputs = build_talker_inputs(

@@ -1,6 +1,6 @@
 """Overfit -> export -> stock generate: the trained codes come back out of ``generate_custom_voice``.
 
-A tiny model is trained through the real loop (``finetuning.train.train``) on the two bundled speakers x two
+A tiny model is trained through the real loop (``finetuning.training.loop.train``) on the two bundled speakers x two
 utterances until it memorises them, exported as a custom-voice checkpoint, loaded with stock
 ``qwen_tts.Qwen3TTSModel.from_pretrained`` and decoded greedily. One sentence is said by both speakers (their
 own recordings, one transcript), so the text alone cannot tell the model which codes to produce: only the
@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import VOICES_DIR, make_settings
 
-from finetuning.export import INFO_FILE, SETTINGS_FILE
-from finetuning.step import OFFICIAL_RECIPE_LABEL_SHIFT
+from finetuning.training.export import INFO_FILE, SETTINGS_FILE
+from finetuning.training.step import OFFICIAL_RECIPE_LABEL_SHIFT
 
 SPEAKERS = ("english_speaker", "swahili_speaker")
 UTTERANCES_PER_SPEAKER = 2
@@ -66,8 +66,8 @@ def _overfit_settings(tmp_path, model_dir, layout, voices, steps=OVERFIT_STEPS, 
 
 
 def _train(tmp_path_factory, model_dir, layout, label_shift=1, **extra):
-    from finetuning.prepare import prepare_dataset
-    from finetuning.train import train
+    from finetuning.preparation.prepare import prepare_dataset
+    from finetuning.training.loop import train
 
     tmp_path = tmp_path_factory.mktemp(f"overfit_{layout}_{label_shift}")
     settings = _overfit_settings(tmp_path, model_dir, layout, voices=_overfit_voices(tmp_path / "voices"), **extra)
@@ -77,7 +77,7 @@ def _train(tmp_path_factory, model_dir, layout, label_shift=1, **extra):
 
 
 def _trained_rows(settings):
-    from finetuning.data import load_split
+    from finetuning.training.data import load_split
 
     rows = []
     for speaker in settings.TRAIN_SPEAKERS:

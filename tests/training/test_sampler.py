@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_settings
 
-from finetuning.sampler import DurationBatchSampler, padding_fraction
+from finetuning.training.sampler import DurationBatchSampler, padding_fraction
 
 
 @pytest.fixture(scope="module")
@@ -14,9 +14,9 @@ def bundled(tiny_model_dir, tmp_path_factory):
     """(settings, tokenizer, examples, lengths) for the whole bundled corpus prepared with the tiny tokenizer."""
     from transformers import AutoTokenizer
 
-    from finetuning.data import load_examples
-    from finetuning.prepare import prepare_dataset
-    from finetuning.step import sequence_length
+    from finetuning.preparation.prepare import prepare_dataset
+    from finetuning.training.data import load_examples
+    from finetuning.training.step import sequence_length
 
     settings = make_settings(tmp_path_factory.mktemp("bundled"), tiny_model_dir)
     prepare_dataset(settings, report=lambda _: None)
@@ -41,7 +41,7 @@ def _sampler(lengths, speakers, **kwargs):
 def test_sequence_length_matches_the_built_sequence(bundled, tiny_model_dir):
     import qwen_tts
 
-    from finetuning.step import build_sequence, language_id_for, sequence_length
+    from finetuning.training.step import build_sequence, language_id_for, sequence_length
 
     _, _, examples, _ = bundled
     model = qwen_tts.Qwen3TTSModel.from_pretrained(str(tiny_model_dir), dtype=torch.float32).model
@@ -140,7 +140,7 @@ def test_state_resumes_mid_epoch_exactly(bundled):
 
 
 def test_streaming_and_map_style_give_the_same_examples_and_batches(bundled):
-    from finetuning.data import load_examples
+    from finetuning.training.data import load_examples
 
     settings, tokenizer, examples, lengths = bundled
     streamed, _ = load_examples(settings, tokenizer, "train", streaming=True)
@@ -154,7 +154,7 @@ def test_streaming_and_map_style_give_the_same_examples_and_batches(bundled):
 def test_bad_rows_are_counted_and_a_speaker_without_rows_is_an_error(bundled, tmp_path):
     import datasets
 
-    from finetuning.data import DataError, build_examples, load_examples
+    from finetuning.training.data import DataError, build_examples, load_examples
 
     _, tokenizer, _, _ = bundled
     rows = datasets.Dataset.from_list(

@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 from conftest import REPO_ROOT, make_settings
 
-from finetuning.evaluation import (
+from finetuning.evaluation.runner import (
     JSON_FILE,
     MARKDOWN_FILE,
     SAMPLE_RATE,
@@ -77,8 +77,8 @@ def _settings(tmp_path, model_dir, **overrides):
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """(settings, exported custom-voice checkpoint) after a short fine-tune on 3 clips per speaker."""
-    from finetuning.prepare import prepare_dataset
-    from finetuning.train import train
+    from finetuning.preparation.prepare import prepare_dataset
+    from finetuning.training.loop import train
 
     settings = _settings(tmp_path_factory.mktemp("evaluate"), tiny_model_dir, EVAL_GENERATE_STEPS=TRAIN_STEPS // 2)
     prepare_dataset(settings, max_samples=3, report=lambda _: None)
@@ -180,9 +180,9 @@ def test_perplexity_is_exp_of_the_steps_cross_entropy(comparison, trained):
     row (custom voice) or the reference clip's x-vector (Base), in the layout the checkpoint was trained with."""
     import qwen_tts
 
-    from finetuning.data import load_split
-    from finetuning.export import read_info
-    from finetuning.step import assistant_text, build_talker_inputs, language_id_for, talker_forward
+    from finetuning.training.data import load_split
+    from finetuning.training.export import read_info
+    from finetuning.training.step import assistant_text, build_talker_inputs, language_id_for, talker_forward
 
     settings, export = trained
     row = load_split(settings, "english_speaker", "validation")[0]
@@ -289,7 +289,7 @@ def test_log_report_writes_scalars_and_an_audio_sample_per_speaker(single, tmp_p
 
 
 def test_held_out_split_falls_back_to_test_or_says_there_is_none(trained, scorers, tmp_path):
-    from finetuning.prepare import prepare_dataset
+    from finetuning.preparation.prepare import prepare_dataset
 
     settings, _ = trained
     with_test = _settings(tmp_path / "test", settings.INIT_MODEL_PATH, VALIDATION_FRACTION=0.0, TEST_FRACTION=0.34)

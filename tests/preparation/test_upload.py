@@ -7,9 +7,9 @@ import datasets
 import pytest
 from conftest import VOICES_DIR, make_settings
 
-from finetuning import schema
-from finetuning.prepare import SpeechEncoder, prepare_dataset
-from finetuning.upload import FolderRemote, sync_dataset
+from finetuning.preparation import schema
+from finetuning.preparation.prepare import SpeechEncoder, prepare_dataset
+from finetuning.preparation.upload import FolderRemote, sync_dataset
 
 
 @pytest.fixture()
@@ -50,7 +50,7 @@ def test_changed_speaker_reuploads_only_its_config(prepared, tmp_path):
 def test_interrupted_upload_resumes_without_redoing_files(prepared, tmp_path, monkeypatch):
     settings, _, _ = prepared
     remote = FolderRemote(tmp_path / "remote")
-    import finetuning.upload as upload
+    import finetuning.preparation.upload as upload
 
     real_copy = shutil.copyfile
     calls = {"n": 0}

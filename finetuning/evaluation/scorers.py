@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from finetuning.audio import resample
+from finetuning.preparation.audio import resample
 
 SPEAKER_BACKENDS = ("auto", "ecapa", "resemblyzer")
 ASR_BACKENDS = ("auto", "transformers", "pocketsphinx")

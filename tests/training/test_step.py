@@ -6,7 +6,7 @@ import soundfile as sf
 import torch
 from conftest import VOICES_DIR
 
-from finetuning.step import (
+from finetuning.training.step import (
     IGNORE_INDEX,
     OFFICIAL_RECIPE_LABEL_SHIFT,
     TalkerStep,
@@ -176,8 +176,8 @@ def test_sub_talker_logits_match_the_code_predictor_at_generation(loaded):
 
 
 def test_speaker_embedding_is_the_mean_over_clips_and_encoder_gets_no_gradient(loaded):
-    from finetuning.speakers import freeze_speaker_encoder, speaker_embedding
-    from finetuning.train import make_optimizer
+    from finetuning.training.loop import make_optimizer
+    from finetuning.training.speakers import freeze_speaker_encoder, speaker_embedding
 
     model, tokenizer = loaded["equal"]
     clip_a, _ = sf.read(VOICES_DIR / "english_speaker.wav", dtype="float32")
@@ -235,7 +235,7 @@ def test_frame_embedding_sums_all_codebooks(loaded):
 
 
 def test_speaker_rows_must_fit_the_vocabulary():
-    from finetuning.export import ExportError, speaker_rows
+    from finetuning.training.export import ExportError, speaker_rows
 
     assert speaker_rows(["Alice", "bob"], 3072) == {"alice": 3000, "bob": 3001}
     with pytest.raises(ExportError, match="vocabulary"):

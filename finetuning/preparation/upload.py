@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from finetuning import schema
-from finetuning.prepare import local_configs
+from finetuning.preparation import schema
+from finetuning.preparation.prepare import local_configs
 
 logger = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -343,3 +344,42 @@ def perplexity(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
     return math.exp(float(total) / targets)
+
+
+# -------------------------------------------------------------------------------------------- catalogue --
+
+GROUP_METRICS = {
+    "perplexity": ("perplexity_codec0", "perplexity_sub_talker"),
+    "speaker_similarity": ("speaker_similarity",),
+    "pronunciation": ("wer", "cer"),
+    "tone": ("tone_f0_corr", "tone_f0_rmse_st", "tone_voicing_agreement"),
+    "prosody": (
+        "f0_median_diff_st",
+        "f0_range_diff_st",
+        "energy_corr",
+        "syllable_rate_ratio",
+        "duration_ratio",
+        "pause_fraction_diff",
+    ),
+}
+METRIC_GROUP = {metric: group for group, names in GROUP_METRICS.items() for metric in names}
+NAN_REASON = "not computable for this clip (the metric gave NaN, e.g. no voiced frames)"
+
+
+@lru_cache(maxsize=1)
+def metric_catalogue() -> dict[str, dict[str, str]]:
+    """{metric: {"group", "range", "better"}} for every reported metric, from the table in this module's docstring."""
+    table = {}
+    for line in (__doc__ or "").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.lstrip().startswith("|") or len(cells) != 3 or cells[0] == "metric" or not cells[0].strip("-"):
+            continue
+        for name in cells[0].split(" / "):
+            table[name.strip()] = {"range": cells[1], "better": cells[2]}
+    catalogue = {}
+    for metric, group in METRIC_GROUP.items():
+        row = table.get("perplexity" if group == "perplexity" else metric)
+        if row is None:
+            raise RuntimeError(f"the table in finetuning.evaluation.metrics' docstring has no row for {metric!r}")
+        catalogue[metric] = {"group": group, **row}
+    return catalogue

@@ -1,4 +1,8 @@
-"""Evaluation reports: JSON + readable Markdown files, and TensorBoard scalars/audio for the training loop."""
+"""Evaluation reports: JSON + readable Markdown files, and TensorBoard scalars/audio during training.
+
+The report only consumes results: the dicts ``runner.evaluate_checkpoint`` / ``compare_checkpoints`` return
+(every metric's range, direction and scorer travel inside them).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from finetuning.evaluation.metrics import NAN_REASON
 from finetuning.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -96,23 +101,21 @@ def render_markdown(report: dict) -> str:
 
 
 def _means_table(runs: dict, speaker: str, difference: dict) -> list[str]:
-    from finetuning.evaluation.runner import metric_catalogue
-
     roles = list(runs)
     header = ["metric", "range", "better", "scorer", "real audio", *roles]
     if len(runs) == 2:
         header.append("candidate - baseline")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     real = runs[roles[-1]]["speakers"][speaker]["real_audio"]
-    for metric, info in metric_catalogue().items():
+    for metric, info in runs[roles[-1]]["metrics"].items():
         cells = []
         for role in roles:
             mean = runs[role]["speakers"][speaker]["means"].get(metric)
             cells.append("—" if mean is None else f"{_fmt(mean['value'])} ({mean['n']}/{mean['of']})")
         if all(cell == "—" for cell in cells):
             continue
-        scorer = runs[roles[-1]]["scorers"][info["group"]]["backend"]
-        row = [metric, info["range"], info["better"], scorer, _fmt(real[metric]["value"]) if metric in real else "—"]
+        row = [metric, info["range"], info["better"], info["scorer"]]
+        row.append(_fmt(real[metric]["value"]) if metric in real else "—")
         row += cells
         if len(runs) == 2:
             diff = difference.get(metric, {})
@@ -133,8 +136,6 @@ def _utterance_table(role: str, utterances: list[dict]) -> list[str]:
         "tone_f0_corr",
         "duration_ratio",
     )
-    from finetuning.evaluation.runner import NAN_REASON
-
     lines = ["", f"Utterances ({role}):", ""]
     lines.append("| id | text | generated s | capped | " + " | ".join(shown) + " | transcript | errors |")
     lines.append("|" + "---|" * (len(shown) + 6))

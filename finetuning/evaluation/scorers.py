@@ -23,6 +23,8 @@ from typing import Protocol
 import numpy as np
 
 from finetuning.preparation.audio import resample
+from finetuning.resources import ModelUnavailable, resolve_device, resolve_model_dir
+from finetuning.settings import Settings
 
 SPEAKER_BACKENDS = ("auto", "ecapa", "resemblyzer")
 ASR_BACKENDS = ("auto", "transformers", "pocketsphinx")
@@ -30,6 +32,8 @@ ECAPA_HUB_ID = "speechbrain/spkrec-ecapa-voxceleb"
 ECAPA_SAMPLE_RATE = 16_000
 POCKETSPHINX_SAMPLE_RATE = 16_000
 PCM16_SCALE = 32767.0
+PITCH_SCORER = "librosa-pyin+mfcc-dtw"  # metrics.analyse_clip features, DTW-aligned to the real clip
+PERPLEXITY_SCORER = "teacher-forced talker of the evaluated model"
 
 
 class BackendUnavailable(RuntimeError):
@@ -60,26 +64,12 @@ class SpeechRecognizer(Protocol):
         ...
 
 
-def resolve_model_dir(backend: str, source: str | Path, allow_download: bool = False, token: str | None = None) -> Path:
-    """A local model folder for ``source``: the folder itself, or the Hub repo's snapshot in the local HF cache.
-
-    With ``allow_download`` a repo missing from the cache is fetched from the Hub (which may retry for a while on
-    a machine without access). Raises BackendUnavailable naming the source when neither works.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    text = str(source)
-    if text.startswith(("/", ".", "~")) or text.count("/") != 1:
-        raise BackendUnavailable(backend, f"{text!r} is neither an existing folder nor a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-
+def _model_dir(backend: str, source: str | Path, allow_download: bool, token: str | None) -> Path:
+    """``resources.resolve_model_dir``, offline unless ``allow_download``; a failure makes the backend unavailable."""
     try:
-        return Path(snapshot_download(text, local_files_only=not allow_download, token=token))
-    except Exception as error:  # hub, network and cache failures come as several exception types
-        where = "could not be downloaded" if allow_download else "is not in the local Hugging Face cache"
-        hint = "" if allow_download else " and downloads are disabled (give a local folder or allow downloads)"
-        raise BackendUnavailable(backend, f"{text!r} {where}{hint}: {type(error).__name__}: {error}") from error
+        return resolve_model_dir(source, token=token, allow_download=allow_download)
+    except ModelUnavailable as error:
+        raise BackendUnavailable(backend, str(error)) from error
 
 
 @contextmanager
@@ -148,7 +138,7 @@ class EcapaEncoder:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        model_dir = resolve_model_dir("ecapa", self.source, self.allow_download, self.token)
+        model_dir = _model_dir("ecapa", self.source, self.allow_download, self.token)
         try:
             from speechbrain.inference.speaker import EncoderClassifier
         except ImportError as error:
@@ -217,7 +207,7 @@ class TransformersRecognizer:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        model_dir = resolve_model_dir("transformers", self.model_id, self.allow_download, self.token)
+        model_dir = _model_dir("transformers", self.model_id, self.allow_download, self.token)
         try:
             from transformers import pipeline
 
@@ -305,3 +295,47 @@ def _load(name: str, builders: dict, allowed: tuple[str, ...]):
         backend.skipped = skipped
         return backend
     raise BackendUnavailable("auto", "; ".join(f"{key}: {reason}" for key, reason in skipped.items()))
+
+
+@dataclass
+class Scorers:
+    """Scoring models loaded once; ``unavailable`` maps a metric group to why its scorer could not load."""
+
+    speaker: SpeakerEncoder | None
+    asr: SpeechRecognizer | None
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, dict]:
+        """{group: {"backend": name or None, "skipped": {backend: reason}, "unavailable": reason}}."""
+        out = {"perplexity": {"backend": PERPLEXITY_SCORER}}
+        for group, backend in (("speaker_similarity", self.speaker), ("pronunciation", self.asr)):
+            if backend is None:
+                out[group] = {"backend": None, "unavailable": self.unavailable.get(group, "not loaded")}
+            else:
+                out[group] = {"backend": backend.name, "skipped": dict(backend.skipped)}
+        if self.asr is not None:
+            out["pronunciation"]["languages"] = list(self.asr.languages) if self.asr.languages else "any"
+        out["tone"] = {"backend": PITCH_SCORER}
+        out["prosody"] = {"backend": PITCH_SCORER}
+        return out
+
+
+def load_scorers(settings: Settings) -> Scorers:
+    """Speaker encoder (SPEAKER_SIM_BACKEND, ECAPA_SOURCE) and recogniser (ASR_BACKEND, ASR_MODEL) per settings.
+
+    Weights come from local folders or the HF cache unless SCORER_ALLOW_DOWNLOAD. A backend that cannot load is
+    recorded in ``unavailable`` with the reason; its metrics are then reported as unavailable, not computed with
+    another backend ("auto" lists what it tried first in the loaded backend's ``skipped``).
+    """
+    device = resolve_device(settings.DEVICE)
+    common = {"device": device, "allow_download": settings.SCORER_ALLOW_DOWNLOAD, "token": settings.HF_TOKEN or None}
+    scorers = Scorers(speaker=None, asr=None)
+    try:
+        scorers.speaker = load_speaker_backend(settings.SPEAKER_SIM_BACKEND, settings.ECAPA_SOURCE, **common)
+    except BackendUnavailable as error:
+        scorers.unavailable["speaker_similarity"] = str(error)
+    try:
+        scorers.asr = load_asr_backend(settings.ASR_BACKEND, settings.ASR_MODEL or None, **common)
+    except (BackendUnavailable, ValueError) as error:
+        scorers.unavailable["pronunciation"] = str(error)
+    return scorers

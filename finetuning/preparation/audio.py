@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-TARGET_SAMPLE_RATE = 24_000
+from finetuning.constants import SAMPLE_RATE
+
 RESAMPLE_QUALITY = "soxr_hq"  # band-limited resampler from libsoxr, via librosa
 CLIP_LEVEL = 0.999  # |sample| at or above this counts as clipped
 SILENCE_TOP_DB = 40.0  # frames quieter than (peak - 40 dB) count as silence
@@ -48,7 +49,7 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
     return samples if samples.ndim == 1 else samples.mean(axis=1).astype(np.float32)
 
 
-def resample(samples: np.ndarray, orig_sr: int, target_sr: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """Resample a mono signal with a high-quality band-limited resampler (libsoxr HQ)."""
     if orig_sr == target_sr:
         return samples.astype(np.float32, copy=False)
@@ -81,7 +82,7 @@ def normalize_loudness(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
     return (samples * gain).astype(np.float32)
 
 
-def silence_fraction(samples: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE) -> float:
+def silence_fraction(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
     """Share of the clip (0..1) that lies more than SILENCE_TOP_DB below the clip's own peak, or is silent."""
     import librosa
 
@@ -131,7 +132,7 @@ def quality_issue(samples: np.ndarray, text: str, limits: QualityThresholds) -> 
     """
     if not text.strip():
         return "empty_text"
-    duration_s = len(samples) / TARGET_SAMPLE_RATE
+    duration_s = len(samples) / SAMPLE_RATE
     if duration_s < limits.min_duration_s:
         return "too_short"
     if duration_s > limits.max_duration_s:
@@ -149,7 +150,7 @@ def quality_issue(samples: np.ndarray, text: str, limits: QualityThresholds) -> 
     return None
 
 
-def encode_flac(samples: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE) -> bytes:
+def encode_flac(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     """Lossless 16-bit FLAC bytes of a mono clip (how audio is stored in the dataset)."""
     import soundfile as sf
 

@@ -20,39 +20,29 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from finetuning.constants import SAMPLE_RATE
 from finetuning.preparation import schema
 from finetuning.preparation.audio import (
-    TARGET_SAMPLE_RATE,
     AudioDecodeError,
     QualityThresholds,
-    encode_flac,
     load_mono_24k,
     normalize_loudness,
     quality_issue,
     rms_dbfs,
 )
-from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, read_source
+from finetuning.preparation.encoder import SpeechEncoder
+from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
+from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source
+from finetuning.preparation.writing import make_row, write_card, write_split
 from finetuning.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-PROCESSING_VERSION = 1
 MIN_REFERENCE_S = 1.0
 
 
 class PreparationError(RuntimeError):
     """Preparation cannot continue for a speaker; the message names the speaker and what to fix."""
-
-
-@dataclass(frozen=True)
-class SpeakerSpec:
-    """Where one speaker's data comes from."""
-
-    name: str
-    source: str
-    format: str | None
-    language: str | None
-    references: tuple[str, ...]
 
 
 @dataclass
@@ -129,69 +119,6 @@ def resolve_speakers(settings: Settings, names: Sequence[str] | None = None) -> 
     return specs
 
 
-def _hash_audio(audio: Path | bytes | None) -> str:
-    if audio is None:
-        return "none"
-    if isinstance(audio, bytes):
-        return hashlib.sha256(audio).hexdigest()
-    try:
-        return hashlib.sha256(Path(audio).read_bytes()).hexdigest()
-    except OSError:
-        return f"unreadable:{audio}"
-
-
-def tokenizer_identity(path: str) -> str:
-    """Content hash of a local speech tokenizer (config + weights), or the Hub id for a remote one."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return f"hub:{path}"
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
-        file = folder / name
-        if file.exists():
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def processing_settings(settings: Settings) -> dict:
-    """The settings that change what preparation writes; they enter every fingerprint."""
-    keys = (
-        "VALIDATION_FRACTION",
-        "TEST_FRACTION",
-        "MIN_DURATION_S",
-        "MAX_DURATION_S",
-        "MAX_SILENCE_FRACTION",
-        "MAX_CLIPPED_FRACTION",
-        "MIN_RMS_DBFS",
-        "MIN_CHARS_PER_S",
-        "MAX_CHARS_PER_S",
-        "NORMALIZE_LOUDNESS",
-        "TARGET_LOUDNESS_DBFS",
-        "MAX_SHARD_SIZE_MB",
-        "SEED",
-    )
-    return {k: getattr(settings, k) for k in keys}
-
-
-def fingerprint(spec: SpeakerSpec, items: list[SourceItem], settings: Settings, tokenizer_id: str) -> str:
-    digest = hashlib.sha256()
-    header = {
-        "schema": schema.SCHEMA_VERSION,
-        "processing": PROCESSING_VERSION,
-        "speaker": spec.name,
-        "language": spec.language,
-        "settings": processing_settings(settings),
-        "tokenizer": tokenizer_id,
-        "references": [_hash_audio(Path(r)) for r in spec.references],
-    }
-    digest.update(json.dumps(header, sort_keys=True).encode())
-    for item in items:
-        row = [item.id, item.text, item.language, item.split, _hash_audio(item.audio)]
-        row += [_hash_audio(r) for r in item.reference_audio]
-        digest.update(json.dumps(row).encode())
-    return digest.hexdigest()
-
-
 def assign_splits(ids: list[str], given: list[str | None], settings: Settings, speaker: str) -> list[str]:
     """Keep splits the source gives; otherwise a deterministic seeded split per speaker.
 
@@ -217,54 +144,13 @@ def assign_splits(ids: list[str], given: list[str | None], settings: Settings, s
     return splits
 
 
-class SpeechEncoder:
-    """Loads the 12 Hz speech tokenizer once, on first use, and encodes 24 kHz clips in batches."""
-
-    def __init__(self, tokenizer_path: str, device: str = "auto", batch_size: int = 8, token: str | None = None):
-        self.tokenizer_path = tokenizer_path
-        self.device = device
-        self.batch_size = batch_size
-        self.token = token or None
-        self.clips_encoded = 0
-        self._tokenizer = None
-
-    def _load(self):
-        import torch
-        from qwen_tts import Qwen3TTSTokenizer
-
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        kwargs = {"token": self.token} if self.token else {}
-        tokenizer = Qwen3TTSTokenizer.from_pretrained(self.tokenizer_path, **kwargs)
-        tokenizer.model.to(device).eval()
-        tokenizer.device = torch.device(device)
-        return tokenizer
-
-    def encode(self, clips: list[np.ndarray], desc: str = "encoding") -> list[np.ndarray]:
-        """24 kHz mono clips -> codes, each (frames, 16) int16. Batches sorted by length to limit padding."""
-        if self._tokenizer is None:
-            self._tokenizer = self._load()
-        order = sorted(range(len(clips)), key=lambda i: len(clips[i]))
-        codes: list[np.ndarray | None] = [None] * len(clips)
-        with tqdm(total=len(clips), desc=desc, unit="clip") as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                encoded = self._tokenizer.encode([clips[i] for i in batch], sr=TARGET_SAMPLE_RATE)
-                for index, code in zip(batch, encoded.audio_codes, strict=True):
-                    codes[index] = code.cpu().numpy().astype(np.int16)
-                bar.update(len(batch))
-        self.clips_encoded += len(clips)
-        return codes  # type: ignore[return-value]
-
-
 def _load_references(spec: SpeakerSpec, items: list[SourceItem]) -> list[tuple[str, np.ndarray]]:
     candidates: list[Path | bytes] = [Path(r) for r in spec.references]
     for item in items:
         candidates.extend(item.reference_audio)
     references, seen = [], set()
     for candidate in candidates:
-        key = _hash_audio(candidate)
+        key = hash_audio(candidate)
         if key in seen or key.startswith("unreadable") or key == "none":
             continue
         seen.add(key)
@@ -273,7 +159,7 @@ def _load_references(spec: SpeakerSpec, items: list[SourceItem]) -> list[tuple[s
         except (FileNotFoundError, AudioDecodeError) as error:
             logger.warning("speaker %s: reference %s unusable: %s", spec.name, candidate, error)
             continue
-        if len(samples) / TARGET_SAMPLE_RATE < MIN_REFERENCE_S or not np.isfinite(rms_dbfs(samples)):
+        if len(samples) / SAMPLE_RATE < MIN_REFERENCE_S or not np.isfinite(rms_dbfs(samples)):
             logger.warning(
                 "speaker %s: reference %s is shorter than %.1f s or silent",
                 spec.name,
@@ -319,38 +205,6 @@ def _unique_ids(items: list[SourceItem]) -> None:
         seen[item.id] += 1
         if seen[item.id] > 1:
             item.id = f"{item.id}-{seen[item.id]}"
-
-
-def _write_split(rows: list[dict], folder: Path, split: str, fingerprint: str, max_shard_bytes: float) -> None:
-    import datasets
-
-    features = schema.features()
-    shards: list[list[dict]] = [[]]
-    size = 0.0
-    for row in rows:
-        row_bytes = len(row["audio"]["bytes"]) + row["num_frames"] * schema.NUM_CODEBOOKS * 2 + len(row["text"])
-        if shards[-1] and size + row_bytes > max_shard_bytes:
-            shards.append([])
-            size = 0.0
-        shards[-1].append(row)
-        size += row_bytes
-    for index, shard in enumerate(shards):
-        columns = {name: [row[name] for row in shard] for name in features}
-        dataset = datasets.Dataset.from_dict(columns, features=features)
-        dataset.to_parquet(str(folder / schema.shard_name(split, fingerprint, index, len(shards))))
-
-
-def _row(speaker: str, clip_id: str, text: str, language: str, samples: np.ndarray, codes: np.ndarray) -> dict:
-    return {
-        "id": clip_id,
-        "speaker": speaker,
-        "text": text,
-        "language": language,
-        "audio": {"bytes": encode_flac(samples), "path": f"{clip_id}.flac"},
-        "duration_s": len(samples) / TARGET_SAMPLE_RATE,
-        "num_frames": int(codes.shape[0]),
-        "audio_codes": codes.tolist(),
-    }
 
 
 def prepare_speaker(
@@ -410,10 +264,10 @@ def prepare_speaker(
     rows: dict[str, list[dict]] = {name: [] for name in schema.ALL_SPLITS}
     for (item, samples), code, split in zip(kept, codes, splits, strict=True):
         language = item.language or spec.language or schema.UNKNOWN_LANGUAGE
-        rows[split].append(_row(spec.name, item.id, item.text.strip(), language, samples, code))
+        rows[split].append(make_row(spec.name, item.id, item.text.strip(), language, samples, code))
     for (ref_id, samples), code in zip(references, ref_codes, strict=True):
         rows[schema.REFERENCE_SPLIT].append(
-            _row(spec.name, ref_id, "", spec.language or schema.UNKNOWN_LANGUAGE, samples, code)
+            make_row(spec.name, ref_id, "", spec.language or schema.UNKNOWN_LANGUAGE, samples, code)
         )
 
     report = SpeakerReport(
@@ -422,7 +276,7 @@ def prepare_speaker(
         fingerprint=print_,
         clips_total=len(items),
         kept=len(kept),
-        hours_kept=round(sum(len(s) for _, s in kept) / TARGET_SAMPLE_RATE / 3600.0, 6),
+        hours_kept=round(sum(len(s) for _, s in kept) / SAMPLE_RATE / 3600.0, 6),
         rejected=dict(rejected),
         splits={name: len(r) for name, r in rows.items() if r},
         references=len(references),
@@ -433,7 +287,7 @@ def prepare_speaker(
     staging.mkdir(parents=True)
     for split, split_rows in rows.items():
         if split_rows:
-            _write_split(split_rows, staging, split, print_, settings.MAX_SHARD_SIZE_MB * 1e6)
+            write_split(split_rows, staging, split, print_, settings.MAX_SHARD_SIZE_MB * 1e6)
     summary = report.as_dict()
     summary.pop("prepared_this_run")
     (staging / schema.INFO_FILE).write_text(json.dumps({"fingerprint": print_, "summary": summary}, indent=2))
@@ -442,24 +296,6 @@ def prepare_speaker(
         shutil.rmtree(final)
     staging.rename(final)
     return report
-
-
-def local_configs(dataset_dir: Path) -> dict[str, dict]:
-    """Every finished speaker config in a local dataset folder: speaker -> its prepare_info.json content."""
-    configs = {}
-    for info in sorted(dataset_dir.glob(f"*/{schema.INFO_FILE}")):
-        configs[info.parent.name] = json.loads(info.read_text())
-    return configs
-
-
-def write_card(dataset_dir: Path) -> Path:
-    """(Re)write README.md and preparation_summary.json from every finished config in the folder."""
-    infos = local_configs(dataset_dir)
-    card = dataset_dir / schema.CARD_FILE
-    card.write_text(schema.render_card(infos))
-    summaries = {name: info.get("summary", {}) for name, info in infos.items()}
-    (dataset_dir / schema.SUMMARY_FILE).write_text(json.dumps(summaries, indent=2, sort_keys=True))
-    return card
 
 
 def prepare_dataset(

@@ -23,8 +23,9 @@ Columns of every split (``FEATURES``):
 
 from __future__ import annotations
 
+from finetuning.constants import NUM_CODEBOOKS, SAMPLE_RATE
+
 SCHEMA_VERSION = 1
-NUM_CODEBOOKS = 16
 DATA_SPLITS = ("train", "validation", "test")
 REFERENCE_SPLIT = "reference"
 ALL_SPLITS = (*DATA_SPLITS, REFERENCE_SPLIT)
@@ -44,7 +45,7 @@ def features():
             "speaker": datasets.Value("string"),
             "text": datasets.Value("string"),
             "language": datasets.Value("string"),
-            "audio": datasets.Audio(sampling_rate=24_000),
+            "audio": datasets.Audio(sampling_rate=SAMPLE_RATE),
             "duration_s": datasets.Value("float32"),
             "num_frames": datasets.Value("int32"),
             "audio_codes": datasets.Sequence(datasets.Sequence(datasets.Value("int16"), length=NUM_CODEBOOKS)),

@@ -33,6 +33,17 @@ METADATA_FILES = (("metadata.csv", "|"), ("metadata.txt", "|"), ("metadata.tsv",
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
 
 
+@dataclass(frozen=True)
+class SpeakerSpec:
+    """Where one speaker's data comes from."""
+
+    name: str
+    source: str
+    format: str | None
+    language: str | None
+    references: tuple[str, ...]
+
+
 class SourceError(ValueError):
     """A source cannot be read at all (bad path, bad format); the message says which speaker and what to fix."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from finetuning.preparation import schema
-from finetuning.preparation.prepare import local_configs
+from finetuning.preparation.writing import local_configs
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """Resumable training state: save every SAVE_STEPS, keep the newest SAVE_TOTAL_LIMIT, resume from the latest.
 
-A state folder ``OUTPUT_DIR/states/step-<N>`` is ``accelerator.save_state`` output (model, optimizer, RNG states,
-the scheduler and ``Progress``, registered for checkpointing). States are written only at optimizer-step
-boundaries, so a resumed run continues with the next micro-batch of the same epoch plan and ends with the same
-weights as an uninterrupted run. SIGTERM / SIGINT ask the loop to save a state and stop after the current step.
+A state folder ``OUTPUT_DIR/states/step-<N>`` is ``accelerator.save_state`` output: model, optimizer, RNG states
+and the objects the loop registers for checkpointing (the scheduler, the batch sampler, which owns the data
+position, and the step counts). States are written only at optimizer-step boundaries, so a resumed run continues
+with the next micro-batch of the same epoch plan and ends with the same weights as an uninterrupted run.
+SIGTERM / SIGINT ask the loop to save a state and stop after the current step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -22,24 +22,6 @@ STATE_PREFIX = "step-"
 
 class ResumeError(RuntimeError):
     """RESUME_FROM names nothing that can be resumed; the message says what was looked for."""
-
-
-@dataclass
-class Progress:
-    """Loop position saved with every state: optimizer steps done, epoch, micro-batches done in that epoch."""
-
-    optimizer_steps: int = 0
-    epoch: int = 0
-    batches_done: int = 0
-    skipped_steps: int = 0
-    seed: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 def state_dir(output_dir: str | Path, step: int) -> Path:
@@ -67,6 +49,15 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
     if not (path / "progress.done").exists():
         raise ResumeError(f"RESUME_FROM={resume_from} is not a complete saved state (no progress.done in it)")
     return path
+
+
+def load_training_state(accelerator, path: Path) -> None:
+    """Restore every process from a saved state. Raises ResumeError when a registered object refuses it (the
+    sampler refuses a state of another SEED)."""
+    try:
+        accelerator.load_state(str(path))
+    except ValueError as error:
+        raise ResumeError(f"cannot resume from {path}: {error}") from error
 
 
 def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int) -> Path:
@@ -106,6 +97,15 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         logger.warning("signal %d: saving a training state at the end of this step, then stopping", signum)
+
+    def on_any_process(self, accelerator) -> bool:
+        """True on every process when any process was asked to stop (all must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        import torch
+
+        value = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetuning.constants import NUM_CODEBOOKS
 from finetuning.preparation import schema
 from finetuning.settings import Settings
 from finetuning.training.step import assistant_text
@@ -74,12 +75,17 @@ def load_split(settings: Settings, speaker: str, split: str, columns: list[str] 
             datasets.utils.enable_progress_bars()
 
 
-def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
-    """The speaker's reference clips as 24 kHz float32 arrays."""
-    refs = load_split(settings, speaker, schema.REFERENCE_SPLIT)
+def load_references(settings: Settings, speaker: str, columns: list[str] | None = None):
+    """The speaker's reference split (its reference clips); raises DataError when it has none."""
+    refs = load_split(settings, speaker, schema.REFERENCE_SPLIT, columns)
     if refs is None or len(refs) == 0:
         raise DataError(f"speaker {speaker} has no reference split; re-run data preparation")
-    return [np.asarray(row["audio"]["array"], dtype=np.float32) for row in refs]
+    return refs
+
+
+def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
+    """The speaker's reference clips as 24 kHz float32 arrays."""
+    return [np.asarray(row["audio"]["array"], dtype=np.float32) for row in load_references(settings, speaker)]
 
 
 @dataclass
@@ -98,7 +104,7 @@ def build_examples(dataset, speaker_index: int, tokenizer, speaker: str, split: 
     examples, skipped = [], 0
     for row in dataset:
         codes = np.asarray(row["audio_codes"], dtype=np.int64)
-        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != schema.NUM_CODEBOOKS or not row["text"]:
+        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != NUM_CODEBOOKS or not row["text"]:
             skipped += 1
             logger.warning("speaker %s/%s: skipping row %s (empty text or codes)", speaker, split, row["id"])
             continue
@@ -138,6 +144,23 @@ def load_examples(
     return examples, skipped
 
 
+def load_training_examples(settings: Settings, tokenizer) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples of every TRAIN_SPEAKERS config; skipped training rows are logged per speaker."""
+    train, skipped = load_examples(settings, tokenizer, "train")
+    if any(skipped.values()):
+        logger.warning("skipped training rows per speaker: %s", skipped)
+    return train, load_examples(settings, tokenizer, "validation")[0]
+
+
+def speaker_languages(examples: list[Example], speakers: tuple[str, ...]) -> dict[str, str]:
+    """Each speaker's language in ``examples`` (its first example's), keyed by name: recorded in the export as
+    generation's default language."""
+    languages: dict[str, str] = {}
+    for example in examples:
+        languages.setdefault(speakers[example.speaker], example.language)
+    return languages
+
+
 def collate(examples: list[Example]) -> dict:
     """Batch of examples (kept as lists: the step builds variable-length sequences itself).
 
@@ -156,14 +179,6 @@ def collate(examples: list[Example]) -> dict:
         "language": [e.language for e in examples],
         "num_frames": torch.tensor([e.codes.shape[0] for e in examples], dtype=torch.long),
     }
-
-
-def make_dataloader(examples: list[Example], batch_size: int, shuffle: bool, seed: int):
-    """Fixed-size batches (validation and simple uses); training uses ``make_train_loader``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        examples, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
-    )
 
 
 def make_train_loader(examples: list[Example], batch_sampler, workers: int, pin_memory: bool):

@@ -14,14 +14,15 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from finetuning.constants import FIRST_SPEAKER_ROW
 from finetuning.settings import Settings
 
-FIRST_SPEAKER_ROW = 3000  # custom-voice speakers occupy codec-embedding rows from here (as in the released models)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 INFO_FILE = "finetune_info.json"
 SETTINGS_FILE = "training_settings.json"
@@ -29,16 +30,6 @@ SETTINGS_FILE = "training_settings.json"
 
 class ExportError(RuntimeError):
     """The model cannot be exported as asked; the message says why."""
-
-
-def resolve_model_dir(path_or_id: str, token: str | None = None) -> Path:
-    """A local folder for a model path or Hub id (Hub ids are fetched into the Hugging Face cache)."""
-    path = Path(path_or_id)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(path_or_id, token=token))
 
 
 def speaker_rows(speakers: list[str], vocab_size: int) -> dict[str, int]:
@@ -155,6 +146,48 @@ def export_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
     return output_dir
+
+
+def gathered_state_dict(accelerator, step_module) -> dict:
+    """The talker model's full state dict (keys as in the model) from the prepared ``TalkerStep``, gathered from
+    every process (FSDP shards): every process must call it."""
+    prefix = "model."
+    full = accelerator.get_state_dict(step_module)
+    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+@dataclass(frozen=True)
+class RunExports:
+    """What every export of one training run shares: the Base model folder (config, tokenizers, speech tokenizer),
+    the (S, D) speaker embeddings in TRAIN_SPEAKERS order, each speaker's training language and the settings."""
+
+    base_model_dir: Path
+    speaker_embeds: torch.Tensor
+    languages: dict[str, str]
+    settings: Settings
+
+    def export(self, accelerator, step_module, output_dir: str | Path, step: int, link_base_files: bool = False):
+        """``export_checkpoint`` of the model being trained, with the run's settings and ``step`` recorded.
+
+        Every process must call it (the state is gathered from all); the main process writes ``output_dir`` and
+        gets its path, the others None.
+        """
+        state = gathered_state_dict(accelerator, step_module)
+        if not accelerator.is_main_process:
+            return None
+        settings = self.settings
+        return export_checkpoint(
+            accelerator.unwrap_model(step_module).model,
+            self.base_model_dir,
+            list(settings.TRAIN_SPEAKERS),
+            self.speaker_embeds,
+            self.languages,
+            output_dir,
+            settings=settings,
+            extra_info={"optimizer_steps": step, "training_layout": settings.TRAINING_LAYOUT},
+            link_base_files=link_base_files,
+            state_dict=state,
+        )
 
 
 def _link_or_copy(source, destination) -> None:

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SAMPLE_RATE = 24_000
+from finetuning.constants import SAMPLE_RATE
+
 MEL_RECONSTRUCTION = "mel_reconstruction"
 VOICE_CONSISTENCY = "voice_consistency"
 PROSODY = "prosody"

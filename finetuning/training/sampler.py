@@ -1,7 +1,9 @@
 """Batch membership: speaker mixing, duration buckets under a padded-length budget, sharding, exact resume.
 
 ``DurationBatchSampler`` plans each epoch from (seed, epoch) alone, so every process computes the same plan and
-takes its own share, and a resumed run re-creates the plan and skips the batches already trained on:
+takes its own share. It also owns the data position: its ``state_dict`` (epoch, batches trained on in that epoch,
+seed) is saved with every training state (``accelerator.register_for_checkpointing``), so a resumed run re-creates
+the plan and skips the batches already trained on:
 
 1. **Mixing** — ``proportional``: every example once, shuffled. ``balanced``: every speaker contributes as many
    samples as the largest one (smaller speakers cycle through their shuffled examples), so each speaker is
@@ -30,8 +32,9 @@ class DurationBatchSampler:
     """Yields lists of example indices for one process. ``lengths[i]`` is example i's padded-cost length (talker
     positions) and ``speakers[i]`` its speaker index.
 
-    ``set_epoch(e)`` selects the epoch's plan; ``start_at(k)`` makes the next iteration begin at this process's
-    k-th batch of that epoch (resume). ``len()`` is this process's batch count for the current epoch.
+    ``set_epoch(e)`` selects the epoch's plan from its first batch; the loop calls ``batch_done()`` after each
+    batch it trained on (the dataloader fetches ahead, so yielding a batch does not mean training on it), and an
+    iteration begins after the batches done. ``len()`` is this process's batch count for the current epoch.
     """
 
     def __init__(
@@ -61,26 +64,25 @@ class DurationBatchSampler:
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        self.start_batch = 0
+        self.batches_done = 0  # this process's batches of the current epoch already trained on
         quantiles = np.linspace(0, 1, max(num_buckets, 1) + 1)[1:-1]
         self.bucket_edges = np.unique(np.quantile(self.lengths, quantiles)) if len(quantiles) else np.array([])
-        self.dropped_batches = 0  # batches cut to keep processes in step, last planned epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.start_batch = 0
+        self.batches_done = 0
 
-    def start_at(self, batch_index: int) -> None:
-        self.start_batch = batch_index
+    def batch_done(self) -> None:
+        self.batches_done += 1
 
-    def state_dict(self, batches_done: int) -> dict:
-        return {"epoch": self.epoch, "batches_done": batches_done, "seed": self.seed}
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``'s position. Raises ValueError when it comes from a run with another seed."""
         if state["seed"] != self.seed:
             raise ValueError(f"resuming with SEED={self.seed}, but the saved run used {state['seed']}")
-        self.set_epoch(state["epoch"])
-        self.start_at(state["batches_done"])
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
     def _epoch_order(self, rng: random.Random) -> list[int]:
         if self.mixing == "proportional":
@@ -120,13 +122,10 @@ class DurationBatchSampler:
     def _shard(self) -> list[list[int]]:
         batches = self.plan(self.epoch)
         usable = len(batches) - len(batches) % self.num_replicas
-        self.dropped_batches = len(batches) - usable
         return batches[self.rank : usable : self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        shard = self._shard()
-        start, self.start_batch = self.start_batch, 0
-        yield from shard[start:]
+        yield from self._shard()[self.batches_done :]
 
     def __len__(self) -> int:
         return len(self._shard())

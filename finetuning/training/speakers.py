@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 import numpy as np
 import torch
 
-SPEAKER_ENCODER_SAMPLE_RATE = 24_000
+from finetuning.constants import SAMPLE_RATE
+from finetuning.settings import Settings
+from finetuning.training.data import load_reference_audio, load_split
 
 
 def speaker_embedding(model, clips: list[np.ndarray]) -> torch.Tensor:
@@ -15,10 +19,22 @@ def speaker_embedding(model, clips: list[np.ndarray]) -> torch.Tensor:
     """
     if not clips:
         raise ValueError("a speaker embedding needs at least one reference clip")
-    vectors = [
-        model.extract_speaker_embedding(np.asarray(c, dtype=np.float32), SPEAKER_ENCODER_SAMPLE_RATE) for c in clips
-    ]
+    vectors = [model.extract_speaker_embedding(np.asarray(c, dtype=np.float32), SAMPLE_RATE) for c in clips]
     return torch.stack([v.float().cpu() for v in vectors]).mean(dim=0)
+
+
+def compute_speaker_embeddings(model, settings: Settings) -> torch.Tensor:
+    """(S, D) mean x-vectors in TRAIN_SPEAKERS order over each speaker's reference clips plus the first
+    SPEAKER_EMBEDDING_CLIPS training clips (read only when asked, streamed when DATA_STREAMING)."""
+    embeds = []
+    for speaker in settings.TRAIN_SPEAKERS:
+        clips = load_reference_audio(settings, speaker)
+        if settings.SPEAKER_EMBEDDING_CLIPS:
+            train = load_split(settings, speaker, "train", ["audio"], streaming=settings.DATA_STREAMING)
+            for row in islice(train or [], settings.SPEAKER_EMBEDDING_CLIPS):
+                clips.append(row["audio"]["array"])
+        embeds.append(speaker_embedding(model, clips))
+    return torch.stack(embeds)
 
 
 def freeze_speaker_encoder(model) -> None:

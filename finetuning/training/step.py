@@ -36,8 +36,6 @@ LAYOUTS = ("non_streaming", "streaming")
 IGNORE_INDEX = -100
 ROLE_TOKENS = 3  # "<|im_start|>", "assistant", "\n"
 SUFFIX_TOKENS = 5  # "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"
-CORRECT_LABEL_SHIFT = 1
-OFFICIAL_RECIPE_LABEL_SHIFT = 2  # what the official recipe effectively trains (upstream issue #179)
 
 
 def assistant_text(text: str) -> str:
@@ -159,12 +157,8 @@ def build_talker_inputs(
     speaker_embeds: torch.Tensor,
     language_ids: list[int | None],
     layout: str = "non_streaming",
-    label_shift: int = CORRECT_LABEL_SHIFT,
 ) -> TalkerInputs:
-    """Build a right-padded batch. ``speaker_embeds`` is (B, D), one row per utterance.
-
-    ``label_shift`` exists to reproduce the official recipe's alignment (2) in tests; training uses 1.
-    """
+    """Build a right-padded batch. ``speaker_embeds`` is (B, D), one row per utterance."""
     eos = model.config.talker_config.codec_eos_token_id
     sequences, labels, frame_batch, frame_position, frame_codes = [], [], [], [], []
     for b, (ids, code, spk, lang) in enumerate(zip(text_ids, codes, speaker_embeds, language_ids, strict=True)):
@@ -172,8 +166,8 @@ def build_talker_inputs(
         num_frames = code.shape[0]
         target = torch.full((embeds.shape[0],), IGNORE_INDEX, dtype=torch.long, device=code.device)
         first_codes = torch.cat([code[:, 0], code.new_tensor([eos])])  # (T + 1,)
-        start = prefill_len - 1 - (label_shift - CORRECT_LABEL_SHIFT)
-        target[start : start + num_frames + 1] = first_codes[: embeds.shape[0] - start]
+        # The last prefill position predicts frame 0's first code, frame j's position frame j+1's, the last EOS.
+        target[prefill_len - 1 :] = first_codes  # (T + 1,)
         sequences.append(embeds)
         labels.append(target)
         frame_batch.append(torch.full((num_frames,), b, dtype=torch.long))
@@ -268,7 +262,6 @@ class TalkerStep(torch.nn.Module):
         speaker_embeds: torch.Tensor,
         layout: str = "non_streaming",
         sub_talker_loss_weight: float = 0.3,
-        label_shift: int = CORRECT_LABEL_SHIFT,
         aux_losses: AuxiliaryLosses | None = None,
     ):
         super().__init__()
@@ -278,7 +271,6 @@ class TalkerStep(torch.nn.Module):
         self.register_buffer("speaker_embeds", speaker_embeds.float(), persistent=False)
         self.layout = layout
         self.sub_talker_loss_weight = sub_talker_loss_weight
-        self.label_shift = label_shift
         self.aux_losses = aux_losses
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, StepOutput]:
@@ -292,7 +284,6 @@ class TalkerStep(torch.nn.Module):
             speaker_embeds,
             [language_id_for(tcfg, lang) for lang in batch["language"]],
             layout=self.layout,
-            label_shift=self.label_shift,
         )
         out = talker_forward(self.model, inputs)
         loss = out.codec0_loss + self.sub_talker_loss_weight * out.sub_talker_loss

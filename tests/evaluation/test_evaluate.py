@@ -20,24 +20,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO_ROOT, make_settings
+from conftest import REPO_ROOT, make_settings, subprocess_env
 
-from finetuning.evaluation.runner import (
-    JSON_FILE,
-    MARKDOWN_FILE,
-    SAMPLE_RATE,
-    compare_checkpoints,
-    evaluate_checkpoint,
-    evaluate_model,
-    generate_speech,
-    load_model,
-    load_scorers,
-    load_targets,
-    log_report,
-    make_voice,
-    metric_catalogue,
-    render_markdown,
-)
+from finetuning.constants import SAMPLE_RATE
+from finetuning.evaluation.metrics import metric_catalogue
+from finetuning.evaluation.report import JSON_FILE, MARKDOWN_FILE, log_report, render_markdown, write_report
+from finetuning.evaluation.runner import compare_checkpoints, evaluate_checkpoint, evaluate_model
+from finetuning.evaluation.scorers import load_scorers
+from finetuning.evaluation.speech import generate_speech, load_model, make_voice
+from finetuning.evaluation.targets import load_targets
 
 SPEAKERS = ("english_speaker", "swahili_speaker")
 SECRET = "hf_secret_token_for_evaluation_tests"
@@ -76,13 +67,15 @@ def _settings(tmp_path, model_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
-    """(settings, exported custom-voice checkpoint) after a short fine-tune on 3 clips per speaker."""
+    """(settings, exported custom-voice checkpoint) after a short fine-tune on 3 clips per speaker, with generated
+    speech evaluated during training as ``finetune.py`` sets it up."""
+    from finetuning.evaluation.in_training import SpeechEvaluation
     from finetuning.preparation.prepare import prepare_dataset
     from finetuning.training.loop import train
 
     settings = _settings(tmp_path_factory.mktemp("evaluate"), tiny_model_dir, EVAL_GENERATE_STEPS=TRAIN_STEPS // 2)
     prepare_dataset(settings, max_samples=3, report=lambda _: None)
-    return settings, train(settings).export_dir
+    return settings, train(settings, on_export=SpeechEvaluation(settings)).export_dir
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +86,19 @@ def scorers(trained):
 @pytest.fixture(scope="module")
 def comparison(trained, scorers, tiny_model_dir, tmp_path_factory):
     settings, export = trained
-    return compare_checkpoints(export, tiny_model_dir, settings, scorers, output_dir=tmp_path_factory.mktemp("cmp"))
+    output_dir = tmp_path_factory.mktemp("cmp")
+    report = compare_checkpoints(export, tiny_model_dir, settings, scorers, output_dir=output_dir)
+    write_report(report, output_dir, settings)
+    return report
 
 
 @pytest.fixture(scope="module")
 def single(trained, scorers, tmp_path_factory):
     settings, export = trained
-    return evaluate_checkpoint(export, settings, scorers, step=TRAIN_STEPS, output_dir=tmp_path_factory.mktemp("one"))
+    output_dir = tmp_path_factory.mktemp("one")
+    report = evaluate_checkpoint(export, settings, scorers, step=TRAIN_STEPS, output_dir=output_dir)
+    write_report(report, output_dir, settings)
+    return report
 
 
 def test_report_structure_and_every_number_names_its_scorer(comparison):
@@ -321,15 +320,11 @@ def _env_file(settings, path):
 
 
 def test_cli_writes_the_report(trained, tmp_path):
-    from finetuning.settings import FIELDS
-
     settings, export = trained
     out = tmp_path / "cli"
-    env = {k: v for k, v in os.environ.items() if k not in FIELDS}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "finetuning/evaluate.py", "--checkpoint", str(export), "--output_dir", str(out)]
     command += ["--speaker", "english_speaker", "--env-file", str(_env_file(settings, tmp_path / "eval.env"))]
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert str(out / JSON_FILE) in done.stdout and "english_speaker=1" in done.stdout
     report = json.loads((out / JSON_FILE).read_text())

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES_DIR, VOICES_DIR
 
+from finetuning.constants import SAMPLE_RATE
 from finetuning.evaluation.metrics import (
     analyse_clip,
     cer,
@@ -25,10 +27,7 @@ from finetuning.evaluation.metrics import (
 from finetuning.evaluation.scorers import BackendUnavailable, load_asr_backend, load_speaker_backend
 from finetuning.preparation.audio import decode_audio, load_mono_24k
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-VOICES_DIR = REPO_ROOT / "voices"
-FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
-SR = 24_000
+SR = SAMPLE_RATE
 
 
 def voice_clip(speaker: str, number: int) -> np.ndarray:

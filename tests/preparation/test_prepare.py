@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from conftest import VOICES_DIR, make_settings, speechlike, write_wav
 
+from finetuning.constants import SAMPLES_PER_FRAME
 from finetuning.preparation import schema
-from finetuning.preparation.prepare import PreparationError, SpeechEncoder, assign_splits, prepare_dataset
+from finetuning.preparation.encoder import SpeechEncoder
+from finetuning.preparation.prepare import PreparationError, assign_splits, prepare_dataset
 from finetuning.settings import BUNDLED_SPEAKERS
-from finetuning.tiny_model import SAMPLES_PER_FRAME
 
 
 def copy_voices(tmp_path):

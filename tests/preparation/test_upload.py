@@ -8,7 +8,8 @@ import pytest
 from conftest import VOICES_DIR, make_settings
 
 from finetuning.preparation import schema
-from finetuning.preparation.prepare import SpeechEncoder, prepare_dataset
+from finetuning.preparation.encoder import SpeechEncoder
+from finetuning.preparation.prepare import prepare_dataset
 from finetuning.preparation.upload import FolderRemote, sync_dataset
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VOICES_DIR, make_settings, speechlike
 
+from finetuning.constants import SAMPLE_RATE
 from finetuning.training.losses import (
     AUX_LOSS_NAMES,
     MEL_RECONSTRUCTION,
@@ -25,8 +26,6 @@ from finetuning.training.losses import (
     load_codec_decoder,
 )
 from finetuning.training.step import TalkerStep, assistant_text, build_talker_inputs, talker_forward
-
-SAMPLE_RATE = 24_000
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +278,7 @@ def test_crops_are_contiguous_frames_of_one_utterance_and_seeded(loaded):
 
 
 def test_talker_step_total_adds_weighted_components(loaded, tiny_model_dir, tmp_path):
-    from finetuning.training.loop import make_optimizer
+    from finetuning.training.optim import make_optimizer
 
     model = loaded.model
     settings = make_settings(

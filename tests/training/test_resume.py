@@ -1,7 +1,6 @@
 """Resume after a hard kill, keep-last-N states, and two processes under ``accelerate launch``."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -10,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOICES_DIR
+from conftest import REPO_ROOT, VOICES_DIR, subprocess_env
 
 FINETUNE = str(REPO_ROOT / "finetuning" / "finetune.py")
 STEPS = 40
@@ -58,12 +57,6 @@ def _env_file(root, model_dir, name, **extra):
     return path
 
 
-def _env():
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    return env
-
-
 def _weights(export_dir):
     from safetensors.torch import load_file
 
@@ -80,7 +73,7 @@ def test_hard_killed_run_resumes_to_the_same_weights(prepared):
         [sys.executable, FINETUNE, "--env-file", str(_env_file(root, model_dir, "straight"))],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=subprocess_env(),
         timeout=600,
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -91,7 +84,7 @@ def test_hard_killed_run_resumes_to_the_same_weights(prepared):
         [sys.executable, FINETUNE, "--env-file", str(env_file)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=_env(),
+        env=subprocess_env(),
     )
     marker = root / "killed" / "states" / f"step-{2 * SAVE_STEPS:08d}" / "progress.done"
     deadline = time.monotonic() + 600
@@ -104,7 +97,11 @@ def test_hard_killed_run_resumes_to_the_same_weights(prepared):
     assert len(_states(root / "killed")) <= 2
 
     resumed = subprocess.run(
-        [sys.executable, FINETUNE, "--env-file", str(env_file)], capture_output=True, text=True, env=_env(), timeout=600
+        [sys.executable, FINETUNE, "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
@@ -124,7 +121,7 @@ def test_sigterm_saves_a_state_and_exits_cleanly(prepared):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=subprocess_env(),
     )
     metrics = root / "terminated" / "metrics.jsonl"
     deadline = time.monotonic() + 600
@@ -141,7 +138,11 @@ def test_bad_resume_path_is_a_clear_error(prepared):
     root, model_dir = prepared
     env_file = _env_file(root, model_dir, "bad_resume", RESUME_FROM=str(root / "no_such_state"))
     proc = subprocess.run(
-        [sys.executable, FINETUNE, "--env-file", str(env_file)], capture_output=True, text=True, env=_env(), timeout=600
+        [sys.executable, FINETUNE, "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
     )
     assert proc.returncode == 1 and "RESUME_FROM" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -168,7 +169,7 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
         "--env-file",
         str(env_file),
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900, cwd=REPO_ROOT)
+    proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     logs = [
         [json.loads(line) for line in (root / "ddp" / f"samples_rank{r}.jsonl").read_text().splitlines()]

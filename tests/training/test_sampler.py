@@ -127,13 +127,15 @@ def test_state_resumes_mid_epoch_exactly(bundled):
     first = _sampler(lengths, speakers)
     first.set_epoch(2)
     done = []
-    for batch in first:
+    for batch in first:  # the loop marks each batch it trained on; the sampler's state is its position
         done.append(batch)
+        first.batch_done()
         if len(done) == 3:
-            state = first.state_dict(batches_done=len(done))
+            state = first.state_dict()
             break
     resumed = _sampler(lengths, speakers)
     resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.batches_done) == (2, 3)
     assert done + list(resumed) == uninterrupted
     with pytest.raises(ValueError, match="SEED"):
         _sampler(lengths, speakers, seed=9).load_state_dict(state)

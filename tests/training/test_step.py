@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import VOICES_DIR
+from conftest import VOICES_DIR, shift_labels_once_more
 
 from finetuning.training.step import (
     IGNORE_INDEX,
-    OFFICIAL_RECIPE_LABEL_SHIFT,
     TalkerStep,
     assistant_text,
     build_sequence,
@@ -121,9 +120,7 @@ def test_labels_are_codes_shifted_once_and_sub_talker_reads_the_predicting_posit
             # The hidden state that predicts code_j0 is where labels == code_j0: the sub-talker reads exactly there.
             assert labels[positions].tolist() == code[:, 0].tolist()
 
-        shifted = build_talker_inputs(
-            model, text_ids, codes, spk, [None, 2050], label_shift=OFFICIAL_RECIPE_LABEL_SHIFT
-        )
+        shifted = shift_labels_once_more(inputs)
         for built in (inputs, shifted):  # the host-side count the loss averages by equals the real targets
             assert built.num_labels == int((built.labels != IGNORE_INDEX).sum())
         # The official recipe's double shift: each position learns the code one frame further ahead.
@@ -176,7 +173,7 @@ def test_sub_talker_logits_match_the_code_predictor_at_generation(loaded):
 
 
 def test_speaker_embedding_is_the_mean_over_clips_and_encoder_gets_no_gradient(loaded):
-    from finetuning.training.loop import make_optimizer
+    from finetuning.training.optim import make_optimizer
     from finetuning.training.speakers import freeze_speaker_encoder, speaker_embedding
 
     model, tokenizer = loaded["equal"]

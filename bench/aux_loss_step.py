@@ -2,7 +2,7 @@
 
     uv run python bench/aux_loss_step.py
 
-One step = TalkerStep forward + backward + AdamW step (the optimizer ``finetuning.train`` builds), on a batch of
+One step = TalkerStep forward + backward + AdamW step (``finetuning.training.optim``'s optimizer), on a batch of
 four bundled-voice utterances (two per speaker) whose codes come from the tiny speech tokenizer. The step is
 timed without auxiliary losses and with them at the default crop (AUX_CROP_FRAMES) for several cadences
 (AUX_LOSS_EVERY_N_STEPS). The configurations take turns in blocks of whole cadence periods and each reports
@@ -29,12 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetuning.losses import build_auxiliary_losses  # noqa: E402
 from finetuning.settings import FIELDS, load_settings  # noqa: E402
-from finetuning.speakers import freeze_speaker_encoder, speaker_embedding  # noqa: E402
-from finetuning.step import TalkerStep, assistant_text  # noqa: E402
 from finetuning.tiny_model import build_tiny_model  # noqa: E402
-from finetuning.train import make_optimizer  # noqa: E402
+from finetuning.training.losses import build_auxiliary_losses  # noqa: E402
+from finetuning.training.optim import make_optimizer  # noqa: E402
+from finetuning.training.speakers import freeze_speaker_encoder, speaker_embedding  # noqa: E402
+from finetuning.training.step import TalkerStep, assistant_text  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEAKERS = ("english_speaker", "swahili_speaker")

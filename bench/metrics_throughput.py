@@ -20,18 +20,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetuning.audio import load_mono_24k  # noqa: E402
-from finetuning.metrics import (  # noqa: E402
+from finetuning.constants import SAMPLE_RATE  # noqa: E402
+from finetuning.evaluation.metrics import (  # noqa: E402
     analyse_clip,
     perplexity,
     pronunciation_score,
     prosody_difference,
     tone_similarity,
 )
-from finetuning.scorers import BackendUnavailable, load_asr_backend, load_speaker_backend  # noqa: E402
+from finetuning.evaluation.scorers import BackendUnavailable, load_asr_backend, load_speaker_backend  # noqa: E402
+from finetuning.preparation.audio import load_mono_24k  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_RATE = 24_000
 CODEC_VOCAB = 3072  # talker codec-0 vocabulary size of the released 12 Hz models
 PERPLEXITY_SHAPE = (8, 250)  # batch x frames (20 s at 12.5 Hz)
 

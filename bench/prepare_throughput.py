@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetuning.prepare import SpeechEncoder, prepare_dataset  # noqa: E402
+from finetuning.preparation.encoder import SpeechEncoder  # noqa: E402
+from finetuning.preparation.prepare import prepare_dataset  # noqa: E402
 from finetuning.settings import load_settings  # noqa: E402
 from finetuning.tiny_model import build_tiny_model  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     uv run python bench/train_throughput.py [--steps 60]
 
-Both runs use the real loop (``finetuning.train.train``) on the same prepared data, in this process, on the CPU
+Both runs use the real loop (``finetuning.training.loop.train``) on the same prepared data, in this process, on the CPU
 (or the GPU when one is present and DEVICE allows it). Figures come from the loop's own throughput logging over
 the timed steps (the first logging window, which includes warm-up, is left out): samples/s, audio seconds per
 second, optimizer steps/s, padding fraction, plus the process's peak RSS. Report them as ratios between the two
@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetuning.prepare import prepare_dataset  # noqa: E402
+from finetuning.preparation.prepare import prepare_dataset  # noqa: E402
 from finetuning.settings import load_settings  # noqa: E402
 from finetuning.tiny_model import build_tiny_model  # noqa: E402
-from finetuning.train import train  # noqa: E402
+from finetuning.training.loop import train  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_EVERY = 10

@@ -18,9 +18,9 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 
-from finetuning.prepare import PreparationError, prepare_dataset  # noqa: E402
+from finetuning.preparation.prepare import PreparationError, prepare_dataset  # noqa: E402
+from finetuning.preparation.upload import HubRemote, sync_dataset  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
-from finetuning.upload import HubRemote, sync_dataset  # noqa: E402
 
 ALL_SPEAKERS = ("all", "both")
 

@@ -20,12 +20,12 @@ import logging  # noqa: E402
 
 import soundfile as sf  # noqa: E402
 
-from finetuning.data import load_split  # noqa: E402
-from finetuning.generate import load_checkpoint, synthesize  # noqa: E402
-from finetuning.prepare import prepare_dataset  # noqa: E402
+from finetuning.evaluation.speech import load_checkpoint, synthesize  # noqa: E402
+from finetuning.preparation.prepare import prepare_dataset  # noqa: E402
 from finetuning.settings import BUNDLED_SPEAKERS, load_settings  # noqa: E402
 from finetuning.tiny_model import build_tiny_model  # noqa: E402
-from finetuning.train import train  # noqa: E402
+from finetuning.training.data import load_split  # noqa: E402
+from finetuning.training.loop import train  # noqa: E402
 
 DEMO_STEPS = 400
 

@@ -3,7 +3,7 @@
 
 The checkpoint speaks each speaker's held-out texts (seeded sampling, at most EVAL_MAX_SECONDS each); the clips
 are scored for perplexity, speaker similarity, pronunciation, tone and prosody against the speaker's real audio
-(see ``finetuning/evaluation.py``). ``--compare`` evaluates a second model on the same texts, seeds and scorers,
+(see ``finetuning/evaluation/runner.py``). ``--compare`` evaluates a second model on the same texts, seeds and scorers,
 e.g. the Base model as a zero-shot clone, and reports both side by side with the difference. Writes
 ``evaluation.json``, ``evaluation.md`` and the generated clips to ``--output_dir`` (default OUTPUT_DIR/evaluation).
 Exit codes: 0 done, 1 data or model error, 2 bad settings.
@@ -21,16 +21,11 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from finetuning.data import DataError  # noqa: E402
-from finetuning.evaluation import (  # noqa: E402
-    JSON_FILE,
-    MARKDOWN_FILE,
-    EvaluationError,
-    compare_checkpoints,
-    default_output_dir,
-    evaluate_checkpoint,
-)
+from finetuning.evaluation.report import JSON_FILE, MARKDOWN_FILE, write_report  # noqa: E402
+from finetuning.evaluation.runner import compare_checkpoints, default_output_dir, evaluate_checkpoint  # noqa: E402
+from finetuning.evaluation.speech import EvaluationError  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
+from finetuning.training.data import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluationError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    write_report(report, output_dir, settings)
     print(f"report: {output_dir / JSON_FILE}")
     print(f"        {output_dir / MARKDOWN_FILE}")
     counts = {speaker: len(section["utterances"]) for speaker, section in evaluated["speakers"].items()}

@@ -2,7 +2,8 @@
 
 Settings come from ``.env`` (see ``.env.training.example``); flags override them for one run. The run writes
 ``OUTPUT_DIR/metrics.jsonl`` and exports a custom-voice checkpoint to EXPORT_DIR (default ``OUTPUT_DIR/model``)
-that stock ``qwen_tts.Qwen3TTSModel.from_pretrained`` loads, every trained speaker selectable by name.
+that stock ``qwen_tts.Qwen3TTSModel.from_pretrained`` loads, every trained speaker selectable by name. With
+EVAL_GENERATE_STEPS, generated speech is evaluated during training (``finetuning.evaluation.in_training``).
 Exit codes: 0 done, 1 data or training error, 2 bad settings, 130 stopped by a signal (state saved).
 """
 
@@ -18,11 +19,13 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from finetuning.checkpointing import ResumeError  # noqa: E402
-from finetuning.data import DataError  # noqa: E402
-from finetuning.export import ExportError  # noqa: E402
+from finetuning.evaluation.in_training import SpeechEvaluation  # noqa: E402
+from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
-from finetuning.train import TrainingError, train  # noqa: E402
+from finetuning.training.checkpointing import ResumeError  # noqa: E402
+from finetuning.training.data import DataError  # noqa: E402
+from finetuning.training.export import ExportError  # noqa: E402
+from finetuning.training.loop import TrainingError, train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
     try:
-        result = train(settings)
-    except (DataError, TrainingError, ResumeError, ExportError) as error:
+        result = train(settings, on_export=speech_evaluation)
+    except (DataError, TrainingError, ResumeError, ExportError, ModelUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.interrupted:

@@ -15,58 +15,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 
-import numpy as np  # noqa: E402
-
-from finetuning.export import read_info  # noqa: E402
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def load_checkpoint(checkpoint: str | Path, device: str = "auto"):
-    """The exported model through the stock API (``Qwen3TTSModel``) on ``device``."""
-    import qwen_tts
-
-    return qwen_tts.Qwen3TTSModel.from_pretrained(str(checkpoint), device_map=resolve_device(device))
-
-
-def synthesize(
-    model,
-    speaker: str,
-    text: str,
-    language: str | None = None,
-    greedy: bool = False,
-    max_new_tokens: int | None = None,
-    non_streaming: bool | None = None,
-) -> tuple[np.ndarray, int]:
-    """(waveform float32, sample_rate) for ``text`` in ``speaker``'s voice.
-
-    ``language`` None means the speaker's training language from the checkpoint (``finetune_info.json``), "auto"
-    where the model has no id for it. ``non_streaming`` None means the layout the checkpoint was trained with.
-    Raises ValueError for a speaker the checkpoint does not have (listing the ones it has).
-    """
-    supported = model.get_supported_speakers() or []
-    if speaker.lower() not in [s.lower() for s in supported]:
-        raise ValueError(f"speaker {speaker!r} is not in this checkpoint; choose one of {sorted(supported)}")
-    info = read_info(model.model.name_or_path)
-    if language is None:
-        language = info.get("speakers", {}).get(speaker, {}).get("language", "auto")
-        if language.lower() not in model.model.config.talker_config.codec_language_id:
-            language = "auto"
-    if non_streaming is None:
-        non_streaming = info.get("training_layout", "non_streaming") == "non_streaming"
-    kwargs = {"do_sample": False, "subtalker_dosample": False} if greedy else {}
-    if max_new_tokens is not None:
-        kwargs["max_new_tokens"] = max_new_tokens
-    wavs, sample_rate = model.generate_custom_voice(
-        text=text, speaker=speaker, language=language, non_streaming_mode=non_streaming, **kwargs
-    )
-    return np.asarray(wavs[0], dtype=np.float32), sample_rate
+from finetuning.evaluation.speech import load_checkpoint, synthesize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

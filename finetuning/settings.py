@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,19 +37,54 @@ class SettingsError(ValueError):
     """A setting has a value that is not allowed; the message names the key, the value and what is allowed."""
 
 
-def _setting(default: Any, unit: str, help: str, choices: tuple[str, ...] | None = None, secret: bool = False):
-    return field(
-        default=default,
-        repr=not secret,
-        metadata={"unit": unit, "help": help, "choices": choices, "secret": secret},
-    )
+BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def _setting(default: Any, unit: str, help: str, choices=None, secret=False, check=None, **bounds: float):
+    """A field with its default, unit and one-line help, and the values it allows, enforced by ``validate``:
+    ``choices``, ``bounds`` (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <; lower bound first) and ``check(key, value)``,
+    which raises SettingsError."""
+    if not set(bounds) <= set(BOUNDS):
+        raise TypeError(f"unknown bounds {sorted(set(bounds) - set(BOUNDS))}; use {', '.join(BOUNDS)}")
+    metadata = {"unit": unit, "help": help, "choices": choices, "secret": secret, "check": check, "bounds": bounds}
+    return field(default=default, repr=not secret, metadata=metadata)
+
+
+def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise SettingsError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _check_speakers(key: str, names: tuple[str, ...]) -> None:
+    _require(len(names) > 0, key, ",".join(names), "at least one speaker name")
+    names_rule = "lower-case names of letters, digits, '_' or '-' (each becomes a dataset config and a speaker id)"
+    for name in names:
+        _require(name.replace("_", "").replace("-", "").isalnum() and name == name.lower(), key, name, names_rule)
+    _require(len(set(names)) == len(names), key, names, "distinct names")
+
+
+def _check_device(key: str, device: str) -> None:
+    cuda_n = device.startswith("cuda:") and device[5:].isdigit()
+    _require(device in ("auto", "cpu", "cuda") or cuda_n, key, device, "auto, cpu, cuda or cuda:N")
+
+
+def _check_repo_id(key: str, repo: str) -> None:
+    _require(not repo or (repo.count("/") == 1 and all(repo.split("/"))), key, repo, "a Hub repo id: owner/name")
+
+
+def _check_trackers(key: str, names: tuple[str, ...]) -> None:
+    known = all(t in ("tensorboard", "wandb", "none") for t in names) and ("none" not in names or len(names) == 1)
+    _require(known, key, ",".join(names), "tensorboard and/or wandb, or none alone")
 
 
 @dataclass(frozen=True)
 class Settings:
     # --- data --------------------------------------------------------------------------------------------
     TRAIN_SPEAKERS: tuple[str, ...] = _setting(
-        BUNDLED_SPEAKERS, "comma-separated names", "speakers to prepare and train; each is one dataset config"
+        BUNDLED_SPEAKERS,
+        "comma-separated names",
+        "speakers to prepare and train; each is one dataset config",
+        check=_check_speakers,
     )
     VOICES_DIR: str = _setting(
         "voices", "path", "folder with <speaker>.wav reference clips and <speaker>/metadata.jsonl corpora"
@@ -58,35 +94,38 @@ class Settings:
         "",
         "Hub repo id",
         "dataset repo to upload to / train from, e.g. user/qwen3-tts-voices; empty = local only",
+        check=_check_repo_id,
     )
     HF_DATASET_PRIVATE: bool = _setting(True, "bool", "create the Hub dataset repo as private")
     HF_TOKEN: str = _setting("", "secret", "Hugging Face token for upload and private repos", secret=True)
     VALIDATION_FRACTION: float = _setting(
-        0.1, "fraction", "share of each speaker's clips held out for validation when no split is given"
+        0.1, "fraction", "share of each speaker's clips held out for validation when no split is given", ge=0, lt=1
     )
     SPEAKERS_MANIFEST: str = _setting(
         "", "path", "optional JSON naming each speaker's source, format, language and reference clips"
     )
-    TEST_FRACTION: float = _setting(0.0, "fraction", "share of each speaker's clips held out as a test split")
-    MIN_DURATION_S: float = _setting(0.5, "seconds", "clips shorter than this are rejected")
+    TEST_FRACTION: float = _setting(
+        0.0, "fraction", "share of each speaker's clips held out as a test split", ge=0, lt=1
+    )
+    MIN_DURATION_S: float = _setting(0.5, "seconds", "clips shorter than this are rejected", gt=0)
     MAX_DURATION_S: float = _setting(20.0, "seconds", "clips longer than this are rejected")
     MAX_SILENCE_FRACTION: float = _setting(
-        0.7, "fraction", "clips whose share of silence (40 dB below their peak) exceeds this are rejected"
+        0.7, "fraction", "clips whose share of silence (40 dB below their peak) exceeds this are rejected", gt=0, le=1
     )
     MAX_CLIPPED_FRACTION: float = _setting(
-        0.001, "fraction", "clips with more samples at full scale than this share are rejected"
+        0.001, "fraction", "clips with more samples at full scale than this share are rejected", ge=0, le=1
     )
-    MIN_RMS_DBFS: float = _setting(-45.0, "dBFS", "clips quieter than this RMS level are rejected")
+    MIN_RMS_DBFS: float = _setting(-45.0, "dBFS", "clips quieter than this RMS level are rejected", lt=0)
     MIN_CHARS_PER_S: float = _setting(
-        1.0, "chars/second", "transcripts slower than this (non-space characters per second) are rejected"
+        1.0, "chars/second", "transcripts slower than this (non-space characters per second) are rejected", ge=0
     )
     MAX_CHARS_PER_S: float = _setting(
         35.0, "chars/second", "transcripts faster than this (non-space characters per second) are rejected"
     )
     NORMALIZE_LOUDNESS: bool = _setting(False, "bool", "scale every kept clip to TARGET_LOUDNESS_DBFS")
-    TARGET_LOUDNESS_DBFS: float = _setting(-23.0, "dBFS", "RMS level of kept clips when NORMALIZE_LOUDNESS")
-    ENCODE_BATCH_SIZE: int = _setting(8, "clips", "clips per speech-tokenizer batch during preparation")
-    MAX_SHARD_SIZE_MB: float = _setting(256.0, "MB", "upper bound of one parquet shard of the dataset")
+    TARGET_LOUDNESS_DBFS: float = _setting(-23.0, "dBFS", "RMS level of kept clips when NORMALIZE_LOUDNESS", lt=0)
+    ENCODE_BATCH_SIZE: int = _setting(8, "clips", "clips per speech-tokenizer batch during preparation", ge=1)
+    MAX_SHARD_SIZE_MB: float = _setting(256.0, "MB", "upper bound of one parquet shard of the dataset", gt=0)
     # --- model -------------------------------------------------------------------------------------------
     INIT_MODEL_PATH: str = _setting(
         "Qwen/Qwen3-TTS-12Hz-1.7B-Base", "Hub id or path", "Base model to fine-tune (12 Hz, 0.6B or 1.7B)"
@@ -98,13 +137,14 @@ class Settings:
         "auto",
         "device",
         "device for data preparation and evaluation (cpu also forces training onto the CPU): auto, cpu, cuda, cuda:N",
+        check=_check_device,
     )
     # --- training ----------------------------------------------------------------------------------------
     OUTPUT_DIR: str = _setting("outputs/run", "path", "where checkpoints, logs and the exported model go")
-    BATCH_SIZE: int = _setting(2, "utterances", "per-device batch size when MAX_BATCH_TOKENS is 0")
-    LEARNING_RATE: float = _setting(2e-5, "1/step", "AdamW peak learning rate")
-    NUM_EPOCHS: int = _setting(3, "epochs", "passes over the training data")
-    GRADIENT_ACCUMULATION_STEPS: int = _setting(4, "micro-batches", "micro-batches per optimizer step")
+    BATCH_SIZE: int = _setting(2, "utterances", "per-device batch size when MAX_BATCH_TOKENS is 0", ge=1)
+    LEARNING_RATE: float = _setting(2e-5, "1/step", "AdamW peak learning rate", gt=0)
+    NUM_EPOCHS: int = _setting(3, "epochs", "passes over the training data", ge=1)
+    GRADIENT_ACCUMULATION_STEPS: int = _setting(4, "micro-batches", "micro-batches per optimizer step", ge=1)
     MIXED_PRECISION: str = _setting("bf16", "mode", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
     SEED: int = _setting(42, "int", "seed for splits, sampling and initialisation")
     TRAINING_LAYOUT: str = _setting(
@@ -114,18 +154,20 @@ class Settings:
         "streaming = generate(non_streaming_mode=False)",
         choices=("non_streaming", "streaming"),
     )
-    SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss")
-    WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay")
-    WARMUP_STEPS: int = _setting(10, "optimizer steps", "linear learning-rate warmup")
+    SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss", ge=0)
+    WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay", ge=0)
+    WARMUP_STEPS: int = _setting(10, "optimizer steps", "linear learning-rate warmup", ge=0)
     LR_SCHEDULE: str = _setting("cosine", "name", "decay after warmup", choices=("cosine", "linear", "constant"))
-    MAX_GRAD_NORM: float = _setting(1.0, "norm", "gradient clipping threshold; 0 disables clipping")
-    MAX_STEPS: int = _setting(0, "optimizer steps", "stop after this many optimizer steps; 0 = NUM_EPOCHS decides")
-    LOGGING_STEPS: int = _setting(10, "optimizer steps", "log the training loss every this many steps")
+    MAX_GRAD_NORM: float = _setting(1.0, "norm", "gradient clipping threshold; 0 disables clipping", ge=0)
+    MAX_STEPS: int = _setting(
+        0, "optimizer steps", "stop after this many optimizer steps; 0 = NUM_EPOCHS decides", ge=0
+    )
+    LOGGING_STEPS: int = _setting(10, "optimizer steps", "log the training loss every this many steps", ge=1)
     EVAL_STEPS: int = _setting(
-        100, "optimizer steps", "validation loss every this many steps (and at the end); 0 = only at the end"
+        100, "optimizer steps", "validation loss every this many steps (and at the end); 0 = only at the end", ge=0
     )
     SPEAKER_EMBEDDING_CLIPS: int = _setting(
-        0, "clips", "training clips averaged into each speaker embedding besides the reference clips"
+        0, "clips", "training clips averaged into each speaker embedding besides the reference clips", ge=0
     )
     EXPORT_DIR: str = _setting("", "path", "where the custom_voice checkpoint is written; empty = OUTPUT_DIR/model")
     # --- data loading, resume, tracking --------------------------------------------------------------------
@@ -133,8 +175,9 @@ class Settings:
         4096,
         "talker positions",
         "duration batching: padded positions (batch size x longest sequence) per batch; 0 = BATCH_SIZE batches",
+        ge=0,
     )
-    NUM_BUCKETS: int = _setting(5, "buckets", "length buckets for duration batching")
+    NUM_BUCKETS: int = _setting(5, "buckets", "length buckets for duration batching", ge=1)
     SPEAKER_MIXING: str = _setting(
         "balanced",
         "mode",
@@ -144,12 +187,16 @@ class Settings:
     DATA_STREAMING: bool = _setting(
         False, "bool", "stream the configs (reads text and codes only, never caches the audio column)"
     )
-    DATALOADER_WORKERS: int = _setting(2, "processes", "dataloader worker processes; 0 = load in the main process")
-    SAVE_STEPS: int = _setting(500, "optimizer steps", "save a resumable training state every this many steps; 0 = off")
-    SAVE_TOTAL_LIMIT: int = _setting(2, "states", "keep only the newest N saved training states")
+    DATALOADER_WORKERS: int = _setting(
+        2, "processes", "dataloader worker processes; 0 = load in the main process", ge=0
+    )
+    SAVE_STEPS: int = _setting(
+        500, "optimizer steps", "save a resumable training state every this many steps; 0 = off", ge=0
+    )
+    SAVE_TOTAL_LIMIT: int = _setting(2, "states", "keep only the newest N saved training states", ge=1)
     RESUME_FROM: str = _setting("", "latest or path", "resume from OUTPUT_DIR's latest state or a state folder")
     REPORT_TO: tuple[str, ...] = _setting(
-        ("tensorboard",), "comma-separated names", "trackers: tensorboard, wandb, or none"
+        ("tensorboard",), "comma-separated names", "trackers: tensorboard, wandb, or none", check=_check_trackers
     )
     WANDB_MODE: str = _setting(
         "offline", "mode", "W&B mode when REPORT_TO has wandb; offline needs no network", choices=("offline", "online")
@@ -161,14 +208,14 @@ class Settings:
     USE_AUXILIARY_LOSSES: bool = _setting(
         False, "bool", "add the mel / voice / prosody losses through the frozen speech-tokenizer decoder"
     )
-    MEL_RECONSTRUCTION_WEIGHT: float = _setting(0.05, "weight", "multi-resolution log-mel loss; 0 = off")
-    VOICE_CONSISTENCY_WEIGHT: float = _setting(0.05, "weight", "1 - cosine to the speaker embedding; 0 = off")
-    PROSODY_WEIGHT: float = _setting(0.05, "weight", "energy and pitch-feature contour loss; 0 = off")
+    MEL_RECONSTRUCTION_WEIGHT: float = _setting(0.05, "weight", "multi-resolution log-mel loss; 0 = off", ge=0)
+    VOICE_CONSISTENCY_WEIGHT: float = _setting(0.05, "weight", "1 - cosine to the speaker embedding; 0 = off", ge=0)
+    PROSODY_WEIGHT: float = _setting(0.05, "weight", "energy and pitch-feature contour loss; 0 = off", ge=0)
     AUX_LOSS_EVERY_N_STEPS: int = _setting(
-        16, "micro-batches", "compute the auxiliary losses every N micro-batches (they decode audio: costly)"
+        16, "micro-batches", "compute the auxiliary losses every N micro-batches (they decode audio: costly)", ge=1
     )
     AUX_CROP_FRAMES: int = _setting(
-        16, "frames", "length of the random crop decoded for the auxiliary losses (12.5 frames per second)"
+        16, "frames", "length of the random crop decoded for the auxiliary losses (12.5 frames per second)", ge=2
     )
     # --- evaluation ----------------------------------------------------------------------------------------
     SPEAKER_SIM_BACKEND: str = _setting(
@@ -191,16 +238,12 @@ class Settings:
         False, "bool", "let evaluation scorers download weights; off = local folders and the HF cache only"
     )
     EVAL_MAX_UTTERANCES: int = _setting(
-        8, "utterances", "validation utterances per speaker that evaluation generates and scores"
+        8, "utterances", "validation utterances per speaker that evaluation generates and scores", ge=1
     )
-    EVAL_MAX_SECONDS: float = _setting(20.0, "seconds", "cap on the length of each generated utterance")
+    EVAL_MAX_SECONDS: float = _setting(20.0, "seconds", "cap on the length of each generated utterance", gt=0)
     EVAL_GENERATE_STEPS: int = _setting(
-        0, "optimizer steps", "generate and score speech during training every this many steps; 0 = never"
+        0, "optimizer steps", "generate and score speech during training every this many steps; 0 = never", ge=0
     )
-
-    @property
-    def speakers(self) -> tuple[str, ...]:
-        return self.TRAIN_SPEAKERS
 
     @property
     def export_dir(self) -> Path:
@@ -234,133 +277,53 @@ def _parse_bool(key: str, raw: str) -> bool:
 
 
 def _parse_value(key: str, raw: Any) -> Any:
-    f = FIELDS[key]
+    """A value from the file, the environment or a flag (a string) as the field's type; other values as given."""
+    kind = type(FIELDS[key].default)
     if not isinstance(raw, str):
         return raw
-    kind = type(f.default)
     text = raw.strip()
     if kind is bool:
         return _parse_bool(key, text)
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise SettingsError(f"{key}={raw!r} is not an integer") from None
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise SettingsError(f"{key}={raw!r} is not a number") from None
     if kind is tuple:
         return tuple(part.strip() for part in text.split(",") if part.strip())
-    return text
+    try:
+        return kind(text)  # str, int or float
+    except ValueError:
+        raise SettingsError(f"{key}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
-def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
-    if not condition:
-        raise SettingsError(f"{key}={value!r} is not allowed: {allowed}")
+def _allowed_range(f: dataclasses.Field) -> str:
+    """What a bounded field allows, e.g. "an integer >= 1 (utterances: ...)" or "0 <= x < 1 (fraction: ...)"."""
+    bounds = [(BOUNDS[k][1], value) for k, value in f.metadata["bounds"].items()]
+    if len(bounds) == 2:  # lower bound first: (">=", 0), ("<", 1) -> "0 <= x < 1"
+        (low, low_value), (high, high_value) = bounds
+        text = f"{low_value} {low.replace('>', '<')} x {high} {high_value}"
+    else:
+        text = f"{bounds[0][0]} {bounds[0][1]}"
+    integer = "an integer " if type(f.default) is int else ""
+    return f"{integer}{text} ({f.metadata['unit']}: {f.metadata['help']})"
 
 
 def validate(settings: Settings) -> None:
-    """Check every field and the cross-field rules; raise SettingsError naming the first bad key."""
+    """Check every field's choices, bounds and check, then the rules that span several fields; raise SettingsError
+    naming the first bad key, its value and what is allowed."""
     for name, f in FIELDS.items():
-        choices = f.metadata["choices"]
+        value, choices, bounds, check = (
+            getattr(settings, name),
+            *(f.metadata[k] for k in ("choices", "bounds", "check")),
+        )
         if choices is not None:
-            value = getattr(settings, name)
             _require(value in choices, name, value, f"one of {', '.join(choices)}")
+        if bounds:
+            _require(all(BOUNDS[k][0](value, limit) for k, limit in bounds.items()), name, value, _allowed_range(f))
+        if check is not None:
+            check(name, value)
     s = settings
-    _require(len(s.TRAIN_SPEAKERS) > 0, "TRAIN_SPEAKERS", ",".join(s.TRAIN_SPEAKERS), "at least one speaker name")
-    for name in s.TRAIN_SPEAKERS:
-        _require(
-            name.replace("_", "").replace("-", "").isalnum() and name == name.lower(),
-            "TRAIN_SPEAKERS",
-            name,
-            "lower-case names of letters, digits, '_' or '-' (each becomes a dataset config and a speaker id)",
-        )
-    _require(
-        len(set(s.TRAIN_SPEAKERS)) == len(s.TRAIN_SPEAKERS),
-        "TRAIN_SPEAKERS",
-        s.TRAIN_SPEAKERS,
-        "distinct names",
-    )
-    _require(0.0 <= s.VALIDATION_FRACTION < 1.0, "VALIDATION_FRACTION", s.VALIDATION_FRACTION, "0 <= x < 1")
-    _require(0.0 <= s.TEST_FRACTION < 1.0, "TEST_FRACTION", s.TEST_FRACTION, "0 <= x < 1")
-    _require(
-        s.VALIDATION_FRACTION + s.TEST_FRACTION < 1.0,
-        "TEST_FRACTION",
-        s.TEST_FRACTION,
-        f"VALIDATION_FRACTION + TEST_FRACTION < 1 (VALIDATION_FRACTION is {s.VALIDATION_FRACTION})",
-    )
-    _require(0.0 < s.MAX_SILENCE_FRACTION <= 1.0, "MAX_SILENCE_FRACTION", s.MAX_SILENCE_FRACTION, "0 < x <= 1")
-    _require(0.0 <= s.MAX_CLIPPED_FRACTION <= 1.0, "MAX_CLIPPED_FRACTION", s.MAX_CLIPPED_FRACTION, "0 <= x <= 1")
-    _require(s.MIN_RMS_DBFS < 0, "MIN_RMS_DBFS", s.MIN_RMS_DBFS, "a level below 0 dBFS")
-    _require(s.TARGET_LOUDNESS_DBFS < 0, "TARGET_LOUDNESS_DBFS", s.TARGET_LOUDNESS_DBFS, "a level below 0 dBFS")
-    _require(0 <= s.MIN_CHARS_PER_S, "MIN_CHARS_PER_S", s.MIN_CHARS_PER_S, ">= 0")
-    _require(
-        s.MAX_CHARS_PER_S > s.MIN_CHARS_PER_S,
-        "MAX_CHARS_PER_S",
-        s.MAX_CHARS_PER_S,
-        f"> MIN_CHARS_PER_S ({s.MIN_CHARS_PER_S})",
-    )
-    _require(s.ENCODE_BATCH_SIZE >= 1, "ENCODE_BATCH_SIZE", s.ENCODE_BATCH_SIZE, "an integer >= 1")
-    _require(s.MAX_SHARD_SIZE_MB > 0, "MAX_SHARD_SIZE_MB", s.MAX_SHARD_SIZE_MB, "> 0")
-    _require(s.MIN_DURATION_S > 0, "MIN_DURATION_S", s.MIN_DURATION_S, "> 0 seconds")
-    _require(
-        s.MAX_DURATION_S > s.MIN_DURATION_S,
-        "MAX_DURATION_S",
-        s.MAX_DURATION_S,
-        f"> MIN_DURATION_S ({s.MIN_DURATION_S})",
-    )
-    _require(s.BATCH_SIZE >= 1, "BATCH_SIZE", s.BATCH_SIZE, "an integer >= 1")
-    _require(s.LEARNING_RATE > 0, "LEARNING_RATE", s.LEARNING_RATE, "> 0")
-    _require(s.NUM_EPOCHS >= 1, "NUM_EPOCHS", s.NUM_EPOCHS, "an integer >= 1")
-    _require(
-        s.GRADIENT_ACCUMULATION_STEPS >= 1,
-        "GRADIENT_ACCUMULATION_STEPS",
-        s.GRADIENT_ACCUMULATION_STEPS,
-        ">= 1",
-    )
-    _require(s.SUB_TALKER_LOSS_WEIGHT >= 0, "SUB_TALKER_LOSS_WEIGHT", s.SUB_TALKER_LOSS_WEIGHT, ">= 0")
-    _require(s.WEIGHT_DECAY >= 0, "WEIGHT_DECAY", s.WEIGHT_DECAY, ">= 0")
-    _require(s.WARMUP_STEPS >= 0, "WARMUP_STEPS", s.WARMUP_STEPS, "an integer >= 0")
-    _require(s.MAX_GRAD_NORM >= 0, "MAX_GRAD_NORM", s.MAX_GRAD_NORM, ">= 0 (0 disables clipping)")
-    _require(s.MAX_STEPS >= 0, "MAX_STEPS", s.MAX_STEPS, "an integer >= 0 (0 = run NUM_EPOCHS)")
-    _require(s.LOGGING_STEPS >= 1, "LOGGING_STEPS", s.LOGGING_STEPS, "an integer >= 1")
-    _require(s.EVAL_STEPS >= 0, "EVAL_STEPS", s.EVAL_STEPS, "an integer >= 0")
-    _require(s.SPEAKER_EMBEDDING_CLIPS >= 0, "SPEAKER_EMBEDDING_CLIPS", s.SPEAKER_EMBEDDING_CLIPS, ">= 0")
-    _require(s.MAX_BATCH_TOKENS >= 0, "MAX_BATCH_TOKENS", s.MAX_BATCH_TOKENS, "an integer >= 0 (0 = fixed batches)")
-    _require(s.NUM_BUCKETS >= 1, "NUM_BUCKETS", s.NUM_BUCKETS, "an integer >= 1")
-    _require(s.DATALOADER_WORKERS >= 0, "DATALOADER_WORKERS", s.DATALOADER_WORKERS, "an integer >= 0")
-    _require(s.SAVE_STEPS >= 0, "SAVE_STEPS", s.SAVE_STEPS, "an integer >= 0 (0 = never)")
-    _require(s.SAVE_TOTAL_LIMIT >= 1, "SAVE_TOTAL_LIMIT", s.SAVE_TOTAL_LIMIT, "an integer >= 1")
-    trackers = ("tensorboard", "wandb", "none")
-    _require(
-        all(t in trackers for t in s.REPORT_TO) and ("none" not in s.REPORT_TO or len(s.REPORT_TO) == 1),
-        "REPORT_TO",
-        ",".join(s.REPORT_TO),
-        "tensorboard and/or wandb, or none alone",
-    )
-    for key in ("MEL_RECONSTRUCTION_WEIGHT", "VOICE_CONSISTENCY_WEIGHT", "PROSODY_WEIGHT"):
-        _require(getattr(s, key) >= 0, key, getattr(s, key), ">= 0 (0 turns the loss off)")
-    _require(s.AUX_LOSS_EVERY_N_STEPS >= 1, "AUX_LOSS_EVERY_N_STEPS", s.AUX_LOSS_EVERY_N_STEPS, "an integer >= 1")
-    _require(s.AUX_CROP_FRAMES >= 2, "AUX_CROP_FRAMES", s.AUX_CROP_FRAMES, "an integer >= 2")
-    _require(s.EVAL_MAX_UTTERANCES >= 1, "EVAL_MAX_UTTERANCES", s.EVAL_MAX_UTTERANCES, "an integer >= 1")
-    _require(s.EVAL_MAX_SECONDS > 0, "EVAL_MAX_SECONDS", s.EVAL_MAX_SECONDS, "> 0 seconds")
-    _require(s.EVAL_GENERATE_STEPS >= 0, "EVAL_GENERATE_STEPS", s.EVAL_GENERATE_STEPS, "an integer >= 0")
-    device = s.DEVICE
-    _require(
-        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
-        "DEVICE",
-        device,
-        "auto, cpu, cuda or cuda:N",
-    )
-    if s.HF_DATASET_REPO:
-        _require(
-            s.HF_DATASET_REPO.count("/") == 1 and all(s.HF_DATASET_REPO.split("/")),
-            "HF_DATASET_REPO",
-            s.HF_DATASET_REPO,
-            "a Hub repo id of the form owner/name",
-        )
+    split_rule = f"VALIDATION_FRACTION + TEST_FRACTION < 1 (VALIDATION_FRACTION is {s.VALIDATION_FRACTION})"
+    _require(s.VALIDATION_FRACTION + s.TEST_FRACTION < 1.0, "TEST_FRACTION", s.TEST_FRACTION, split_rule)
+    for low, high in (("MIN_CHARS_PER_S", "MAX_CHARS_PER_S"), ("MIN_DURATION_S", "MAX_DURATION_S")):
+        low_value, high_value = getattr(s, low), getattr(s, high)
+        _require(high_value > low_value, high, high_value, f"> {low} ({low_value})")
 
 
 def _check_unknown_keys(keys: list[str], source: str) -> None:

@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch
 
+from finetuning.constants import FRAME_RATE_HZ, NUM_CODEBOOKS, SAMPLE_RATE, SAMPLES_PER_FRAME
+
 TINY_KIT_VERSION = 2
 LAYOUTS = ("equal", "wide_text")
 
-SAMPLE_RATE = 24_000
-NUM_CODE_GROUPS = 16  # the 12 Hz codec has 16 codebooks
 CODEBOOK_SIZE = 2048
-SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 Hz
 TALKER_VOCAB_SIZE = 3072  # codes 0..2047, control ids 2048.., speaker rows 3000..
-FIRST_SPEAKER_ROW = 3000
 
 # Control ids of the talker's codec vocabulary; they sit in the top 1024 rows, which generate() suppresses
 # (except EOS), as in the released checkpoints.
@@ -145,14 +143,14 @@ def _speech_tokenizer_config():
 
     encoder = dict(
         sampling_rate=SAMPLE_RATE,
-        frame_rate=12.5,
+        frame_rate=FRAME_RATE_HZ,
         hidden_size=32,
         num_filters=4,
         upsampling_ratios=[8, 6, 5, 4],
         codebook_size=CODEBOOK_SIZE,
         codebook_dim=16,
         vector_quantization_hidden_dimension=16,
-        num_quantizers=NUM_CODE_GROUPS,
+        num_quantizers=NUM_CODEBOOKS,
         num_semantic_quantizers=1,
         upsample_groups=32,
         num_hidden_layers=1,
@@ -172,7 +170,7 @@ def _speech_tokenizer_config():
         head_dim=16,
         intermediate_size=64,
         num_hidden_layers=1,
-        num_quantizers=NUM_CODE_GROUPS,
+        num_quantizers=NUM_CODEBOOKS,
         upsample_rates=[8, 5, 4, 3],
         upsampling_ratios=[2, 2],
         decoder_dim=32,
@@ -181,7 +179,7 @@ def _speech_tokenizer_config():
     return Qwen3TTSTokenizerV2Config(
         encoder_config=encoder,
         decoder_config=decoder,
-        encoder_valid_num_quantizers=NUM_CODE_GROUPS,
+        encoder_valid_num_quantizers=NUM_CODEBOOKS,
         input_sample_rate=SAMPLE_RATE,
         output_sample_rate=SAMPLE_RATE,
         decode_upsample_rate=SAMPLES_PER_FRAME,
@@ -222,7 +220,7 @@ def _make_decoder_audible(speech_tokenizer: torch.nn.Module, generator: torch.Ge
         last = decoder.decoder[-1].conv
         captured = []
         handle = last.register_forward_hook(lambda _m, _i, output: captured.append(output))
-        decoder(torch.randint(0, CODEBOOK_SIZE, (2, NUM_CODE_GROUPS, 8), generator=generator))
+        decoder(torch.randint(0, CODEBOOK_SIZE, (2, NUM_CODEBOOKS, 8), generator=generator))
         handle.remove()
         last.weight.mul_(DECODER_RMS / captured[0].std())
         last.bias.zero_()
@@ -243,7 +241,7 @@ def _model_config(spec: TinyModelSpec, text_tokenizer):
         # multimodal rope: sections must sum to head_dim / 2
         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "interleaved": True},
         max_position_embeddings=4096,
-        num_code_groups=NUM_CODE_GROUPS,
+        num_code_groups=NUM_CODEBOOKS,
         text_hidden_size=spec.text_hidden_size,
         text_vocab_size=len(text_tokenizer),
         spk_id={},
@@ -258,7 +256,7 @@ def _model_config(spec: TinyModelSpec, text_tokenizer):
             num_key_value_heads=1,
             head_dim=12,
             max_position_embeddings=64,
-            num_code_groups=NUM_CODE_GROUPS,
+            num_code_groups=NUM_CODEBOOKS,
         ),
         **CODEC_IDS,
     )

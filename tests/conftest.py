@@ -18,6 +18,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOICES_DIR = REPO_ROOT / "voices"
+FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,16 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["equal"]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a command run as a subprocess: offline, one thread, and none of the caller's settings
+    (an environment variable would override the test's own ``.env``)."""
+    from finetuning.settings import FIELDS
+
+    env = {key: value for key, value in os.environ.items() if key not in FIELDS}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    return env
 
 
 def write_wav(path: Path, samples, sample_rate: int = 24000) -> Path:
@@ -70,6 +81,21 @@ def make_settings(tmp_path: Path, tiny_model_dir: Path, **overrides):
     }
     values.update({k: str(v) for k, v in overrides.items()})
     return load_settings(None, overrides=values, environ={})
+
+
+def shift_labels_once_more(inputs):
+    """The official recipe's double label shift (upstream issue #179), for tests that show it fails: first-codebook
+    labels moved one more position left, so each position learns the code one frame further ahead.
+
+    ``inputs`` is a ``finetuning.training.step.TalkerInputs``; returns a copy with shifted (B, L) labels.
+    """
+    import dataclasses
+
+    from finetuning.training.step import IGNORE_INDEX
+
+    labels = inputs.labels
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    return dataclasses.replace(inputs, labels=shifted)
 
 
 _MARGINS: dict[str, dict[str, float]] = {}

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REPO_ROOT, VOICES_DIR
+from conftest import REPO_ROOT, VOICES_DIR, subprocess_env
 
 TOKEN = "hf_DoNotLeakThisTokenValue42"
 
@@ -23,6 +23,7 @@ def run_cli(tmp_path, *args):
         text=True,
         cwd=tmp_path,
         timeout=300,
+        env=subprocess_env(),
     )
 
 

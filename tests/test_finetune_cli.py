@@ -5,21 +5,13 @@ import subprocess
 import sys
 
 import soundfile as sf
-from conftest import REPO_ROOT, VOICES_DIR
+from conftest import REPO_ROOT, VOICES_DIR, subprocess_env
 
 
 def _run(args, cwd, timeout=600):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
-
-
-def _env():
-    import os
-
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    for key in ("TRAIN_SPEAKERS", "DATASET_DIR", "OUTPUT_DIR", "INIT_MODEL_PATH", "HF_TOKEN"):
-        env.pop(key, None)
-    return env
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=subprocess_env()
+    )
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path):
@@ -95,7 +87,7 @@ def test_a_tracker_that_cannot_load_stops_the_run_with_the_fix(tmp_path):
     import pytest
 
     from finetuning.settings import load_settings
-    from finetuning.train import TrainingError, make_accelerator
+    from finetuning.training.loop import TrainingError, make_accelerator
 
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")

@@ -6,7 +6,8 @@ import pytest
 import soundfile as sf
 from conftest import VOICES_DIR
 
-from finetuning.tiny_model import SAMPLES_PER_FRAME, build_tiny_model
+from finetuning.constants import SAMPLES_PER_FRAME
+from finetuning.tiny_model import build_tiny_model
 
 
 def _sha(path):

@@ -1,0 +1,155 @@
+"""Speech from a model: load a checkpoint through the stock API and let it speak as one speaker.
+
+``synthesize`` speaks with an exported custom-voice checkpoint as a user would (``finetuning/generate.py``).
+For evaluation, ``make_voice`` decides how a model speaks as a speaker: a ``custom_voice`` checkpoint (exported by
+this package) through stock ``generate_custom_voice(speaker=...)`` with its own speaker row; a ``base`` model as a
+zero-shot clone through stock ``generate_voice_clone`` in x-vector-only mode from the speaker's first reference
+clip. ``generate_speech`` samples one seeded clip without touching the caller's random state.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from finetuning.constants import SAMPLE_RATE
+from finetuning.evaluation.targets import SpeakerTargets
+from finetuning.preparation.audio import resample
+from finetuning.resources import is_hub_id, resolve_device
+from finetuning.settings import Settings
+from finetuning.training.export import read_info
+
+MODEL_TYPES = ("base", "custom_voice")
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run as asked (model type, missing speaker, unloadable checkpoint); says why."""
+
+
+def load_checkpoint(checkpoint: str | Path, device: str = "auto"):
+    """The exported model through the stock API (``Qwen3TTSModel``) on ``device``."""
+    import qwen_tts
+
+    return qwen_tts.Qwen3TTSModel.from_pretrained(str(checkpoint), device_map=resolve_device(device))
+
+
+def load_model(checkpoint: str | Path, settings: Settings):
+    """A checkpoint folder (or Hub id) through stock ``Qwen3TTSModel.from_pretrained`` on DEVICE.
+
+    Raises EvaluationError for a local path that does not exist or a model that fails to load.
+    """
+    text = str(checkpoint)
+    if not Path(text).is_dir() and not is_hub_id(text):
+        raise EvaluationError(f"checkpoint {text!r} is not a folder (nor a Hub repo id)")
+    try:
+        return load_checkpoint(text, settings.DEVICE)
+    except Exception as error:  # missing files, bad configs and hub errors come as many types
+        raise EvaluationError(f"cannot load checkpoint {text!r}: {type(error).__name__}: {error}") from error
+
+
+def synthesize(
+    model,
+    speaker: str,
+    text: str,
+    language: str | None = None,
+    greedy: bool = False,
+    max_new_tokens: int | None = None,
+    non_streaming: bool | None = None,
+) -> tuple[np.ndarray, int]:
+    """(waveform float32, sample_rate) for ``text`` in ``speaker``'s voice.
+
+    ``language`` None means the speaker's training language from the checkpoint (``finetune_info.json``), "auto"
+    where the model has no id for it. ``non_streaming`` None means the layout the checkpoint was trained with.
+    Raises ValueError for a speaker the checkpoint does not have (listing the ones it has).
+    """
+    supported = model.get_supported_speakers() or []
+    if speaker.lower() not in [s.lower() for s in supported]:
+        raise ValueError(f"speaker {speaker!r} is not in this checkpoint; choose one of {sorted(supported)}")
+    info = read_info(model.model.name_or_path)
+    if language is None:
+        language = generation_language(model.model, info.get("speakers", {}).get(speaker, {}).get("language", "auto"))
+    if non_streaming is None:
+        non_streaming = info.get("training_layout", "non_streaming") == "non_streaming"
+    kwargs = {"do_sample": False, "subtalker_dosample": False} if greedy else {}
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    wavs, sample_rate = model.generate_custom_voice(
+        text=text, speaker=speaker, language=language, non_streaming_mode=non_streaming, **kwargs
+    )
+    return np.asarray(wavs[0], dtype=np.float32), sample_rate
+
+
+@dataclass
+class Voice:
+    """How one model speaks as one speaker: the generation call and the speaker embedding (D,) it conditions on."""
+
+    speaker_embed: object
+    conditioning: str
+    speak: Callable[[str, str, int], tuple[list, int]]  # (text, language, max_new_tokens) -> (wavs, sample_rate)
+
+
+def make_voice(wrapper, speaker: str, target: SpeakerTargets, non_streaming: bool) -> Voice:
+    """A ``custom_voice`` model speaks with its own speaker row; a ``base`` model clones the first reference clip
+    from its x-vector (stock ``generate_voice_clone``, x_vector_only_mode). Raises EvaluationError otherwise."""
+    model = wrapper.model
+    if model.tts_model_type == "custom_voice":
+        rows = model.config.talker_config.spk_id
+        if speaker.lower() not in rows:
+            raise EvaluationError(f"speaker {speaker!r} is not in this checkpoint; it has {sorted(rows)}")
+        row = rows[speaker.lower()]
+        embed = model.talker.get_input_embeddings().weight[row].detach()
+
+        def speak(text, language, max_new_tokens):
+            return wrapper.generate_custom_voice(
+                text=text,
+                speaker=speaker,
+                language=language,
+                non_streaming_mode=non_streaming,
+                max_new_tokens=max_new_tokens,
+            )
+
+        return Voice(embed, f"generate_custom_voice(speaker={speaker!r}); codec row {row}", speak)
+    if model.tts_model_type == "base":
+        prompt = wrapper.create_voice_clone_prompt(
+            ref_audio=(target.references[0], SAMPLE_RATE), x_vector_only_mode=True
+        )
+
+        def speak(text, language, max_new_tokens):
+            return wrapper.generate_voice_clone(
+                text=text,
+                language=language,
+                voice_clone_prompt=prompt,
+                non_streaming_mode=non_streaming,
+                max_new_tokens=max_new_tokens,
+            )
+
+        conditioning = f"generate_voice_clone(x_vector_only_mode=True) from reference {target.reference_ids[0]!r}"
+        return Voice(prompt[0].ref_spk_embedding.detach(), conditioning, speak)
+    raise EvaluationError(f"cannot evaluate a {model.tts_model_type!r} model; one of {', '.join(MODEL_TYPES)}")
+
+
+def utterance_seed(seed: int, speaker: str, utterance_id: str) -> int:
+    """Seed of one utterance's generation: stable across runs, processes and utterance order."""
+    return zlib.crc32(f"{seed}:{speaker}:{utterance_id}".encode())
+
+
+def generate_speech(voice: Voice, text: str, language: str, seed: int, max_new_tokens: int, device) -> np.ndarray:
+    """One sampled clip (24 kHz float32). The caller's RNG state is restored afterwards, so calling this from a
+    training loop does not change the training run."""
+    import torch
+
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        wavs, sample_rate = voice.speak(text, language, max_new_tokens)
+    return resample(np.asarray(wavs[0], dtype=np.float32).reshape(-1), int(sample_rate), SAMPLE_RATE)
+
+
+def generation_language(model, language: str) -> str:
+    """The language generation is given: the row's if the model has an id for it, else "auto" (as in training)."""
+    return language if language.lower() in model.config.talker_config.codec_language_id else "auto"

@@ -1,0 +1,1 @@
+"""Preparation: speaker sources -> quality gate -> 24 kHz audio + precomputed codes -> a config per speaker."""

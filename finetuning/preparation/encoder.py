@@ -1,0 +1,48 @@
+"""The 12 Hz speech tokenizer as preparation uses it: loaded once, clips encoded to codes in batches."""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from finetuning.constants import SAMPLE_RATE
+from finetuning.resources import resolve_device
+
+
+class SpeechEncoder:
+    """Loads the 12 Hz speech tokenizer once, on first use, and encodes 24 kHz clips in batches."""
+
+    def __init__(self, tokenizer_path: str, device: str = "auto", batch_size: int = 8, token: str | None = None):
+        self.tokenizer_path = tokenizer_path
+        self.device = device
+        self.batch_size = batch_size
+        self.token = token or None
+        self.clips_encoded = 0
+        self._tokenizer = None
+
+    def _load(self):
+        import torch
+        from qwen_tts import Qwen3TTSTokenizer
+
+        device = resolve_device(self.device)
+        kwargs = {"token": self.token} if self.token else {}
+        tokenizer = Qwen3TTSTokenizer.from_pretrained(self.tokenizer_path, **kwargs)
+        tokenizer.model.to(device).eval()
+        tokenizer.device = torch.device(device)
+        return tokenizer
+
+    def encode(self, clips: list[np.ndarray], desc: str = "encoding") -> list[np.ndarray]:
+        """24 kHz mono clips -> codes, each (frames, 16) int16. Batches sorted by length to limit padding."""
+        if self._tokenizer is None:
+            self._tokenizer = self._load()
+        order = sorted(range(len(clips)), key=lambda i: len(clips[i]))
+        codes: list[np.ndarray | None] = [None] * len(clips)
+        with tqdm(total=len(clips), desc=desc, unit="clip") as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                encoded = self._tokenizer.encode([clips[i] for i in batch], sr=SAMPLE_RATE)
+                for index, code in zip(batch, encoded.audio_codes, strict=True):
+                    codes[index] = code.cpu().numpy().astype(np.int16)
+                bar.update(len(batch))
+        self.clips_encoded += len(clips)
+        return codes  # type: ignore[return-value]

@@ -1,0 +1,338 @@
+"""Data preparation: sources -> quality gate -> 24 kHz audio + precomputed codes -> one config per speaker.
+
+Run once per dataset (``finetuning/data_preparation.py`` is the command). Each speaker config carries a
+fingerprint of its sources' content, the processing settings and the speech tokenizer; a re-run whose
+fingerprint matches skips the speaker entirely (no decoding, no encoding). A changed speaker is rebuilt alone,
+and a new speaker is added without touching the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from finetuning.constants import SAMPLE_RATE
+from finetuning.preparation import schema
+from finetuning.preparation.audio import (
+    AudioDecodeError,
+    QualityThresholds,
+    load_mono_24k,
+    normalize_loudness,
+    quality_issue,
+    rms_dbfs,
+)
+from finetuning.preparation.encoder import SpeechEncoder
+from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
+from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source
+from finetuning.preparation.writing import make_row, write_card, write_split
+from finetuning.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MIN_REFERENCE_S = 1.0
+
+
+class PreparationError(RuntimeError):
+    """Preparation cannot continue for a speaker; the message names the speaker and what to fix."""
+
+
+@dataclass
+class SpeakerReport:
+    """What happened to one speaker in one run (JSON-serialisable via ``as_dict``)."""
+
+    speaker: str
+    prepared: bool
+    fingerprint: str
+    clips_total: int = 0
+    kept: int = 0
+    hours_kept: float = 0.0
+    rejected: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    references: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "speaker": self.speaker,
+            "prepared_this_run": self.prepared,
+            "fingerprint": self.fingerprint,
+            "clips_total": self.clips_total,
+            "kept": self.kept,
+            "hours_kept": self.hours_kept,
+            "rejected_total": sum(self.rejected.values()),
+            "rejected": dict(sorted(self.rejected.items())),
+            "splits": self.splits,
+            "references": self.references,
+        }
+
+
+def quality_thresholds(settings: Settings) -> QualityThresholds:
+    return QualityThresholds(
+        min_duration_s=settings.MIN_DURATION_S,
+        max_duration_s=settings.MAX_DURATION_S,
+        max_silence_fraction=settings.MAX_SILENCE_FRACTION,
+        max_clipped_fraction=settings.MAX_CLIPPED_FRACTION,
+        min_rms_dbfs=settings.MIN_RMS_DBFS,
+        min_chars_per_s=settings.MIN_CHARS_PER_S,
+        max_chars_per_s=settings.MAX_CHARS_PER_S,
+    )
+
+
+def resolve_speakers(settings: Settings, names: Sequence[str] | None = None) -> list[SpeakerSpec]:
+    """Speaker specs from SPEAKERS_MANIFEST entries, else the convention ``VOICES_DIR/<speaker>/``.
+
+    A manifest is a JSON object ``{speaker: {"source": ..., "format": ..., "language": ..., "reference": [...]}}``;
+    every key is optional. Without an entry, the source is ``VOICES_DIR/<speaker>`` (``metadata.jsonl`` or an
+    LJSpeech-style folder) and the reference is ``VOICES_DIR/<speaker>.wav``.
+    """
+    manifest: dict = {}
+    if settings.SPEAKERS_MANIFEST:
+        path = Path(settings.SPEAKERS_MANIFEST)
+        if not path.exists():
+            raise PreparationError(f"SPEAKERS_MANIFEST={path} does not exist")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    voices = Path(settings.VOICES_DIR)
+    specs = []
+    for name in names or settings.TRAIN_SPEAKERS:
+        entry = manifest.get(name, {})
+        fmt = entry.get("format")
+        if fmt is not None and fmt not in FORMATS:
+            raise PreparationError(f"speaker {name}: format {fmt!r} in the manifest is not one of {FORMATS}")
+        refs = entry.get("reference", [str(voices / f"{name}.wav")])
+        specs.append(
+            SpeakerSpec(
+                name=name,
+                source=str(entry.get("source", voices / name)),
+                format=fmt,
+                language=entry.get("language"),
+                references=tuple([refs] if isinstance(refs, str) else refs),
+            )
+        )
+    return specs
+
+
+def assign_splits(ids: list[str], given: list[str | None], settings: Settings, speaker: str) -> list[str]:
+    """Keep splits the source gives; otherwise a deterministic seeded split per speaker.
+
+    The seeded split ranks clips by a hash of (seed, speaker, id), so it does not depend on input order or on
+    the machine. At least one clip stays in train.
+    """
+    if any(g is not None for g in given):
+        return [g or "train" for g in given]
+    count = len(ids)
+
+    def held_out(fraction: float) -> int:
+        return 0 if fraction <= 0 or count < 2 else max(1, round(fraction * count))
+
+    n_validation = held_out(settings.VALIDATION_FRACTION)
+    n_test = min(held_out(settings.TEST_FRACTION), max(0, count - 1 - n_validation))
+    order = sorted(range(count), key=lambda i: hashlib.sha256(f"{settings.SEED}:{speaker}:{ids[i]}".encode()).digest())
+    splits = ["train"] * count
+    for rank, index in enumerate(order):
+        if rank < n_validation:
+            splits[index] = "validation"
+        elif rank < n_validation + n_test:
+            splits[index] = "test"
+    return splits
+
+
+def _load_references(spec: SpeakerSpec, items: list[SourceItem]) -> list[tuple[str, np.ndarray]]:
+    candidates: list[Path | bytes] = [Path(r) for r in spec.references]
+    for item in items:
+        candidates.extend(item.reference_audio)
+    references, seen = [], set()
+    for candidate in candidates:
+        key = hash_audio(candidate)
+        if key in seen or key.startswith("unreadable") or key == "none":
+            continue
+        seen.add(key)
+        try:
+            samples = load_mono_24k(candidate)
+        except (FileNotFoundError, AudioDecodeError) as error:
+            logger.warning("speaker %s: reference %s unusable: %s", spec.name, candidate, error)
+            continue
+        if len(samples) / SAMPLE_RATE < MIN_REFERENCE_S or not np.isfinite(rms_dbfs(samples)):
+            logger.warning(
+                "speaker %s: reference %s is shorter than %.1f s or silent",
+                spec.name,
+                candidate,
+                MIN_REFERENCE_S,
+            )
+            continue
+        name = candidate.stem if isinstance(candidate, Path) else f"ref{len(references)}"
+        references.append((f"reference-{name}", samples))
+    return references
+
+
+def _gate(spec: SpeakerSpec, items: list[SourceItem], settings: Settings):
+    limits = quality_thresholds(settings)
+    kept, rejected = [], Counter()
+    for item in tqdm(items, desc=f"{spec.name}: quality gate", unit="clip"):
+        reason = None
+        samples = None
+        if item.audio is None:
+            reason = "missing_file"
+        else:
+            try:
+                samples = load_mono_24k(item.audio)
+            except FileNotFoundError:
+                reason = "missing_file"
+            except AudioDecodeError:
+                reason = "unreadable"
+        if reason is None:
+            reason = quality_issue(samples, item.text, limits)
+        if reason is not None:
+            rejected[reason] += 1
+            logger.info("speaker %s: rejected %s (%s): %s", spec.name, item.id, item.origin, reason)
+            continue
+        if settings.NORMALIZE_LOUDNESS:
+            samples = normalize_loudness(samples, settings.TARGET_LOUDNESS_DBFS)
+        kept.append((item, samples))
+    return kept, rejected
+
+
+def _unique_ids(items: list[SourceItem]) -> None:
+    seen: Counter = Counter()
+    for item in items:
+        seen[item.id] += 1
+        if seen[item.id] > 1:
+            item.id = f"{item.id}-{seen[item.id]}"
+
+
+def prepare_speaker(
+    spec: SpeakerSpec,
+    settings: Settings,
+    encoder: SpeechEncoder,
+    output_dir: Path,
+    tokenizer_id: str,
+    max_samples: int | None = None,
+) -> SpeakerReport:
+    """Prepare one speaker's config under ``output_dir/<speaker>`` unless its fingerprint is unchanged.
+
+    ``max_samples`` keeps only the first N source items (quick trials); it changes the fingerprint.
+    """
+    try:
+        items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
+    except (SourceError, OSError) as error:
+        raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
+    if max_samples is not None:
+        items = items[:max_samples]
+    _unique_ids(items)
+    print_ = fingerprint(spec, items, settings, tokenizer_id)
+    info_path = output_dir / spec.name / schema.INFO_FILE
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        if info.get("fingerprint") == print_:
+            logger.info("speaker %s: unchanged (fingerprint %s), nothing to prepare", spec.name, print_[:12])
+            report = SpeakerReport(speaker=spec.name, prepared=False, fingerprint=print_)
+            summary = info.get("summary", {})
+            report.clips_total = summary.get("clips_total", 0)
+            report.kept = summary.get("kept", 0)
+            report.hours_kept = summary.get("hours_kept", 0.0)
+            report.rejected = summary.get("rejected", {})
+            report.splits = summary.get("splits", {})
+            report.references = summary.get("references", 0)
+            return report
+
+    references = _load_references(spec, items)
+    if not references:
+        tried = ", ".join(spec.references) or "none"
+        raise PreparationError(
+            f"speaker {spec.name}: no usable reference clip (tried: {tried}). Put a clean clip of at least "
+            f'{MIN_REFERENCE_S:.0f} s at {Path(settings.VOICES_DIR) / (spec.name + ".wav")} or list "reference" '
+            "for this speaker in SPEAKERS_MANIFEST."
+        )
+    kept, rejected = _gate(spec, items, settings)
+    if not kept:
+        reasons = ", ".join(f"{k}: {v}" for k, v in rejected.most_common()) or "the source has no rows"
+        raise PreparationError(
+            f"speaker {spec.name}: no clip passed the quality gate ({len(items)} read; {reasons}). Check the "
+            f"source {spec.source} and the gate settings (MIN/MAX_DURATION_S, MAX_SILENCE_FRACTION, ...)."
+        )
+    codes = encoder.encode([samples for _, samples in kept], desc=f"{spec.name}: encoding")
+    ref_codes = encoder.encode([samples for _, samples in references], desc=f"{spec.name}: references")
+
+    splits = assign_splits([i.id for i, _ in kept], [i.split for i, _ in kept], settings, spec.name)
+    rows: dict[str, list[dict]] = {name: [] for name in schema.ALL_SPLITS}
+    for (item, samples), code, split in zip(kept, codes, splits, strict=True):
+        language = item.language or spec.language or schema.UNKNOWN_LANGUAGE
+        rows[split].append(make_row(spec.name, item.id, item.text.strip(), language, samples, code))
+    for (ref_id, samples), code in zip(references, ref_codes, strict=True):
+        rows[schema.REFERENCE_SPLIT].append(
+            make_row(spec.name, ref_id, "", spec.language or schema.UNKNOWN_LANGUAGE, samples, code)
+        )
+
+    report = SpeakerReport(
+        speaker=spec.name,
+        prepared=True,
+        fingerprint=print_,
+        clips_total=len(items),
+        kept=len(kept),
+        hours_kept=round(sum(len(s) for _, s in kept) / SAMPLE_RATE / 3600.0, 6),
+        rejected=dict(rejected),
+        splits={name: len(r) for name, r in rows.items() if r},
+        references=len(references),
+    )
+    staging = output_dir / f".{spec.name}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for split, split_rows in rows.items():
+        if split_rows:
+            write_split(split_rows, staging, split, print_, settings.MAX_SHARD_SIZE_MB * 1e6)
+    summary = report.as_dict()
+    summary.pop("prepared_this_run")
+    (staging / schema.INFO_FILE).write_text(json.dumps({"fingerprint": print_, "summary": summary}, indent=2))
+    final = output_dir / spec.name
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return report
+
+
+def prepare_dataset(
+    settings: Settings,
+    speakers: Sequence[str] | None = None,
+    encoder: SpeechEncoder | None = None,
+    output_dir: str | Path | None = None,
+    max_samples: int | None = None,
+    report: Callable[[str], None] = print,
+) -> list[SpeakerReport]:
+    """Prepare every requested speaker into one dataset folder; returns one report per speaker.
+
+    Raises PreparationError (naming the speaker and the fix) for an unreadable source, a speaker without a
+    usable reference clip, or a speaker left with no clip after the gate. Single bad clips never abort the run:
+    they are counted by reason in the summary and logged.
+    """
+    output = Path(output_dir or settings.DATASET_DIR)
+    output.mkdir(parents=True, exist_ok=True)
+    specs = resolve_speakers(settings, speakers)
+    if encoder is None:
+        encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)
+    tokenizer_id = tokenizer_identity(settings.TOKENIZER_PATH)
+    reports = []
+    for spec in specs:
+        result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples)
+        reports.append(result)
+        report(_format_report(result))
+    write_card(output)
+    return reports
+
+
+def _format_report(r: SpeakerReport) -> str:
+    if not r.prepared:
+        return f"{r.speaker}: unchanged, skipped ({r.kept} clips, {r.hours_kept * 60:.1f} min)"
+    rejected = ", ".join(f"{k}={v}" for k, v in sorted(r.rejected.items())) or "none"
+    splits = ", ".join(f"{k}={v}" for k, v in r.splits.items())
+    return (
+        f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} min); "
+        f"splits: {splits}; rejected: {rejected}"
+    )

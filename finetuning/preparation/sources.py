@@ -1,0 +1,245 @@
+"""Readers for the input formats a speaker's corpus may come in.
+
+Every reader yields ``SourceItem``s; audio stays undecoded (a path or bytes) until the quality gate.
+
+Formats (``format`` in the speakers manifest, or detected from the path):
+  * ``jsonl``     one JSON object per line: ``audio`` (or ``audio_path``, the seed-004 layout) and ``text``;
+                  optional ``id``, ``language``, ``split``, ``ref_audio``. Relative paths resolve against the
+                  file's folder.
+  * ``ljspeech``  a folder with ``metadata.csv``/``metadata.txt`` (``id|text[|normalised text]``) or
+                  ``metadata.tsv`` (``id<TAB>text``), audio in ``wavs/<id>.<ext>`` or ``<id>.<ext>``.
+  * ``chatml``    a JSON list (or JSONL) of ``{"messages": [...], "speaker": ...}`` conversations: each
+                  assistant turn's text + audio becomes a sample, the user turn's audio a reference clip.
+  * ``hf``        a 🤗 dataset (local folder saved with ``save_to_disk``/parquet, or a Hub id) with ``audio`` and
+                  ``text`` columns, optional ``speaker`` (rows of other speakers are skipped), ``language``,
+                  ``id``; its splits are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
+FORMATS = ("jsonl", "ljspeech", "chatml", "hf")
+GIVEN_SPLITS = ("train", "validation", "test")
+METADATA_FILES = (("metadata.csv", "|"), ("metadata.txt", "|"), ("metadata.tsv", "\t"))
+_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+
+
+@dataclass(frozen=True)
+class SpeakerSpec:
+    """Where one speaker's data comes from."""
+
+    name: str
+    source: str
+    format: str | None
+    language: str | None
+    references: tuple[str, ...]
+
+
+class SourceError(ValueError):
+    """A source cannot be read at all (bad path, bad format); the message says which speaker and what to fix."""
+
+
+@dataclass
+class SourceItem:
+    """One candidate utterance: ``audio`` is a path or encoded bytes; ``split`` is None unless the source gives it."""
+
+    id: str
+    text: str
+    audio: Path | bytes | None
+    language: str | None = None
+    split: str | None = None
+    reference_audio: list[Path | bytes] = field(default_factory=list)
+    origin: str = ""  # for messages: where the item came from
+
+
+def normalise_split(name: str | None) -> str | None:
+    if name is None or name == "":
+        return None
+    lowered = _SPLIT_ALIASES.get(str(name).lower(), str(name).lower())
+    if lowered not in GIVEN_SPLITS:
+        raise SourceError(f"split {name!r} is not one of {GIVEN_SPLITS} (or valid/val/dev)")
+    return lowered
+
+
+def detect_format(source: str) -> str:
+    """Guess the format of a source path or Hub id."""
+    path = Path(source)
+    if path.is_dir():
+        if any((path / name).exists() for name in ("metadata.csv", "metadata.tsv", "metadata.txt")):
+            return "ljspeech"
+        if (path / "metadata.jsonl").exists():
+            return "jsonl"
+        return "hf"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    if path.suffix == ".json":
+        return "chatml"
+    if not path.exists() and source.count("/") == 1:
+        return "hf"
+    raise SourceError(f'cannot tell the format of {source!r}; set "format" to one of {FORMATS}')
+
+
+def _resolve(base: Path, value: str) -> Path:
+    candidate = Path(value)
+    if candidate.is_absolute():
+        return candidate
+    beside = base / candidate
+    return beside if beside.exists() or not candidate.exists() else candidate
+
+
+def read_jsonl(path: Path) -> Iterator[SourceItem]:
+    if path.is_dir():
+        path = path / "metadata.jsonl"
+    if not path.exists():
+        raise SourceError(f"{path} does not exist")
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                logger.warning("skipping %s: not valid JSON (%s)", origin, error)
+                yield SourceItem(id=f"line{line_no:06d}", text="", audio=None, origin=origin)
+                continue
+            audio_value = row.get("audio", row.get("audio_path"))
+            audio = _resolve(path.parent, audio_value) if isinstance(audio_value, str) else None
+            refs = row.get("ref_audio")
+            yield SourceItem(
+                id=str(row.get("id") or (Path(audio_value).stem if isinstance(audio_value, str) else line_no)),
+                text=str(row.get("text") or ""),
+                audio=audio,
+                language=row.get("language"),
+                split=normalise_split(row.get("split")),
+                reference_audio=[_resolve(path.parent, refs)] if isinstance(refs, str) else [],
+                origin=origin,
+            )
+
+
+def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
+    candidates = [(folder / name, delim) for name, delim in METADATA_FILES if (folder / name).exists()]
+    if not candidates:
+        raise SourceError(f"{folder} has no metadata.csv, metadata.txt or metadata.tsv")
+    metadata, delimiter = candidates[0]
+    with metadata.open(encoding="utf-8", newline="") as handle:
+        for line_no, fields in enumerate(csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE), 1):
+            if not fields or not fields[0].strip():
+                continue
+            clip_id = Path(fields[0].strip()).stem
+            text = fields[-1] if len(fields) > 2 and fields[-1].strip() else (fields[1] if len(fields) > 1 else "")
+            audio = next(
+                (
+                    candidate
+                    for stem_dir in (folder / "wavs", folder)
+                    for ext in AUDIO_EXTENSIONS
+                    if (candidate := stem_dir / f"{clip_id}{ext}").exists()
+                ),
+                folder / "wavs" / f"{clip_id}.wav",
+            )
+            yield SourceItem(id=clip_id, text=text.strip(), audio=audio, origin=f"{metadata}:{line_no}")
+
+
+def _turn_parts(message: dict) -> tuple[list[str], list[str]]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content], []
+    texts, audios = [], []
+    for part in content or []:
+        if part.get("type") == "text":
+            texts.append(part.get("text", ""))
+        elif part.get("type") == "audio":
+            url = part.get("audio_url") or part.get("audio")
+            if url:
+                audios.append(url)
+    return texts, audios
+
+
+def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
+    if not path.exists():
+        raise SourceError(f"{path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        conversations = json.loads(text)
+    except json.JSONDecodeError:
+        conversations = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(conversations, dict):
+        conversations = [conversations]
+    for index, conversation in enumerate(conversations):
+        if conversation.get("speaker") not in (None, speaker):
+            continue
+        refs: list[Path | bytes] = []
+        for message in conversation.get("messages", []):
+            _, audios = _turn_parts(message)
+            if message.get("role") == "user":
+                refs.extend(_resolve(path.parent, a) for a in audios)
+            elif message.get("role") == "assistant":
+                texts, audios = _turn_parts(message)
+                yield SourceItem(
+                    id=f"{path.stem}-{index:06d}",
+                    text=" ".join(t.strip() for t in texts if t.strip()),
+                    audio=_resolve(path.parent, audios[0]) if audios else None,
+                    language=conversation.get("language"),
+                    reference_audio=list(refs),
+                    origin=f"{path}#{index}",
+                )
+
+
+def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem]:
+    import datasets
+
+    path = Path(source)
+    try:
+        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(source, token=token or None)
+    except Exception as error:
+        raise SourceError(f"cannot load the 🤗 dataset {source!r}: {error}") from error
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for split_name, dataset in splits:
+        missing = {"audio", "text"} - set(dataset.column_names)
+        if missing:
+            raise SourceError(f"the 🤗 dataset {source!r} lacks column(s) {sorted(missing)}")
+        if "audio" in dataset.features and isinstance(dataset.features["audio"], datasets.Audio):
+            dataset = dataset.cast_column("audio", datasets.Audio(decode=False))
+        given_split = normalise_split(split_name) if split_name in (*GIVEN_SPLITS, *_SPLIT_ALIASES) else None
+        for index, row in enumerate(dataset):
+            if "speaker" in row and row["speaker"] not in (None, speaker):
+                continue
+            audio = row["audio"]
+            if isinstance(audio, dict):
+                audio = audio.get("bytes") or (Path(audio["path"]) if audio.get("path") else None)
+            elif isinstance(audio, str):
+                audio = _resolve(path if path.is_dir() else Path("."), audio)
+            yield SourceItem(
+                id=str(row.get("id") or f"{split_name or 'row'}-{index:06d}"),
+                text=str(row.get("text") or ""),
+                audio=audio,
+                language=row.get("language"),
+                split=given_split,
+                origin=f"{source}[{split_name}][{index}]",
+            )
+
+
+def read_source(source: str, fmt: str | None, speaker: str, token: str | None = None) -> Iterator[SourceItem]:
+    """Yield the items of one speaker's source; ``fmt`` None means detect it from the path."""
+    fmt = fmt or detect_format(source)
+    if fmt == "jsonl":
+        return read_jsonl(Path(source))
+    if fmt == "ljspeech":
+        return read_ljspeech(Path(source))
+    if fmt == "chatml":
+        return read_chatml(Path(source), speaker)
+    if fmt == "hf":
+        return read_hf(source, speaker, token)
+    raise SourceError(f"unknown format {fmt!r}; use one of {FORMATS}")

@@ -1,0 +1,195 @@
+"""Upload a prepared dataset once: only speaker configs whose fingerprint differs from the remote's are sent.
+
+The decision logic (``sync_dataset``) is one code path for every remote. ``HubRemote`` talks to the Hugging
+Face Hub with huggingface_hub; ``FolderRemote`` is a local folder with the same interface (tests, air-gapped
+mirrors). Per config, data files go first and ``prepare_info.json`` (which holds the fingerprint) last, so a
+remote fingerprint only exists once that config's data is complete. An interrupted upload is resumed by
+running again: the Hub skips LFS files it already has, ``FolderRemote`` skips files with equal content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from finetuning.preparation import schema
+from finetuning.preparation.writing import local_configs
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetRemote(Protocol):
+    def ensure_exists(self) -> None: ...
+
+    def fingerprint(self, config: str) -> str | None: ...
+
+    def upload_config(self, local_config_dir: Path, config: str) -> None: ...
+
+    def read_text(self, path_in_repo: str) -> str | None: ...
+
+    def write_text(self, path_in_repo: str, text: str, message: str) -> None: ...
+
+    def configs(self) -> list[str]: ...
+
+
+@dataclass
+class UploadReport:
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    card_updated: bool = False
+
+
+def _info_fingerprint(text: str | None) -> str | None:
+    if not text:
+        return None
+    try:
+        return json.loads(text).get("fingerprint")
+    except json.JSONDecodeError:
+        return None
+
+
+class HubRemote:
+    """A Hub dataset repo. The token is passed to huggingface_hub only; it is never logged or written."""
+
+    def __init__(self, repo_id: str, token: str | None = None, private: bool = True, api=None):
+        from huggingface_hub import HfApi
+
+        self.repo_id = repo_id
+        self.private = private
+        self.api = api or HfApi(token=token or None)
+
+    def ensure_exists(self) -> None:
+        self.api.create_repo(self.repo_id, repo_type="dataset", private=self.private, exist_ok=True)
+
+    def read_text(self, path_in_repo: str) -> str | None:
+        from huggingface_hub.utils import EntryNotFoundError
+
+        try:
+            local = self.api.hf_hub_download(self.repo_id, path_in_repo, repo_type="dataset")
+        except EntryNotFoundError:
+            return None
+        return Path(local).read_text(encoding="utf-8")
+
+    def fingerprint(self, config: str) -> str | None:
+        return _info_fingerprint(self.read_text(f"{config}/{schema.INFO_FILE}"))
+
+    def configs(self) -> list[str]:
+        files = self.api.list_repo_files(self.repo_id, repo_type="dataset")
+        return sorted({f.split("/")[0] for f in files if f.endswith(f"/{schema.INFO_FILE}")})
+
+    def upload_config(self, local_config_dir: Path, config: str) -> None:
+        self.api.upload_folder(
+            repo_id=self.repo_id,
+            repo_type="dataset",
+            folder_path=str(local_config_dir),
+            path_in_repo=config,
+            allow_patterns=["*.parquet"],
+            delete_patterns=["*.parquet"],  # shards of an older preparation of this config
+            commit_message=f"Add data of speaker config {config}",
+        )
+        self.api.upload_file(
+            repo_id=self.repo_id,
+            repo_type="dataset",
+            path_or_fileobj=str(local_config_dir / schema.INFO_FILE),
+            path_in_repo=f"{config}/{schema.INFO_FILE}",
+            commit_message=f"Mark speaker config {config} complete",
+        )
+
+    def write_text(self, path_in_repo: str, text: str, message: str) -> None:
+        self.api.upload_file(
+            repo_id=self.repo_id,
+            repo_type="dataset",
+            path_or_fileobj=text.encode("utf-8"),
+            path_in_repo=path_in_repo,
+            commit_message=message,
+        )
+
+
+class FolderRemote:
+    """A local folder laid out like the Hub repo; counts the files it writes (``files_written``)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.files_written = 0
+
+    def ensure_exists(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def read_text(self, path_in_repo: str) -> str | None:
+        path = self.root / path_in_repo
+        return path.read_text(encoding="utf-8") if path.exists() else None
+
+    def fingerprint(self, config: str) -> str | None:
+        return _info_fingerprint(self.read_text(f"{config}/{schema.INFO_FILE}"))
+
+    def configs(self) -> list[str]:
+        return sorted(p.parent.name for p in self.root.glob(f"*/{schema.INFO_FILE}"))
+
+    def _copy(self, source: Path, target: Path) -> None:
+        if target.exists() and _sha(target) == _sha(source):
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        self.files_written += 1
+
+    def upload_config(self, local_config_dir: Path, config: str) -> None:
+        target_dir = self.root / config
+        wanted = {p.name for p in local_config_dir.glob("*.parquet")}
+        for stale in target_dir.glob("*.parquet") if target_dir.exists() else []:
+            if stale.name not in wanted:
+                stale.unlink()
+        for shard in sorted(local_config_dir.glob("*.parquet")):
+            self._copy(shard, target_dir / shard.name)
+        self._copy(local_config_dir / schema.INFO_FILE, target_dir / schema.INFO_FILE)
+
+    def write_text(self, path_in_repo: str, text: str, message: str) -> None:
+        path = self.root / path_in_repo
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        self.files_written += 1
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def sync_dataset(dataset_dir: str | Path, remote: DatasetRemote, speakers: list[str] | None = None) -> UploadReport:
+    """Upload every local config (or only ``speakers``) whose fingerprint the remote lacks; then the card.
+
+    The remote card lists every config the remote holds, so configs uploaded earlier by other runs stay listed.
+    Raises FileNotFoundError when a requested speaker has not been prepared locally.
+    """
+    dataset_dir = Path(dataset_dir)
+    local = local_configs(dataset_dir)
+    wanted = speakers or sorted(local)
+    missing = [s for s in wanted if s not in local]
+    if missing:
+        raise FileNotFoundError(f"speaker config(s) {missing} are not prepared in {dataset_dir}; prepare them first")
+    remote.ensure_exists()
+    report = UploadReport()
+    for config in wanted:
+        if remote.fingerprint(config) == local[config]["fingerprint"]:
+            report.skipped.append(config)
+            logger.info("config %s: remote is up to date, nothing to upload", config)
+            continue
+        logger.info("config %s: uploading", config)
+        remote.upload_config(dataset_dir / config, config)
+        report.uploaded.append(config)
+
+    infos = {}
+    for config in sorted(set(remote.configs()) | set(wanted)):
+        info_text = remote.read_text(f"{config}/{schema.INFO_FILE}")
+        infos[config] = json.loads(info_text) if info_text else local[config]
+    summaries_text = json.dumps({c: i.get("summary", {}) for c, i in infos.items()}, indent=2, sort_keys=True)
+    card = schema.render_card(infos)
+    if remote.read_text(schema.CARD_FILE) != card:
+        remote.write_text(schema.CARD_FILE, card, "Update dataset card")
+        report.card_updated = True
+    if remote.read_text(schema.SUMMARY_FILE) != summaries_text:
+        remote.write_text(schema.SUMMARY_FILE, summaries_text, "Update preparation summary")
+    return report

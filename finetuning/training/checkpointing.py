@@ -1,0 +1,112 @@
+"""Resumable training state: save every SAVE_STEPS, keep the newest SAVE_TOTAL_LIMIT, resume from the latest.
+
+A state folder ``OUTPUT_DIR/states/step-<N>`` is ``accelerator.save_state`` output: model, optimizer, RNG states
+and the objects the loop registers for checkpointing (the scheduler, the batch sampler, which owns the data
+position, and the step counts). States are written only at optimizer-step boundaries, so a resumed run continues
+with the next micro-batch of the same epoch plan and ends with the same weights as an uninterrupted run.
+SIGTERM / SIGINT ask the loop to save a state and stop after the current step.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STATES_DIR = "states"
+STATE_PREFIX = "step-"
+
+
+class ResumeError(RuntimeError):
+    """RESUME_FROM names nothing that can be resumed; the message says what was looked for."""
+
+
+def state_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / STATES_DIR / f"{STATE_PREFIX}{step:08d}"
+
+
+def saved_states(output_dir: str | Path) -> list[Path]:
+    """Complete saved states, oldest first (a state is complete once its ``progress.done`` marker exists)."""
+    root = Path(output_dir) / STATES_DIR
+    if not root.exists():
+        return []
+    states = [p for p in root.glob(f"{STATE_PREFIX}*") if (p / "progress.done").exists()]
+    return sorted(states, key=lambda p: int(p.name[len(STATE_PREFIX) :]))
+
+
+def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
+    """The state folder RESUME_FROM names: "" → None, "latest" → the newest complete state in OUTPUT_DIR
+    (None when there is none yet, so a first run with RESUME_FROM=latest just starts), else a folder path."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        states = saved_states(output_dir)
+        return states[-1] if states else None
+    path = Path(resume_from)
+    if not (path / "progress.done").exists():
+        raise ResumeError(f"RESUME_FROM={resume_from} is not a complete saved state (no progress.done in it)")
+    return path
+
+
+def load_training_state(accelerator, path: Path) -> None:
+    """Restore every process from a saved state. Raises ResumeError when a registered object refuses it (the
+    sampler refuses a state of another SEED)."""
+    try:
+        accelerator.load_state(str(path))
+    except ValueError as error:
+        raise ResumeError(f"cannot resume from {path}: {error}") from error
+
+
+def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int) -> Path:
+    """Save the state for ``step`` on every process, mark it complete, and prune to the newest ``keep``."""
+    path = state_dir(output_dir, step)
+    if accelerator.is_main_process:  # a state being rewritten is incomplete until its marker is written again
+        (path / "progress.done").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / "progress.done").write_text(str(step))
+        for old in saved_states(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved training state %s", path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+class StopRequest:
+    """Set by SIGTERM / SIGINT; the loop saves a state and stops at the next optimizer-step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("signal %d: saving a training state at the end of this step, then stopping", signum)
+
+    def on_any_process(self, accelerator) -> bool:
+        """True on every process when any process was asked to stop (all must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        import torch
+
+        value = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

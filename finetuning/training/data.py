@@ -1,0 +1,196 @@
+"""Training data: prepared speaker configs -> tokenized examples -> padded batches.
+
+Reads the per-speaker configs written by data preparation, from the local DATASET_DIR or, when HF_DATASET_REPO
+is set, from the Hub. Training never decodes audio for codes: ``audio_codes`` were precomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetuning.constants import NUM_CODEBOOKS
+from finetuning.preparation import schema
+from finetuning.settings import Settings
+from finetuning.training.step import assistant_text
+
+logger = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["id", "speaker", "text", "language", "num_frames", "audio_codes"]
+
+
+class DataError(ValueError):
+    """The prepared data cannot be used for training; the message names the speaker/split and the fix."""
+
+
+def load_split(settings: Settings, speaker: str, split: str, columns: list[str] | None = None, streaming: bool = False):
+    """One speaker's split as a 🤗 ``Dataset`` (``IterableDataset`` when ``streaming``); None when the config has
+    no such split.
+
+    Local folders are read from the shards of the config's current fingerprint (``prepare_info.json``), so a
+    re-prepared speaker is never served from a stale cache.
+    """
+    import datasets
+
+    if settings.HF_DATASET_REPO:
+        try:
+            ds = datasets.load_dataset(
+                settings.HF_DATASET_REPO,
+                name=speaker,
+                split=split,
+                streaming=streaming,
+                token=settings.HF_TOKEN or None,
+            )
+        except ValueError as error:  # unknown split
+            if "split" in str(error).lower():
+                return None
+            raise
+        return ds.select_columns(columns) if columns else ds
+    root = Path(settings.DATASET_DIR)
+    info_path = root / speaker / schema.INFO_FILE
+    if not info_path.exists():
+        raise DataError(
+            f"speaker {speaker} is not prepared in {root} (no {schema.INFO_FILE}); run "
+            "`uv run python finetuning/data_preparation.py` first or set HF_DATASET_REPO"
+        )
+    fingerprint = json.loads(info_path.read_text())["fingerprint"]
+    files = sorted((root / speaker).glob(schema.split_pattern(speaker, split, fingerprint).split("/", 1)[1]))
+    if not files:
+        return None
+    if streaming:
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
+        return ds.select_columns(columns) if columns else ds
+    quiet = not datasets.utils.are_progress_bars_disabled()
+    if quiet:  # one bar per tiny shard read is noise, not progress
+        datasets.utils.disable_progress_bars()
+    try:
+        return datasets.Dataset.from_parquet([str(f) for f in files], columns=columns)
+    finally:
+        if quiet:
+            datasets.utils.enable_progress_bars()
+
+
+def load_references(settings: Settings, speaker: str, columns: list[str] | None = None):
+    """The speaker's reference split (its reference clips); raises DataError when it has none."""
+    refs = load_split(settings, speaker, schema.REFERENCE_SPLIT, columns)
+    if refs is None or len(refs) == 0:
+        raise DataError(f"speaker {speaker} has no reference split; re-run data preparation")
+    return refs
+
+
+def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
+    """The speaker's reference clips as 24 kHz float32 arrays."""
+    return [np.asarray(row["audio"]["array"], dtype=np.float32) for row in load_references(settings, speaker)]
+
+
+@dataclass
+class Example:
+    """One utterance ready for the step: text_ids (Lt,), codes (T, 16)."""
+
+    id: str
+    speaker: int
+    language: str
+    text_ids: torch.Tensor
+    codes: torch.Tensor
+
+
+def build_examples(dataset, speaker_index: int, tokenizer, speaker: str, split: str) -> tuple[list[Example], int]:
+    """Tokenize rows; rows with no codes or no text are skipped, counted and logged. Returns (examples, skipped)."""
+    examples, skipped = [], 0
+    for row in dataset:
+        codes = np.asarray(row["audio_codes"], dtype=np.int64)
+        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != NUM_CODEBOOKS or not row["text"]:
+            skipped += 1
+            logger.warning("speaker %s/%s: skipping row %s (empty text or codes)", speaker, split, row["id"])
+            continue
+        ids = tokenizer(assistant_text(row["text"]), return_tensors="pt")["input_ids"][0]
+        examples.append(
+            Example(
+                id=row["id"],
+                speaker=speaker_index,
+                language=row["language"],
+                text_ids=ids,
+                codes=torch.from_numpy(codes),
+            )
+        )
+    return examples, skipped
+
+
+def load_examples(
+    settings: Settings, tokenizer, split: str, streaming: bool | None = None
+) -> tuple[list[Example], dict[str, int]]:
+    """Examples of every TRAIN_SPEAKERS config for ``split``, in dataset order.
+
+    ``streaming`` (default DATA_STREAMING) reads the rows as a stream of the training columns only; map-style
+    loading goes through the 🤗 cache. Both give the same examples. Raises DataError for a speaker with no
+    usable rows in train.
+    """
+    streaming = settings.DATA_STREAMING if streaming is None else streaming
+    examples, skipped = [], {}
+    for index, speaker in enumerate(settings.TRAIN_SPEAKERS):
+        dataset = load_split(settings, speaker, split, TRAIN_COLUMNS, streaming=streaming)
+        rows, skipped[speaker] = build_examples(dataset or [], index, tokenizer, speaker, split)
+        if split == "train" and not rows:
+            raise DataError(
+                f"speaker {speaker} has no usable training rows ({skipped[speaker]} skipped); re-run data "
+                "preparation or remove the speaker from TRAIN_SPEAKERS"
+            )
+        examples.extend(rows)
+    return examples, skipped
+
+
+def load_training_examples(settings: Settings, tokenizer) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples of every TRAIN_SPEAKERS config; skipped training rows are logged per speaker."""
+    train, skipped = load_examples(settings, tokenizer, "train")
+    if any(skipped.values()):
+        logger.warning("skipped training rows per speaker: %s", skipped)
+    return train, load_examples(settings, tokenizer, "validation")[0]
+
+
+def speaker_languages(examples: list[Example], speakers: tuple[str, ...]) -> dict[str, str]:
+    """Each speaker's language in ``examples`` (its first example's), keyed by name: recorded in the export as
+    generation's default language."""
+    languages: dict[str, str] = {}
+    for example in examples:
+        languages.setdefault(speakers[example.speaker], example.language)
+    return languages
+
+
+def collate(examples: list[Example]) -> dict:
+    """Batch of examples (kept as lists: the step builds variable-length sequences itself).
+
+    id         list[str]
+    text_ids   list[(Lt_b,) long]
+    codes      list[(T_b, 16) long]
+    speaker    (B,) long      index into TRAIN_SPEAKERS
+    language   list[str]
+    num_frames (B,) long
+    """
+    return {
+        "id": [e.id for e in examples],
+        "text_ids": [e.text_ids for e in examples],
+        "codes": [e.codes for e in examples],
+        "speaker": torch.tensor([e.speaker for e in examples], dtype=torch.long),
+        "language": [e.language for e in examples],
+        "num_frames": torch.tensor([e.codes.shape[0] for e in examples], dtype=torch.long),
+    }
+
+
+def make_train_loader(examples: list[Example], batch_sampler, workers: int, pin_memory: bool):
+    """Batches chosen by ``batch_sampler`` (``finetuning.training.sampler.DurationBatchSampler``), collated in
+    ``workers`` processes with prefetch, in pinned memory when a GPU will receive them (copied with
+    ``non_blocking``)."""
+    return torch.utils.data.DataLoader(
+        examples,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=workers > 0,  # the batch sampler runs in this process, so set_epoch still applies
+    )

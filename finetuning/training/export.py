@@ -1,0 +1,203 @@
+"""Export a trained model as a stock ``custom_voice`` checkpoint directory.
+
+The directory loads with ``qwen_tts.Qwen3TTSModel.from_pretrained(dir)``; every trained speaker is a key of
+``talker_config.spk_id`` whose codec-embedding row holds that speaker's embedding (the mean x-vector used in
+training), so ``generate_custom_voice(speaker=name)`` conditions exactly as training did. The speaker encoder is
+not part of a custom-voice model and is left out. The resolved settings (no secrets) and a ``finetune_info.json``
+(speakers, rows, languages) are saved beside the weights. The directory is written to a temporary sibling and
+renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from finetuning.constants import FIRST_SPEAKER_ROW
+from finetuning.settings import Settings
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+INFO_FILE = "finetune_info.json"
+SETTINGS_FILE = "training_settings.json"
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked; the message says why."""
+
+
+def speaker_rows(speakers: list[str], vocab_size: int) -> dict[str, int]:
+    """Codec-embedding row of each speaker, keyed by the lower-case name that generation looks up."""
+    names = [s.lower() for s in speakers]
+    if len(set(names)) != len(names):
+        raise ExportError(f"speaker names must differ ignoring case: {speakers}")
+    rows = {name: FIRST_SPEAKER_ROW + i for i, name in enumerate(names)}
+    if rows and max(rows.values()) >= vocab_size:
+        raise ExportError(
+            f"{len(names)} speakers need codec rows up to {max(rows.values())}, but the talker vocabulary has "
+            f"{vocab_size} rows"
+        )
+    return rows
+
+
+def custom_voice_config(base_config: dict, rows: dict[str, int]) -> dict:
+    """The base model's config.json turned into a custom-voice config listing ``rows``' speakers."""
+    config = json.loads(json.dumps(base_config))
+    config["tts_model_type"] = "custom_voice"
+    talker = config["talker_config"]
+    talker["spk_id"] = dict(rows)
+    talker["spk_is_dialect"] = {name: False for name in rows}
+    return config
+
+
+def export_state_dict(
+    model, speaker_embeds: torch.Tensor, rows: dict[str, int], dtype: torch.dtype, state_dict: dict | None = None
+) -> dict:
+    """Weights of ``model`` (or ``state_dict``, e.g. gathered from FSDP shards) without the speaker encoder,
+    speaker rows set to ``speaker_embeds`` (S, D)."""
+    state = {}
+    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
+        if name.startswith("speaker_encoder."):
+            continue
+        state[name] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).clone()
+    key = "talker.model.codec_embedding.weight"
+    for (_, row), embed in zip(rows.items(), speaker_embeds, strict=True):
+        state[key][row] = embed.to(state[key].dtype)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _base_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def export_checkpoint(
+    model,
+    base_model_dir: str | Path,
+    speakers: list[str],
+    speaker_embeds: torch.Tensor,
+    languages: dict[str, str],
+    output_dir: str | Path,
+    settings: Settings | None = None,
+    extra_info: dict | None = None,
+    link_base_files: bool = False,
+    state_dict: dict | None = None,
+) -> Path:
+    """Write a custom-voice checkpoint of ``model`` (a ``Qwen3TTSForConditionalGeneration``) to ``output_dir``.
+
+    ``base_model_dir`` provides config, tokenizer files and the speech tokenizer; ``speaker_embeds`` is (S, D) in
+    ``speakers`` order; ``languages`` maps speaker -> the language it was trained with (for ``generate.py``'s
+    default). An existing ``output_dir`` is replaced only once the new one is complete. ``link_base_files``
+    hard-links the base folder's unchanged files (tokenizers, speech tokenizer) instead of copying them where the
+    filesystem allows, for the repeated exports of in-training evaluation. ``state_dict`` replaces
+    ``model.state_dict()`` (a full state gathered from sharded training).
+
+    Raises ExportError when the speakers do not fit the vocabulary or the base folder lacks config.json.
+    """
+    base = Path(base_model_dir)
+    output_dir = Path(output_dir)
+    if not (base / "config.json").exists():
+        raise ExportError(f"{base} has no config.json; INIT_MODEL_PATH must be a Qwen3-TTS model folder or Hub id")
+    base_config = json.loads((base / "config.json").read_text())
+    rows = speaker_rows(speakers, base_config["talker_config"]["vocab_size"])
+    if speaker_embeds.shape[0] != len(speakers):
+        raise ExportError(f"{len(speakers)} speakers but {speaker_embeds.shape[0]} embeddings")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        for item in base.iterdir():
+            if item.name in WEIGHT_FILES or item.name == "config.json" or item.name.startswith("."):
+                continue
+            copy = _link_or_copy if link_base_files else shutil.copy2
+            if item.is_dir():
+                shutil.copytree(item, staging / item.name, copy_function=copy)
+            else:
+                copy(item, staging / item.name)
+        config = custom_voice_config(base_config, rows)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        state = export_state_dict(model, speaker_embeds, rows, _base_dtype(base_config), state_dict)
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        info = {
+            "speakers": {
+                name: {"row": rows[name.lower()], "language": languages.get(name, "auto")} for name in speakers
+            },
+            "base_model": str(settings.INIT_MODEL_PATH) if settings else str(base),
+            **(extra_info or {}),
+        }
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
+        if settings is not None:
+            settings.save(staging / SETTINGS_FILE)
+        previous = output_dir.with_name(f".{output_dir.name}.previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        if output_dir.exists():
+            output_dir.rename(previous)
+        staging.rename(output_dir)
+        if previous.exists():
+            shutil.rmtree(previous)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return output_dir
+
+
+def gathered_state_dict(accelerator, step_module) -> dict:
+    """The talker model's full state dict (keys as in the model) from the prepared ``TalkerStep``, gathered from
+    every process (FSDP shards): every process must call it."""
+    prefix = "model."
+    full = accelerator.get_state_dict(step_module)
+    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+@dataclass(frozen=True)
+class RunExports:
+    """What every export of one training run shares: the Base model folder (config, tokenizers, speech tokenizer),
+    the (S, D) speaker embeddings in TRAIN_SPEAKERS order, each speaker's training language and the settings."""
+
+    base_model_dir: Path
+    speaker_embeds: torch.Tensor
+    languages: dict[str, str]
+    settings: Settings
+
+    def export(self, accelerator, step_module, output_dir: str | Path, step: int, link_base_files: bool = False):
+        """``export_checkpoint`` of the model being trained, with the run's settings and ``step`` recorded.
+
+        Every process must call it (the state is gathered from all); the main process writes ``output_dir`` and
+        gets its path, the others None.
+        """
+        state = gathered_state_dict(accelerator, step_module)
+        if not accelerator.is_main_process:
+            return None
+        settings = self.settings
+        return export_checkpoint(
+            accelerator.unwrap_model(step_module).model,
+            self.base_model_dir,
+            list(settings.TRAIN_SPEAKERS),
+            self.speaker_embeds,
+            self.languages,
+            output_dir,
+            settings=settings,
+            extra_info={"optimizer_steps": step, "training_layout": settings.TRAINING_LAYOUT},
+            link_base_files=link_base_files,
+            state_dict=state,
+        )
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(Path(source).resolve(), destination)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, destination)
+
+
+def read_info(checkpoint_dir: str | Path) -> dict:
+    """``finetune_info.json`` of an exported checkpoint ({} for checkpoints not made by this package)."""
+    path = Path(checkpoint_dir) / INFO_FILE
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,275 @@
+"""The training loop: prepared speaker configs -> fine-tuned talker -> exported custom-voice checkpoint.
+
+Reads top to bottom like accelerate's examples: settings -> model and speaker embeddings -> dataloader ->
+``accelerator.prepare`` -> loop (accumulate, clip, step, log, validate, save) -> export. Run it through
+``uv run accelerate launch finetuning/finetune.py`` (or ``python finetuning/finetune.py`` on one device).
+What the loop reports lives in ``tracking``, the optimizer and its step in ``optim``, resumable states in
+``checkpointing``, and in-training evaluation is a callback the command passes in (``callbacks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from finetuning.resources import resolve_model_dir
+from finetuning.settings import Settings
+from finetuning.training.callbacks import ExportCallback, ExportHook
+from finetuning.training.checkpointing import (
+    StopRequest,
+    load_training_state,
+    resolve_resume,
+    save_training_state,
+    saved_states,
+)
+from finetuning.training.data import Example, load_training_examples, make_train_loader, speaker_languages
+from finetuning.training.export import RunExports, speaker_rows
+from finetuning.training.losses import build_auxiliary_losses
+from finetuning.training.optim import make_optimizer, make_scheduler, optimizer_step
+from finetuning.training.sampler import DurationBatchSampler
+from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
+from finetuning.training.step import TalkerStep, sequence_length
+from finetuning.training.tracking import MetricsLog, MetricWindow, SampleAudit, tracker_config
+from finetuning.training.validation import validation_losses
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue; the message says what to fix."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did: optimizer steps taken, steps skipped for non-finite loss, last losses, export path
+    (None when the run stopped early on a signal: its state is saved for RESUME_FROM=latest).
+
+    The two step counts are saved with every training state (``state_dict``), so a resumed run counts on.
+    """
+
+    optimizer_steps: int = 0
+    skipped_steps: int = 0
+    interrupted: bool = False
+    train_loss: float = float("nan")
+    eval_loss: float | None = None
+    export_dir: Path | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer_steps, self.skipped_steps = int(state["optimizer_steps"]), int(state["skipped_steps"])
+
+
+def load_base_model(model_dir: Path, device: torch.device, speakers: tuple[str, ...]):
+    """The Base model to fine-tune, in float32 (master weights; autocast supplies mixed precision), with its
+    speaker encoder frozen, and its text tokenizer. Fails before training (ExportError) when ``speakers`` do not
+    fit the codec vocabulary."""
+    import qwen_tts
+
+    wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = wrapper.model
+    if model.speaker_encoder is None:
+        raise TrainingError(
+            f"INIT_MODEL_PATH={model_dir} is a {model.tts_model_type!r} model without a speaker encoder; "
+            "fine-tune a Base model (e.g. Qwen/Qwen3-TTS-12Hz-1.7B-Base)"
+        )
+    freeze_speaker_encoder(model)
+    speaker_rows(list(speakers), model.config.talker_config.vocab_size)
+    return model.to(device), wrapper.processor.tokenizer
+
+
+def make_accelerator(settings: Settings):
+    """Accelerator with mixed precision, accumulation and the trackers REPORT_TO names (never silently none)."""
+    import importlib.util
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = [t for t in settings.REPORT_TO if t != "none"]
+    for tracker in trackers:
+        if importlib.util.find_spec(tracker) is None:
+            raise TrainingError(
+                f"REPORT_TO={','.join(settings.REPORT_TO)} needs the {tracker} package: `uv pip install {tracker}`, "
+                "or set REPORT_TO=none to log only to metrics.jsonl"
+            )
+    if "wandb" in trackers:
+        os.environ["WANDB_MODE"] = settings.WANDB_MODE
+    return Accelerator(
+        mixed_precision=settings.MIXED_PRECISION,
+        gradient_accumulation_steps=settings.GRADIENT_ACCUMULATION_STEPS,
+        cpu=settings.DEVICE == "cpu",
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=settings.OUTPUT_DIR, logging_dir=settings.OUTPUT_DIR),
+    )
+
+
+def make_sampler(examples: list[Example], settings: Settings, talker_config, accelerator) -> DurationBatchSampler:
+    lengths = [
+        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT)
+        for e in examples
+    ]
+    return DurationBatchSampler(
+        lengths,
+        [e.speaker for e in examples],
+        batch_size=settings.BATCH_SIZE,
+        max_batch_tokens=settings.MAX_BATCH_TOKENS,
+        num_buckets=settings.NUM_BUCKETS,
+        mixing=settings.SPEAKER_MIXING,
+        seed=settings.SEED,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+
+
+def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
+    """The state to resume from (RESUME_FROM), or None for a new run, which must not mix with an earlier run's
+    states; the run folder is created and the settings are saved in it."""
+    output_dir = Path(settings.OUTPUT_DIR)
+    resume_path = resolve_resume(settings.RESUME_FROM, output_dir)
+    if resume_path is None and saved_states(output_dir):
+        raise TrainingError(
+            f"{output_dir} holds saved training states of an earlier run ({saved_states(output_dir)[-1].name}); "
+            "set RESUME_FROM=latest to continue it, or use another OUTPUT_DIR (or delete its states/ folder)"
+        )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        settings.save(output_dir / "training_settings.json")
+    return resume_path
+
+
+def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainResult:
+    """Fine-tune INIT_MODEL_PATH on TRAIN_SPEAKERS and export to ``settings.export_dir``.
+
+    ``on_export(checkpoint_dir, step, accelerator)`` (the command passes generated-speech evaluation) is called on
+    the main process with an export every EVAL_GENERATE_STEPS steps and with the final export; see ``callbacks``.
+    Raises DataError / TrainingError / ResumeError / ModelUnavailable with a message naming the fix.
+    """
+    from accelerate.utils import send_to_device, set_seed
+
+    accelerator = make_accelerator(settings)
+    set_seed(settings.SEED)
+    resume_path = prepare_output_dir(settings, accelerator)
+    model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=settings.HF_TOKEN or None)
+    model, tokenizer = load_base_model(model_dir, accelerator.device, settings.TRAIN_SPEAKERS)
+    speaker_embeds = compute_speaker_embeddings(model, settings)
+    train_examples, val_examples = load_training_examples(settings, tokenizer)
+    exports = RunExports(
+        model_dir, speaker_embeds, speaker_languages(train_examples, settings.TRAIN_SPEAKERS), settings
+    )
+    sampler = make_sampler(train_examples, settings, model.config.talker_config, accelerator)
+    pin_memory = accelerator.device.type == "cuda"
+    train_loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
+    step_module = TalkerStep(
+        model,
+        speaker_embeds,
+        layout=settings.TRAINING_LAYOUT,
+        sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
+        aux_losses=build_auxiliary_losses(settings, model, model_dir, accelerator.device),
+    )
+    optimizer = make_optimizer(model, settings)
+    # Accumulation runs across epoch ends, so NUM_EPOCHS passes take ceil(epochs x batches / accumulation) steps.
+    total_steps = settings.MAX_STEPS or math.ceil(
+        settings.NUM_EPOCHS * len(sampler) / settings.GRADIENT_ACCUMULATION_STEPS
+    )
+    scheduler = make_scheduler(optimizer, settings, total_steps)
+    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    result = TrainResult()
+    accelerator.register_for_checkpointing(scheduler, sampler, result)  # sampler: the data position
+    log = MetricsLog(accelerator, settings.OUTPUT_DIR)
+    if resume_path is not None:
+        load_training_state(accelerator, resume_path)
+        logger.info("resumed from %s at step %d", resume_path, result.optimizer_steps)
+        log.truncate(result.optimizer_steps)
+    aux_losses = accelerator.unwrap_model(step_module).aux_losses
+    if aux_losses is not None:  # states are saved at optimizer steps: micro-batches so far = steps x accumulation
+        aux_losses.training_calls = result.optimizer_steps * settings.GRADIENT_ACCUMULATION_STEPS
+    if accelerator.is_main_process:
+        accelerator.init_trackers("finetune", config=tracker_config(settings))
+
+    hook = ExportHook(on_export, exports)
+    audit = SampleAudit(settings, accelerator.process_index)
+    bar = tqdm(
+        total=total_steps, initial=result.optimizer_steps, desc="training", disable=not accelerator.is_main_process
+    )
+    window = MetricWindow(accelerator.device, result.optimizer_steps)
+    step_module.train()
+    with StopRequest() as stop:
+        while result.optimizer_steps < total_steps and not result.interrupted:
+            for batch in train_loader:
+                batch = send_to_device(batch, accelerator.device, non_blocking=True)
+                with accelerator.accumulate(step_module):
+                    loss, out = step_module(batch)
+                    accelerator.backward(loss)
+                    window.add(loss, out, batch)
+                    if accelerator.sync_gradients:
+                        grad_norm, stepped = optimizer_step(
+                            accelerator,
+                            step_module,
+                            optimizer,
+                            scheduler,
+                            settings.MAX_GRAD_NORM,
+                            result.optimizer_steps,
+                        )
+                        result.skipped_steps += 0 if stepped else 1
+                    optimizer.zero_grad(set_to_none=True)
+                sampler.batch_done()
+                audit.batch(sampler.epoch, batch["id"])
+                if not accelerator.sync_gradients:
+                    continue
+                result.optimizer_steps += 1
+                step = result.optimizer_steps
+                bar.update(1)
+                if step % settings.LOGGING_STEPS == 0 or step == total_steps:
+                    record = {"step": step, "epoch": sampler.epoch, **window.flush(accelerator, step)}
+                    record.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": _float(grad_norm)})
+                    record["train/skipped_steps"] = result.skipped_steps
+                    bar.set_postfix(loss=f"{record['train/loss']:.3f}")
+                    result.train_loss = record["train/loss"]
+                    log.write(record)
+                if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
+                    with window.paused():
+                        log.write({"step": step, **validation_losses(step_module, val_examples, settings, accelerator)})
+                if hook.due(step, total_steps):
+                    with window.paused():
+                        hook.export_and_call(accelerator, step_module, step)
+                stop_now = stop.on_any_process(accelerator)
+                if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
+                    save_training_state(accelerator, settings.OUTPUT_DIR, step, settings.SAVE_TOTAL_LIMIT)
+                result.interrupted = stop_now
+                if step >= total_steps or stop_now:
+                    break
+            else:
+                sampler.set_epoch(sampler.epoch + 1)
+    bar.close()
+    result.history = log.history
+    if result.interrupted:
+        logger.warning("stopped on a signal at step %d; resume with RESUME_FROM=latest", result.optimizer_steps)
+        accelerator.end_training()
+        return result
+    audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
+    if val_examples:
+        eval_metrics = validation_losses(step_module, val_examples, settings, accelerator)
+        result.eval_loss = eval_metrics["eval/codec0_loss"]
+        log.write({"step": result.optimizer_steps, **eval_metrics})
+
+    accelerator.wait_for_everyone()
+    result.export_dir = exports.export(accelerator, step_module, settings.export_dir, result.optimizer_steps)
+    if result.export_dir is not None:
+        logger.info("exported %s", result.export_dir)
+    if hook.active:
+        hook.call(accelerator, result.export_dir, result.optimizer_steps)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _float(value) -> float:
+    return float("nan") if value is None else float(value)

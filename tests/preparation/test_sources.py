@@ -1,0 +1,103 @@
+import json
+
+import pytest
+from conftest import speechlike, write_wav
+
+from finetuning.preparation.sources import SourceError, detect_format, read_source
+
+
+def test_jsonl_with_audio_and_optional_fields(tmp_path):
+    write_wav(tmp_path / "a.wav", speechlike(1.0))
+    write_wav(tmp_path / "ref.wav", speechlike(2.0))
+    rows = [
+        {"audio": "a.wav", "text": "one", "language": "english", "split": "valid", "ref_audio": "ref.wav"},
+        {"audio": "missing.wav", "text": "two", "id": "custom"},
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\nnot json\n")
+    items = list(read_source(str(tmp_path / "data.jsonl"), None, "spk"))
+    assert [i.id for i in items[:2]] == ["a", "custom"]
+    assert items[0].audio == tmp_path / "a.wav"
+    assert items[0].language == "english" and items[0].split == "validation"
+    assert items[0].reference_audio == [tmp_path / "ref.wav"]
+    assert items[2].audio is None and items[2].text == ""  # a broken line is kept as a rejectable item
+
+
+def test_seed_004_jsonl_uses_audio_path(tmp_path):
+    write_wav(tmp_path / "x.wav", speechlike(1.0))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "hello", "audio_path": "x.wav"}) + "\n")
+    (item,) = read_source(str(tmp_path / "train.jsonl"), "jsonl", "spk")
+    assert item.audio == tmp_path / "x.wav" and item.text == "hello"
+
+
+@pytest.mark.parametrize(
+    ("name", "line"), [("metadata.csv", "c1|Raw text|Normalised text"), ("metadata.tsv", "c1\tRaw")]
+)
+def test_ljspeech_folder(tmp_path, name, line):
+    write_wav(tmp_path / "wavs" / "c1.wav", speechlike(1.0))
+    (tmp_path / name).write_text(line + "\n")
+    assert detect_format(str(tmp_path)) == "ljspeech"
+    (item,) = read_source(str(tmp_path), None, "spk")
+    assert item.id == "c1" and item.audio == tmp_path / "wavs" / "c1.wav"
+    assert item.text == ("Normalised text" if name.endswith("csv") else "Raw")
+
+
+def test_chatml_assistant_turns_become_samples(tmp_path):
+    write_wav(tmp_path / "ref.wav", speechlike(2.0))
+    write_wav(tmp_path / "target.wav", speechlike(1.5))
+
+    def conversation(speaker):
+        return {
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Say it"},
+                        {"type": "audio", "audio_url": "ref.wav"},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "The answer."},
+                        {"type": "audio", "audio_url": "target.wav"},
+                    ],
+                },
+            ],
+            "speaker": speaker,
+        }
+
+    (tmp_path / "chat.json").write_text(json.dumps([conversation("spk"), conversation("other")]))
+    items = list(read_source(str(tmp_path / "chat.json"), None, "spk"))
+    assert len(items) == 1
+    assert items[0].text == "The answer." and items[0].audio == tmp_path / "target.wav"
+    assert items[0].reference_audio == [tmp_path / "ref.wav"]
+
+
+def test_hf_dataset_keeps_splits_and_filters_speaker(tmp_path):
+    import datasets
+
+    def split(rows):
+        return datasets.Dataset.from_dict(
+            {
+                "audio": [str(write_wav(tmp_path / f"{r[0]}.wav", speechlike(1.0))) for r in rows],
+                "text": [r[1] for r in rows],
+                "speaker": [r[2] for r in rows],
+            }
+        ).cast_column("audio", datasets.Audio(sampling_rate=24000))
+
+    dd = datasets.DatasetDict(
+        {"train": split([("t1", "one", "spk"), ("t2", "two", "other")]), "validation": split([("v1", "three", "spk")])}
+    )
+    dd.save_to_disk(str(tmp_path / "hf"))
+    items = list(read_source(str(tmp_path / "hf"), None, "spk"))
+    assert [(i.text, i.split) for i in items] == [("one", "train"), ("three", "validation")]
+    assert all(i.audio is not None for i in items)
+
+
+def test_unknown_format_and_bad_split_are_clear_errors(tmp_path):
+    with pytest.raises(SourceError, match="format"):
+        list(read_source(str(tmp_path / "x.txt"), None, "spk"))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "t", "split": "holdout"}) + "\n")
+    with pytest.raises(SourceError, match="holdout"):
+        list(read_source(str(tmp_path / "d.jsonl"), None, "spk"))

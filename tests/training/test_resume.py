@@ -1,0 +1,183 @@
+"""Resume after a hard kill, keep-last-N states, and two processes under ``accelerate launch``."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, VOICES_DIR, subprocess_env
+
+FINETUNE = str(REPO_ROOT / "finetuning" / "finetune.py")
+STEPS = 40
+SAVE_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_model_dir, tmp_path_factory):
+    from conftest import make_settings
+
+    from finetuning.preparation.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("resume")
+    settings = make_settings(root, tiny_model_dir, VALIDATION_FRACTION=0.0)
+    prepare_dataset(settings, max_samples=4, report=lambda _: None)
+    return root, tiny_model_dir
+
+
+def _env_file(root, model_dir, name, **extra):
+    values = {
+        "INIT_MODEL_PATH": model_dir,
+        "TOKENIZER_PATH": model_dir / "speech_tokenizer",
+        "VOICES_DIR": VOICES_DIR,
+        "DATASET_DIR": root / "dataset",
+        "OUTPUT_DIR": root / name,
+        "DEVICE": "cpu",
+        "MIXED_PRECISION": "no",
+        "MAX_STEPS": STEPS,
+        "SAVE_STEPS": SAVE_STEPS,
+        "SAVE_TOTAL_LIMIT": 2,
+        "MAX_BATCH_TOKENS": 160,
+        "GRADIENT_ACCUMULATION_STEPS": 2,
+        "LEARNING_RATE": 1e-3,
+        "WARMUP_STEPS": 5,
+        "EVAL_STEPS": 0,
+        "LOGGING_STEPS": 5,
+        "DATALOADER_WORKERS": 0,
+        "VALIDATION_FRACTION": 0.0,
+        "USE_AUXILIARY_LOSSES": "true",  # resumed crops and cadence must match too
+        "AUX_LOSS_EVERY_N_STEPS": 3,  # not a divisor of the accumulation-aligned save points
+        **extra,
+    }
+    path = root / f"{name}.env"
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+def _weights(export_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(export_dir / "model.safetensors"))
+
+
+def _states(output_dir):
+    return sorted(p.name for p in (output_dir / "states").glob("step-*"))
+
+
+def test_hard_killed_run_resumes_to_the_same_weights(prepared):
+    root, model_dir = prepared
+    straight = subprocess.run(
+        [sys.executable, FINETUNE, "--env-file", str(_env_file(root, model_dir, "straight"))],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert _states(root / "straight") == [f"step-{STEPS - SAVE_STEPS:08d}", f"step-{STEPS:08d}"]  # keep-last-2
+
+    env_file = _env_file(root, model_dir, "killed", RESUME_FROM="latest")  # same settings as "straight"
+    proc = subprocess.Popen(
+        [sys.executable, FINETUNE, "--env-file", str(env_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+    )
+    marker = root / "killed" / "states" / f"step-{2 * SAVE_STEPS:08d}" / "progress.done"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and proc.returncode == -signal.SIGKILL
+    assert not (root / "killed" / "model").exists(), "the run finished before it could be killed"
+    assert len(_states(root / "killed")) <= 2
+
+    resumed = subprocess.run(
+        [sys.executable, FINETUNE, "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = _weights(root / "straight" / "model"), _weights(root / "killed" / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    metrics = [json.loads(line) for line in (root / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == STEPS
+
+
+def test_sigterm_saves_a_state_and_exits_cleanly(prepared):
+    root, model_dir = prepared
+    env_file = _env_file(root, model_dir, "terminated", SAVE_STEPS=0, MAX_STEPS=100000)
+    proc = subprocess.Popen(
+        [sys.executable, FINETUNE, "--env-file", str(env_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    metrics = root / "terminated" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not metrics.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-2000:]
+    assert "RESUME_FROM=latest" in out
+    assert len(_states(root / "terminated")) == 1
+
+
+def test_bad_resume_path_is_a_clear_error(prepared):
+    root, model_dir = prepared
+    env_file = _env_file(root, model_dir, "bad_resume", RESUME_FROM=str(root / "no_such_state"))
+    proc = subprocess.run(
+        [sys.executable, FINETUNE, "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 1 and "RESUME_FROM" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
+    root, model_dir = prepared
+    env_file = _env_file(root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=0)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",  # torchrun-style DDP; without CUDA (and DEVICE=cpu) the two processes use gloo on the CPU
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        FINETUNE,
+        "--env-file",
+        str(env_file),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = [
+        [json.loads(line) for line in (root / "ddp" / f"samples_rank{r}.jsonl").read_text().splitlines()]
+        for r in range(2)
+    ]
+    for epoch in {rec["epoch"] for rec in logs[0] if "epoch" in rec}:
+        seen = [{i for rec in log if rec.get("epoch") == epoch for i in rec["ids"]} for log in logs]
+        assert seen[0] and seen[1] and not seen[0] & seen[1]
+    sums = [log[-1]["final_parameter_sum"] for log in logs]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-9)
+    assert (root / "ddp" / "model" / "model.safetensors").exists()

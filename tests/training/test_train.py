@@ -1,0 +1,282 @@
+"""Overfit -> export -> stock generate: the trained codes come back out of ``generate_custom_voice``.
+
+A tiny model is trained through the real loop (``finetuning.training.loop.train``) on the two bundled speakers x two
+utterances until it memorises them, exported as a custom-voice checkpoint, loaded with stock
+``qwen_tts.Qwen3TTSModel.from_pretrained`` and decoded greedily. One sentence is said by both speakers (their
+own recordings, one transcript), so the text alone cannot tell the model which codes to produce: only the
+speaker row can. With the official recipe's double label shift the same training does not reproduce the data,
+which shows the check can fail.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOICES_DIR, make_settings, shift_labels_once_more
+
+from finetuning.training import step
+from finetuning.training.export import INFO_FILE, SETTINGS_FILE
+
+SPEAKERS = ("english_speaker", "swahili_speaker")
+UTTERANCES_PER_SPEAKER = 2
+OVERFIT_STEPS = 300
+MIN_TOKEN_MATCH = 0.95
+# Greedy decoding reproduces the data only while every target beats its rivals. Float rounding differs between
+# CPU kernel sets by ~1e-4 logits; the trained margins are ~4-8 logits, so the floor below makes a thinning margin
+# fail here, on every CPU, long before greedy decoding would flip a token on some CPU only.
+MIN_TEACHER_FORCED_MARGIN = 1.0
+REPETITION_PENALTY = 1.05  # stock generate's default, applied to codebook-0 tokens generated so far
+SECRET = "hf_secret_token_value_for_tests"
+SHARED_TEXT = "Karibu, welcome home."
+
+
+def _overfit_voices(root):
+    """A voices folder: each bundled speaker with its first clip (own text) and second clip (SHARED_TEXT).
+
+    The espeak clips open with 80 ms of digital silence: one frame of identical codes in every utterance, after
+    which the shared sentence's next frame would have to be told apart by the speaker embedding alone, and the
+    tiny random speaker encoder puts the two voices at cosine 0.993 (real x-vectors of two voices are far apart).
+    The tiny code predictor then memorises that frame only to within ~0.05 logits, a coin toss that CPU kernels
+    decide differently. Without the digital silence the test still needs the speaker row to pick each speaker's
+    codes for the shared sentence, from the very first frame."""
+    import shutil
+
+    import soundfile as sf
+
+    for speaker in SPEAKERS:
+        rows = [json.loads(line) for line in (VOICES_DIR / speaker / "metadata.jsonl").read_text().splitlines()]
+        own, shared = rows[0], rows[1]
+        out = root / speaker
+        out.mkdir(parents=True)
+        clips = []
+        for row in (own, shared):
+            audio, sample_rate = sf.read(VOICES_DIR / speaker / row["audio"], dtype="float32")
+            path = out / Path(row["audio"]).with_suffix(".wav").name
+            sf.write(path, audio[np.flatnonzero(audio)[0] :], sample_rate)
+            clips.append(str(path))
+        lines = [{**own, "audio": clips[0]}, {**shared, "audio": clips[1], "text": SHARED_TEXT}]
+        (out / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        shutil.copy(VOICES_DIR / f"{speaker}.wav", root / f"{speaker}.wav")
+    return root
+
+
+def _overfit_settings(tmp_path, model_dir, layout, voices, steps=OVERFIT_STEPS, **extra):
+    values = dict(
+        VOICES_DIR=voices,
+        TRAIN_SPEAKERS=",".join(SPEAKERS),
+        VALIDATION_FRACTION=0.0,
+        BATCH_SIZE=len(SPEAKERS) * UTTERANCES_PER_SPEAKER,
+        MAX_BATCH_TOKENS=0,  # one batch of everything
+        GRADIENT_ACCUMULATION_STEPS=1,
+        LEARNING_RATE=6e-3,
+        LR_SCHEDULE="constant",
+        WARMUP_STEPS=0,
+        WEIGHT_DECAY=0.0,
+        MAX_STEPS=steps,
+        LOGGING_STEPS=50,
+        TRAINING_LAYOUT=layout,
+        HF_TOKEN=SECRET,
+    )
+    return make_settings(tmp_path, model_dir, **{**values, **extra})
+
+
+def _train(tmp_path_factory, model_dir, layout, **extra):
+    from finetuning.preparation.prepare import prepare_dataset
+    from finetuning.training.loop import train
+
+    tmp_path = tmp_path_factory.mktemp(f"overfit_{layout}")
+    settings = _overfit_settings(tmp_path, model_dir, layout, voices=_overfit_voices(tmp_path / "voices"), **extra)
+    prepare_dataset(settings, report=lambda _: None)
+    result = train(settings)
+    return settings, result
+
+
+def _trained_rows(settings):
+    from finetuning.training.data import load_split
+
+    rows = []
+    for speaker in settings.TRAIN_SPEAKERS:
+        for row in load_split(settings, speaker, "train", ["speaker", "text", "language", "audio_codes"]):
+            rows.append({**row, "audio_codes": torch.tensor(np.asarray(row["audio_codes"]), dtype=torch.long)})
+    return rows
+
+
+def _generate_codes(model, speaker, text, max_frames):
+    """Greedy stock ``generate_custom_voice`` (through ``evaluation.speech.synthesize``, which picks the trained
+    language and layout from the checkpoint), returning the frame codes it produced."""
+    from finetuning.evaluation.speech import synthesize
+
+    seen = []
+    stock_generate = model.model.generate
+
+    def recording_generate(*args, **kwargs):
+        codes, hidden = stock_generate(*args, **kwargs)
+        seen.extend(codes)
+        return codes, hidden
+
+    model.model.generate = recording_generate
+    try:
+        wav, sample_rate = synthesize(model, speaker, text, greedy=True, max_new_tokens=max_frames)
+    finally:
+        del model.model.generate
+    assert sample_rate == 24000 and wav.ndim == 1 and np.isfinite(wav).all()
+    return seen[0].cpu()
+
+
+def _compare(generated, trained):
+    """(codebook-0 identical incl. length/EOS, share of all 16-codebook tokens equal)."""
+    same_length = generated.shape[0] == trained.shape[0]
+    first_equal = same_length and torch.equal(generated[:, 0], trained[:, 0])
+    n = min(generated.shape[0], trained.shape[0])
+    matches = (generated[:n] == trained[:n]).sum().item()
+    return first_equal, matches / trained.numel()
+
+
+def teacher_forced_margins(model, tokenizer, row, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit margins of the trained codes over their best rival, teacher-forced through the exported model as
+    greedy ``generate_custom_voice`` scores them (control ids suppressed, EOS kept, codebook-0 tokens already
+    emitted divided by the repetition penalty): codebook 0 (T + 1,) incl. EOS, and codebooks 2-16 (T, 15)."""
+    from finetuning.training.step import assistant_text, build_talker_inputs, language_id_for, talker_forward
+
+    tcfg = model.config.talker_config
+    codes = row["audio_codes"]
+    text_ids = tokenizer(assistant_text(row["text"]), return_tensors="pt")["input_ids"][0]
+    speaker = model.talker.get_input_embeddings().weight[tcfg.spk_id[row["speaker"]]]
+    with torch.no_grad():
+        inputs = build_talker_inputs(
+            model, [text_ids], [codes], speaker[None], [language_id_for(tcfg, row["language"])], layout=layout
+        )
+        out = talker_forward(model, inputs)
+    positions = (inputs.labels[0] != -100).nonzero().flatten()
+    targets = inputs.labels[0, positions]  # (T + 1,) codes then EOS
+    logits = out.codec0_logits[0, positions].clone()  # (T + 1, V)
+    control = torch.arange(tcfg.vocab_size - 1024, tcfg.vocab_size)
+    logits[:, control[control != tcfg.codec_eos_token_id]] = float("-inf")
+    for j in range(1, len(targets)):
+        seen = targets[:j].unique()
+        value = logits[j, seen]
+        logits[j, seen] = torch.where(value > 0, value / REPETITION_PENALTY, value * REPETITION_PENALTY)
+
+    def margin(scores, wanted):  # scores (..., V), wanted (...) -> target minus best rival (...)
+        target = scores.gather(-1, wanted[..., None])[..., 0]
+        return target - scores.scatter(-1, wanted[..., None], float("-inf")).max(-1).values
+
+    return margin(logits, targets), margin(out.sub_talker_logits, codes[:, 1:])
+
+
+def _check(settings, result):
+    import qwen_tts
+
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(result.export_dir))
+    report = []
+    for row in _trained_rows(settings):
+        trained = row["audio_codes"]
+        generated = _generate_codes(model, row["speaker"], row["text"], trained.shape[0] + 10)
+        first_equal, share = _compare(generated, trained)
+        codec0_margins, sub_talker_margins = teacher_forced_margins(
+            model.model, model.processor.tokenizer, row, settings.TRAINING_LAYOUT
+        )
+        report.append(
+            {
+                "speaker": row["speaker"],
+                "text": row["text"],
+                "codebook0_equal": first_equal,
+                "share": share,
+                "codec0_margin": float(codec0_margins.min()),
+                "sub_talker_margin": float(sub_talker_margins.min()),
+            }
+        )
+    return model, report
+
+
+@pytest.fixture(scope="module")
+def overfit_runs(tiny_model_dirs, tmp_path_factory):
+    """One run per tiny layout: the 1.7B-like layout in non-streaming mode (generate_custom_voice's default) and
+    the 0.6B-like layout (text width != talker width) in streaming mode; then the first again with the auxiliary
+    losses (mel, voice, prosody through the decoder) at their default weights and cadence."""
+    return {
+        ("equal", "non_streaming"): _train(tmp_path_factory, tiny_model_dirs["equal"], "non_streaming"),
+        ("wide_text", "streaming"): _train(tmp_path_factory, tiny_model_dirs["wide_text"], "streaming"),
+        # Same run with the auxiliary losses: every one compares with the decoded target codes, so they agree
+        # with the codec losses and memorisation is as exact, with margins as wide, in as many steps.
+        ("equal", "non_streaming", "aux"): _train(
+            tmp_path_factory, tiny_model_dirs["equal"], "non_streaming", USE_AUXILIARY_LOSSES=True
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [("equal", "non_streaming"), ("wide_text", "streaming"), ("equal", "non_streaming", "aux")],
+    ids="-".join,
+)
+def test_overfit_then_generate_reproduces_every_speaker(overfit_runs, case, margin_log):
+    settings, result = overfit_runs[case]
+    assert result.optimizer_steps == OVERFIT_STEPS
+    assert result.skipped_steps == 0
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+    logged = {key for record in result.history for key in record}
+    aux_keys = {"train/mel_reconstruction", "train/voice_consistency", "train/prosody"}
+    assert aux_keys <= logged if "aux" in case else not aux_keys & logged
+    model, report = _check(settings, result)
+    assert len(report) == len(SPEAKERS) * UTTERANCES_PER_SPEAKER
+    margin_log["-".join(case)] = {
+        "codec0": min(item["codec0_margin"] for item in report),
+        "sub_talker": min(item["sub_talker_margin"] for item in report),
+    }
+    for item in report:
+        assert item["codebook0_equal"], item
+        assert item["share"] >= MIN_TOKEN_MATCH, item
+        assert min(item["codec0_margin"], item["sub_talker_margin"]) >= MIN_TEACHER_FORCED_MARGIN, item
+
+    # The shared sentence comes out as each speaker's own recording: swapping the name changes the output.
+    shared = {row["speaker"]: row["audio_codes"] for row in _trained_rows(settings) if row["text"] == SHARED_TEXT}
+    assert set(shared) == set(SPEAKERS)
+    first, second = SPEAKERS
+    as_second = _generate_codes(model, second, SHARED_TEXT, shared[first].shape[0] + 10)
+    first_equal, share = _compare(as_second, shared[first])
+    assert not first_equal and share < 0.5
+
+
+def test_double_shift_of_the_official_recipe_fails_the_check(tiny_model_dirs, tmp_path_factory, monkeypatch):
+    build_talker_inputs = step.build_talker_inputs
+
+    def official_recipe_inputs(*args, **kwargs):  # the step's labels shifted once more: the double shift
+        return shift_labels_once_more(build_talker_inputs(*args, **kwargs))
+
+    monkeypatch.setattr(step, "build_talker_inputs", official_recipe_inputs)
+    settings, result = _train(tmp_path_factory, tiny_model_dirs["equal"], "non_streaming")
+    assert result.history[-1]["train/loss"] < 0.1  # it fits its (misaligned) targets just as well ...
+    _, report = _check(settings, result)
+    # ... but generation does not give the data back.
+    assert not all(item["codebook0_equal"] for item in report)
+    assert np.mean([item["share"] for item in report]) < MIN_TOKEN_MATCH
+
+
+def test_export_lists_every_speaker_and_keeps_no_secret(overfit_runs):
+    import qwen_tts
+
+    settings, result = overfit_runs[("equal", "non_streaming")]
+    export = result.export_dir
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(export))
+    assert sorted(model.get_supported_speakers()) == sorted(SPEAKERS)
+    assert model.model.tts_model_type == "custom_voice" and model.model.speaker_encoder is None
+    config = json.loads((export / "config.json").read_text())
+    rows = config["talker_config"]["spk_id"]
+    assert len(set(rows.values())) == len(SPEAKERS)
+    info = json.loads((export / INFO_FILE).read_text())
+    assert info["speakers"]["english_speaker"]["language"] == "english"
+    from safetensors import safe_open
+
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("speaker_encoder.") for k in f.keys())
+        table = f.get_tensor("talker.model.codec_embedding.weight")
+    assert not torch.allclose(table[rows["english_speaker"]], table[rows["swahili_speaker"]])
+    saved = json.loads((export / SETTINGS_FILE).read_text())
+    assert saved["TRAIN_SPEAKERS"] == list(SPEAKERS) and "HF_TOKEN" not in saved
+    for path in list(export.rglob("*")) + list(export.parent.rglob("*.json*")):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".txt", ".md"):
+            assert SECRET not in path.read_text(), path
+    assert not list(export.parent.glob(".model-*")), "staging folders must not be left behind"

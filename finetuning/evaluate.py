@@ -21,7 +21,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from finetuning.evaluation.report import JSON_FILE, MARKDOWN_FILE, write_report  # noqa: E402
+from finetuning.evaluation.report import write_report  # noqa: E402
 from finetuning.evaluation.runner import compare_checkpoints, default_output_dir, evaluate_checkpoint  # noqa: E402
 from finetuning.evaluation.speech import EvaluationError  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluationError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    write_report(report, output_dir, settings)
-    print(f"report: {output_dir / JSON_FILE}")
-    print(f"        {output_dir / MARKDOWN_FILE}")
+    json_path, markdown_path, html_path = write_report(report, output_dir, settings)
+    print(f"report: {json_path}")
+    print(f"        {markdown_path}")
+    print(f"        {html_path}  (listening report: open in a browser)")
     counts = {speaker: len(section["utterances"]) for speaker, section in evaluated["speakers"].items()}
     print("utterances scored: " + ", ".join(f"{speaker}={count}" for speaker, count in counts.items()))
     if not any(counts.values()):

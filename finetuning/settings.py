@@ -227,6 +227,12 @@ class Settings:
     ECAPA_SOURCE: str = _setting(
         "speechbrain/spkrec-ecapa-voxceleb", "Hub id or path", "speechbrain ECAPA model for speaker similarity"
     )
+    NATURALNESS_BACKEND: str = _setting(
+        "auto",
+        "name",
+        "naturalness (MOS) predictor: auto, dnsmos (speechmos DNSMOS P.835, offline) or none",
+        choices=("auto", "dnsmos", "none"),
+    )
     ASR_BACKEND: str = _setting(
         "auto",
         "name",

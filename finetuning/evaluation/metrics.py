@@ -17,6 +17,7 @@ recognisers) come from ``finetuning.evaluation.scorers`` and are passed in; noth
 | duration_ratio                 | (0, inf)     | closer to 1 |
 | pause_fraction_diff            | [-1, 1]      | closer to 0 |
 | perplexity                     | [1, inf)     | lower       |
+| naturalness                    | [1, 5]       | higher      |
 
 Pitch and prosody work on a ``ClipAnalysis`` made once per clip by ``analyse_clip`` (pYIN F0, frame energy,
 MFCCs on a 10 ms grid at 16 kHz), so a reference analysed once serves every generated clip compared with it.
@@ -92,13 +93,26 @@ APOSTROPHES = {"\u2019": "'", "\u02bc": "'"}  # typographic and modifier-letter 
 DROPPED_CATEGORIES = "PSZC"  # Unicode punctuation, symbols, separators, controls
 
 
-def normalize_text(text: str) -> str:
+@lru_cache(maxsize=1)
+def _english_normalizer():
+    """Whisper's English normaliser as transformers ships it (numbers to digits, contractions expanded, titles
+    spelled out); the British-to-American spelling table is a tokenizer file that is not bundled, so it is empty."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})
+
+
+def normalize_text(text: str, language: str | None = None) -> str:
     """Canonical form for error rates: Unicode NFKC, lowercase (Unicode casefold), punctuation and symbols
     removed, whitespace runs collapsed to one space, ends stripped.
 
     Letters, combining marks and digits of every script are kept (so "Xin chào" and Devanagari words survive);
     apostrophes inside words stay ("don't"), quotes around words go. Example: ' "Hello,  WORLD!" ' -> 'hello world'.
+    For ``language="english"`` Whisper's English normaliser runs first, as Whisper evaluations score English:
+    "It's 1998." and "it is nineteen ninety eight" both become 'it is 1998'.
     """
+    if language is not None and language.lower() in ("english", "en"):
+        text = _english_normalizer()(text)
     text = unicodedata.normalize("NFKC", text).casefold()
     for typographic, plain in APOSTROPHES.items():
         text = text.replace(typographic, plain)
@@ -109,28 +123,29 @@ def normalize_text(text: str) -> str:
     return " ".join(word for word in words if word)
 
 
-def _error_rate(reference: str, hypothesis: str, unit: str) -> float:
+def _error_rate(reference: str, hypothesis: str, unit: str, language: str | None) -> float:
     import jiwer
 
-    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    ref, hyp = normalize_text(reference, language), normalize_text(hypothesis, language)
     if not ref:
         raise ValueError(f"reference transcript {reference!r} is empty after normalisation")
     return float(jiwer.wer(ref, hyp) if unit == "word" else jiwer.cer(ref, hyp))
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate of ``hypothesis`` against ``reference`` after ``normalize_text``: (S + D + I) / N words.
+def wer(reference: str, hypothesis: str, language: str | None = None) -> float:
+    """Word error rate of ``hypothesis`` against ``reference`` after ``normalize_text`` (in ``language``):
+    (S + D + I) / N words.
 
     Range [0, inf) (insertions can push it past 1), lower is better, 0 for identical normalised strings. Words are
     split on spaces, so for scripts written without them (Chinese, Japanese, Thai) use ``cer``. Raises ValueError
     when the reference is empty after normalisation.
     """
-    return _error_rate(reference, hypothesis, "word")
+    return _error_rate(reference, hypothesis, "word", language)
 
 
-def cer(reference: str, hypothesis: str) -> float:
+def cer(reference: str, hypothesis: str, language: str | None = None) -> float:
     """Character error rate after ``normalize_text`` (spaces count as characters); range [0, inf), lower is better."""
-    return _error_rate(reference, hypothesis, "char")
+    return _error_rate(reference, hypothesis, "char", language)
 
 
 @dataclass(frozen=True)
@@ -151,7 +166,9 @@ def pronunciation_score(
     (pocketsphinx-en-us has WER ~0.8 on clean espeak-ng speech), so compare numbers from one ``recognizer.name``.
     """
     transcript = recognizer.transcribe(audio, sample_rate, language=language)
-    return PronunciationScore(wer=wer(text, transcript), cer=cer(text, transcript), transcript=transcript)
+    return PronunciationScore(
+        wer=wer(text, transcript, language), cer=cer(text, transcript, language), transcript=transcript
+    )
 
 
 # ---------------------------------------------------------------------------------- pitch and prosody --
@@ -214,7 +231,7 @@ def analyse_clip(audio: np.ndarray, sample_rate: int) -> ClipAnalysis:
     return ClipAnalysis(f0_hz=f0_hz, energy_db=energy_db[:frames], content=mfcc[:, :frames])
 
 
-def _align(generated: ClipAnalysis, reference: ClipAnalysis) -> tuple[np.ndarray, np.ndarray]:
+def align(generated: ClipAnalysis, reference: ClipAnalysis) -> tuple[np.ndarray, np.ndarray]:
     """DTW path over content features: (P,) frame indices into generated and reference, in time order.
 
     Time and memory grow with F_generated x F_reference frames: fine for utterances (30 s pairs take ~70 MB).
@@ -247,7 +264,7 @@ def tone_similarity(generated: ClipAnalysis, reference: ClipAnalysis) -> dict[st
     tone_f0_rmse_st: root-mean-square difference of paired values in semitones, [0, inf), lower is better.
     tone_voicing_agreement: share of path pairs whose voiced/unvoiced decisions agree, [0, 1], higher is better.
     """
-    gen_idx, ref_idx = _align(generated, reference)
+    gen_idx, ref_idx = align(generated, reference)
     gen_st, ref_st = generated.semitones()[gen_idx], reference.semitones()[ref_idx]
     both = ~np.isnan(gen_st) & ~np.isnan(ref_st)
     diff = gen_st[both] - ref_st[both]
@@ -312,7 +329,7 @@ def prosody_difference(generated: ClipAnalysis, reference: ClipAnalysis) -> dict
     pause_fraction_diff: generated minus reference pause fraction; 0 is best, positive = more pausing.
     """
     gen, ref = prosody_stats(generated), prosody_stats(reference)
-    gen_idx, ref_idx = _align(generated, reference)
+    gen_idx, ref_idx = align(generated, reference)
     return {
         "f0_median_diff_st": SEMITONES_PER_OCTAVE * float(np.log2(_ratio(gen["f0_median_hz"], ref["f0_median_hz"]))),
         "f0_range_diff_st": gen["f0_range_st"] - ref["f0_range_st"],
@@ -352,6 +369,7 @@ GROUP_METRICS = {
     "perplexity": ("perplexity_codec0", "perplexity_sub_talker"),
     "speaker_similarity": ("speaker_similarity",),
     "pronunciation": ("wer", "cer"),
+    "naturalness": ("naturalness",),
     "tone": ("tone_f0_corr", "tone_f0_rmse_st", "tone_voicing_agreement"),
     "prosody": (
         "f0_median_diff_st",

@@ -1,4 +1,5 @@
-"""Evaluation reports: JSON + readable Markdown files, and TensorBoard scalars/audio during training.
+"""Evaluation reports: JSON, readable Markdown and the HTML listening report, and TensorBoard scalars, audio and
+pictures during training.
 
 The report only consumes results: the dicts ``runner.evaluate_checkpoint`` / ``compare_checkpoints`` return
 (every metric's range, direction and scorer travel inside them).
@@ -10,7 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+from finetuning.evaluation.listening import HTML_FILE, render_listening_report
 from finetuning.evaluation.metrics import NAN_REASON
+from finetuning.evaluation.plots import utterance_figure
 from finetuning.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -19,12 +22,17 @@ JSON_FILE = "evaluation.json"
 MARKDOWN_FILE = "evaluation.md"
 
 
-def write_report(report: dict, output_dir: str | Path, settings: Settings) -> tuple[Path, Path]:
-    """Write ``evaluation.json`` and ``evaluation.md``; HF_TOKEN is masked should any message carry it."""
+def write_report(report: dict, output_dir: str | Path, settings: Settings) -> tuple[Path, Path, Path]:
+    """Write ``evaluation.json``, ``evaluation.md`` and the listening report ``evaluation.html`` (with its
+    pictures); HF_TOKEN is masked should any message carry it. Returns the three paths."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = output_dir / JSON_FILE, output_dir / MARKDOWN_FILE
-    texts = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), render_markdown(report)
+    paths = output_dir / JSON_FILE, output_dir / MARKDOWN_FILE, output_dir / HTML_FILE
+    texts = (
+        json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False),
+        render_markdown(report),
+        render_listening_report(report, output_dir),
+    )
     for path, text in zip(paths, texts, strict=True):
         path.write_text(text.replace(settings.HF_TOKEN, "***") if settings.HF_TOKEN else text, encoding="utf-8")
     return paths
@@ -165,8 +173,9 @@ def report_scalars(report: dict) -> dict[str, float]:
 
 
 def log_report(writer, report: dict, step: int) -> dict[str, float]:
-    """Log a report's means as ``eval/<speaker>/<metric>`` scalars and each speaker's first generated clip as
-    ``eval/<speaker>/sample`` audio; returns the scalars.
+    """Log a report's means as ``eval/<speaker>/<metric>`` scalars, each speaker's first generated clip as
+    ``eval/<speaker>/sample`` audio and its pictures (``plots.utterance_figure``: mel spectrograms, aligned F0
+    beside the real recording) as ``eval/<speaker>/plots``; returns the scalars.
 
     ``writer`` is a ``torch.utils.tensorboard.SummaryWriter``, accelerate's TensorBoard tracker (its ``.writer``
     is used) or anything with ``log(values, step=)`` such as an ``Accelerator`` (scalars only: audio needs
@@ -187,7 +196,11 @@ def log_report(writer, report: dict, step: int) -> dict[str, float]:
         target.add_scalar(tag, value, step)
     for speaker, section in report["speakers"].items():
         if section["utterances"]:
-            wav, sample_rate = sf.read(Path(report["output_dir"]) / section["utterances"][0]["audio"], dtype="float32")
+            first = section["utterances"][0]
+            wav, sample_rate = sf.read(Path(report["output_dir"]) / first["audio"], dtype="float32")
             target.add_audio(f"eval/{speaker}/sample", torch.from_numpy(wav)[None], step, sample_rate=sample_rate)
+            if first.get("real_audio"):
+                real, _ = sf.read(Path(report["output_dir"]) / first["real_audio"], dtype="float32")
+                target.add_figure(f"eval/{speaker}/plots", utterance_figure(wav, real, sample_rate, first["id"]), step)
     target.flush()
     return scalars

@@ -46,6 +46,7 @@ from finetuning.training.export import read_info
 
 REPORT_VERSION = 1
 AUDIO_DIR = "audio"
+REAL_AUDIO_SUBDIR = "real"  # the held-out recordings themselves, for listening beside the generated clips
 
 
 def evaluate_model(
@@ -151,8 +152,10 @@ def _evaluate_speaker(
         seed = utterance_seed(settings.SEED, speaker, utterance.id)
         wav = generate_speech(voice, utterance.text, language, seed, max_new_tokens, wrapper.device)
         audio_path = Path(audio_subdir) / speaker / _file_name(utterance.id)  # relative to output_dir
-        (output_dir / audio_path).parent.mkdir(parents=True, exist_ok=True)
-        sf.write(output_dir / audio_path, wav, SAMPLE_RATE)
+        real_path = Path(AUDIO_DIR) / REAL_AUDIO_SUBDIR / speaker / _file_name(utterance.id)
+        for path, samples in ((audio_path, wav), (real_path, utterance.audio)):
+            (output_dir / path).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(output_dir / path, samples, SAMPLE_RATE)
         perplexities, tokens = held_out_perplexity(
             model, text_ids[utterance.id], utterance.codes, voice.speaker_embed, utterance.language, layout
         )
@@ -165,6 +168,7 @@ def _evaluate_speaker(
                 "generation_language": language,
                 "seed": seed,
                 "audio": audio_path.as_posix(),
+                "real_audio": real_path.as_posix(),
                 "generated_frames": frames,
                 "generated_s": wav.size / SAMPLE_RATE,
                 # stock generate returns at most max_new_tokens - 1 frames: the last sampled token's

@@ -1,4 +1,5 @@
-"""Scoring models for evaluation: speaker encoders and speech recognisers, loaded once and passed to the metrics.
+"""Scoring models for evaluation: speaker encoders, speech recognisers and a naturalness (MOS) predictor, loaded
+once and passed to the metrics.
 
 Every backend has a ``name`` that goes into reports next to each number it produced, and a ``skipped`` dict
 that ``load_*_backend("auto")`` fills with the backends it tried first and why they could not load. A backend
@@ -7,8 +8,8 @@ that cannot load raises ``BackendUnavailable`` with the reason; nothing is repla
 Weights come from a local folder or the local Hugging Face cache. Downloads from the Hub happen only with
 ``allow_download=True``; without it a missing model fails at once instead of retrying an unreachable host.
 
-Heavy libraries (torch, speechbrain, transformers, resemblyzer, pocketsphinx) are imported when a backend is
-built, never at module import.
+Heavy libraries (torch, speechbrain, transformers, resemblyzer, pocketsphinx, speechmos) are imported when a
+backend is built, never at module import.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from finetuning.settings import Settings
 
 SPEAKER_BACKENDS = ("auto", "ecapa", "resemblyzer")
 ASR_BACKENDS = ("auto", "transformers", "pocketsphinx")
+NATURALNESS_BACKENDS = ("auto", "dnsmos", "none")
+DNSMOS_SAMPLE_RATE = 16_000
+ASR_CHUNK_S = 30.0  # longer clips are transcribed in chunks of this length (Whisper's window)
 ECAPA_HUB_ID = "speechbrain/spkrec-ecapa-voxceleb"
 ECAPA_SAMPLE_RATE = 16_000
 POCKETSPHINX_SAMPLE_RATE = 16_000
@@ -51,6 +55,15 @@ class SpeakerEncoder(Protocol):
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         """(samples,) float32 mono -> (dim,) float32 embedding with unit L2 norm."""
+        ...
+
+
+class NaturalnessScorer(Protocol):
+    name: str
+    skipped: dict[str, str]
+
+    def score(self, audio: np.ndarray, sample_rate: int) -> float:
+        """(samples,) float32 mono -> predicted mean opinion score, 1 (bad) to 5 (excellent)."""
         ...
 
 
@@ -228,8 +241,44 @@ class TransformersRecognizer:
         kwargs = (
             {"generate_kwargs": {"language": language, "task": "transcribe"}} if self._is_whisper and language else {}
         )
+        if wav.size > ASR_CHUNK_S * self._sample_rate:  # beyond one window: chunked with overlapping strides
+            kwargs["chunk_length_s"] = ASR_CHUNK_S
         result = self._pipe({"raw": wav, "sampling_rate": self._sample_rate}, **kwargs)
         return str(result["text"]).strip()
+
+
+@dataclass
+class DnsmosScorer:
+    """Microsoft's DNSMOS P.835 overall-quality predictor, from the ONNX models inside the ``speechmos`` wheel
+    (offline). Input is resampled to 16 kHz and clipped to [-1, 1]; clips shorter than 9 s are repeated to 9 s by
+    DNSMOS itself. A reference-free quality estimate: it scores noise, distortion and artefacts, not whether the
+    right words or voice came out."""
+
+    skipped: dict[str, str] = field(default_factory=dict)
+    name: str = "speechmos-dnsmos-p835-ovrl"
+
+    def __post_init__(self) -> None:
+        try:
+            import speechmos
+            from speechmos.dnsmos import DNSMOS
+        except ImportError as error:
+            raise BackendUnavailable("dnsmos", f"{error}; install the eval extra (`uv sync --extra eval`)") from error
+        models = Path(speechmos.__file__).parent / "dnsmos_models"
+        self._model = DNSMOS(str(models / "sig_bak_ovr.onnx"), str(models / "model_v8.onnx"))
+
+    def score(self, audio: np.ndarray, sample_rate: int) -> float:
+        wav = np.clip(resample(np.asarray(audio, dtype=np.float32), sample_rate, DNSMOS_SAMPLE_RATE), -1.0, 1.0)
+        if not np.any(wav):
+            raise ValueError("cannot rate a silent clip")
+        return float(self._model(wav, DNSMOS_SAMPLE_RATE, False)["ovrl_mos"])
+
+
+def load_naturalness_backend(name: str = "auto") -> NaturalnessScorer | None:
+    """ "dnsmos", "auto" (DNSMOS, the one offline predictor) or "none" (returns None: naturalness not scored).
+    Raises BackendUnavailable when it cannot load, ValueError for an unknown name."""
+    if name == "none":
+        return None
+    return _load(name, {"dnsmos": DnsmosScorer}, NATURALNESS_BACKENDS)
 
 
 def load_speaker_backend(
@@ -303,12 +352,14 @@ class Scorers:
 
     speaker: SpeakerEncoder | None
     asr: SpeechRecognizer | None
+    naturalness: NaturalnessScorer | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, dict]:
         """{group: {"backend": name or None, "skipped": {backend: reason}, "unavailable": reason}}."""
         out = {"perplexity": {"backend": PERPLEXITY_SCORER}}
-        for group, backend in (("speaker_similarity", self.speaker), ("pronunciation", self.asr)):
+        groups = (("speaker_similarity", self.speaker), ("pronunciation", self.asr), ("naturalness", self.naturalness))
+        for group, backend in groups:
             if backend is None:
                 out[group] = {"backend": None, "unavailable": self.unavailable.get(group, "not loaded")}
             else:
@@ -321,7 +372,8 @@ class Scorers:
 
 
 def load_scorers(settings: Settings) -> Scorers:
-    """Speaker encoder (SPEAKER_SIM_BACKEND, ECAPA_SOURCE) and recogniser (ASR_BACKEND, ASR_MODEL) per settings.
+    """Speaker encoder (SPEAKER_SIM_BACKEND, ECAPA_SOURCE), recogniser (ASR_BACKEND, ASR_MODEL) and naturalness
+    predictor (NATURALNESS_BACKEND) per settings.
 
     Weights come from local folders or the HF cache unless SCORER_ALLOW_DOWNLOAD. A backend that cannot load is
     recorded in ``unavailable`` with the reason; its metrics are then reported as unavailable, not computed with
@@ -338,4 +390,10 @@ def load_scorers(settings: Settings) -> Scorers:
         scorers.asr = load_asr_backend(settings.ASR_BACKEND, settings.ASR_MODEL or None, **common)
     except (BackendUnavailable, ValueError) as error:
         scorers.unavailable["pronunciation"] = str(error)
+    try:
+        scorers.naturalness = load_naturalness_backend(settings.NATURALNESS_BACKEND)
+        if scorers.naturalness is None:
+            scorers.unavailable["naturalness"] = "turned off (NATURALNESS_BACKEND=none)"
+    except BackendUnavailable as error:
+        scorers.unavailable["naturalness"] = str(error)
     return scorers

@@ -107,6 +107,8 @@ def load_targets(settings: Settings, speakers: list[str], scorers: Scorers) -> d
         )
         if scorers.speaker is None:
             target.unavailable["speaker_similarity"] = scorers.unavailable.get("speaker_similarity", "not loaded")
+        if scorers.naturalness is None:
+            target.unavailable["naturalness"] = scorers.unavailable.get("naturalness", "not loaded")
         asr_reason = _asr_unavailable(scorers, language)
         if asr_reason:
             target.unavailable["pronunciation"] = asr_reason
@@ -135,8 +137,13 @@ def _finite(value: float) -> float | None:
 
 
 def score_identity(audio, utterance: Utterance, target: SpeakerTargets, scorers: Scorers):
-    """Speaker similarity and pronunciation of one clip: (values, errors, transcript)."""
+    """Speaker similarity, pronunciation and naturalness of one clip: (values, errors, transcript)."""
     values, errors, transcript = {}, {}, None
+    if "naturalness" not in target.unavailable:
+        try:
+            values["naturalness"] = scorers.naturalness.score(audio, SAMPLE_RATE)
+        except ValueError as error:
+            errors["naturalness"] = str(error)
     if "speaker_similarity" not in target.unavailable:
         try:
             values["speaker_similarity"] = metrics.speaker_similarity(

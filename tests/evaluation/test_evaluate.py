@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from conftest import REPO_ROOT, make_settings, subprocess_env
 
 from finetuning.constants import SAMPLE_RATE
+from finetuning.evaluation.listening import HTML_FILE
 from finetuning.evaluation.metrics import metric_catalogue
 from finetuning.evaluation.report import JSON_FILE, MARKDOWN_FILE, log_report, render_markdown, write_report
 from finetuning.evaluation.runner import compare_checkpoints, evaluate_checkpoint, evaluate_model
@@ -162,9 +164,11 @@ def test_named_backend_that_cannot_load_is_unavailable_not_replaced(trained, tmp
         ECAPA_SOURCE=tmp_path / "no-ecapa",
         ASR_BACKEND="transformers",
         ASR_MODEL=tmp_path / "no-asr",
+        NATURALNESS_BACKEND="none",
     )
     scorers = load_scorers(custom)
-    assert scorers.speaker is None and scorers.asr is None
+    assert scorers.speaker is None and scorers.asr is None and scorers.naturalness is None
+    assert "NATURALNESS_BACKEND=none" in scorers.describe()["naturalness"]["unavailable"]
     described = scorers.describe()
     assert described["speaker_similarity"]["backend"] is None
     assert "no-ecapa" in described["speaker_similarity"]["unavailable"]
@@ -251,7 +255,7 @@ def test_files_hold_the_report_and_never_the_token(comparison, single):
         for run in runs:
             assert "HF_TOKEN" not in run["settings"] and run["settings"]["SEED"] == 42
         for path in sorted(os.listdir(out)):
-            if path.endswith((".json", ".md")):
+            if path.endswith((".json", ".md", ".html")):
                 assert SECRET not in open(f"{out}/{path}").read(), path
     assert "candidate - baseline" in open(f"{comparison['output_dir']}/{MARKDOWN_FILE}").read()
     assert single["step"] == TRAIN_STEPS
@@ -264,12 +268,13 @@ def test_log_report_writes_scalars_and_an_audio_sample_per_speaker(single, tmp_p
     writer = SummaryWriter(str(tmp_path / "tb"))
     scalars = log_report(writer, single, step=TRAIN_STEPS)
     writer.close()
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"audio": 0, "scalars": 0})
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"audio": 0, "scalars": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
     for speaker in SPEAKERS:
         assert f"eval/{speaker}/perplexity_codec0" in tags["scalars"]
         assert f"eval/{speaker}/sample" in tags["audio"]
+        assert f"eval/{speaker}/plots" in tags["images"]
     logged = events.Scalars("eval/english_speaker/speaker_similarity")[0]
     assert logged.step == TRAIN_STEPS
     assert logged.value == pytest.approx(scalars["eval/english_speaker/speaker_similarity"], rel=1e-6)
@@ -329,8 +334,9 @@ def test_cli_writes_the_report(trained, tmp_path):
     assert str(out / JSON_FILE) in done.stdout and "english_speaker=1" in done.stdout
     report = json.loads((out / JSON_FILE).read_text())
     assert list(report["speakers"]) == ["english_speaker"]
-    assert (out / MARKDOWN_FILE).exists()
-    assert SECRET not in done.stdout + done.stderr + (out / MARKDOWN_FILE).read_text() + (out / JSON_FILE).read_text()
+    assert (out / MARKDOWN_FILE).exists() and str(out / HTML_FILE) in done.stdout
+    written = "".join((out / name).read_text() for name in (MARKDOWN_FILE, JSON_FILE, HTML_FILE))
+    assert SECRET not in done.stdout + done.stderr + written
 
 
 def test_cli_exit_codes(trained, tmp_path, capsys):
@@ -354,7 +360,7 @@ def test_training_evaluates_generated_speech_every_eval_generate_steps(trained):
     for step in (TRAIN_STEPS // 2, TRAIN_STEPS):  # mid-training and on the final export
         report = json.loads((out / "evaluation" / f"step-{step:06d}" / "evaluation.json").read_text())
         assert report["step"] == step and set(report["speakers"]) == set(SPEAKERS)
-    events = EventAccumulator(str(out / "finetune"), size_guidance={"audio": 0, "scalars": 0})
+    events = EventAccumulator(str(out / "finetune"), size_guidance={"audio": 0, "scalars": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
     assert any(tag.startswith("eval/english_speaker/perplexity") for tag in tags["scalars"])
@@ -364,3 +370,44 @@ def test_training_evaluates_generated_speech_every_eval_generate_steps(trained):
     base = Path(settings.INIT_MODEL_PATH) / "speech_tokenizer" / "model.safetensors"
     linked = out / "eval_checkpoint" / "speech_tokenizer" / "model.safetensors"
     assert linked.stat().st_ino == base.stat().st_ino
+
+
+class _Sources(HTMLParser):
+    """Every <audio src> and <img src> of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio, self.images = [], []
+
+    def handle_starttag(self, tag, attrs):
+        src = dict(attrs).get("src")
+        if tag == "audio":
+            self.audio.append(src)
+        elif tag == "img":
+            self.images.append(src)
+
+
+@pytest.mark.parametrize("which", ["comparison", "single"])
+def test_listening_report_plays_and_shows_every_utterance_from_disk(which, request):
+    """evaluation.html: per utterance the real recording and each model's clip as players, one picture per model,
+    every path relative to the report folder and pointing at a file that exists (a valid PNG, a 24 kHz wav)."""
+    import matplotlib.image
+
+    report = request.getfixturevalue(which)
+    out = Path(report["output_dir"])
+    page = (out / HTML_FILE).read_text(encoding="utf-8")
+    sources = _Sources()
+    sources.feed(page)
+    runs = [report] if report["kind"] == "evaluation" else [report["candidate"], report["baseline"]]
+    utterances = sum(len(s["utterances"]) for s in runs[0]["speakers"].values())
+    assert utterances == len(SPEAKERS)
+    assert len(sources.audio) == utterances * (len(runs) + 1)
+    assert len(sources.images) == utterances * len(runs)
+    for src in sources.audio + sources.images:
+        assert src and not Path(src).is_absolute() and (out / src).is_file(), src
+    for src in sources.images:
+        assert matplotlib.image.imread(out / src).shape[-1] in (3, 4)
+    for src in sources.audio:
+        assert sf.info(out / src).samplerate == SAMPLE_RATE
+    first = runs[0]["speakers"]["english_speaker"]["utterances"][0]
+    assert first["text"] in page and first["real_audio"] in sources.audio and first["audio"] in sources.audio

@@ -24,7 +24,13 @@ from finetuning.evaluation.metrics import (
     tone_similarity,
     wer,
 )
-from finetuning.evaluation.scorers import BackendUnavailable, load_asr_backend, load_speaker_backend
+from finetuning.evaluation.scorers import (
+    ASR_CHUNK_S,
+    BackendUnavailable,
+    load_asr_backend,
+    load_naturalness_backend,
+    load_speaker_backend,
+)
 from finetuning.preparation.audio import decode_audio, load_mono_24k
 
 SR = SAMPLE_RATE
@@ -168,6 +174,15 @@ def test_normalize_text():
     assert normalize_text("It\u2019s «fine» — 100%") == "it's fine 100"
 
 
+def test_english_is_normalised_as_whisper_evaluations_do():
+    """Numbers, contractions and titles: the same sentence written two ways scores WER 0 in English only."""
+    assert wer("It's 1998.", "it is nineteen ninety eight", language="english") == 0.0
+    assert wer("I won't pay $20!", "I will not pay twenty dollars", language="english") == 0.0
+    assert wer("Mr. Smith has 3 cats", "mister smith has three cats", language="english") == 0.0
+    assert wer("It's 1998.", "it is nineteen ninety eight") > 0.5  # other languages: plain normalisation
+    assert normalize_text("Habari za asubuhi.", language="swahili") == "habari za asubuhi"
+
+
 def test_wer_and_cer():
     assert wer("Good morning, how are you?", "good morning how are you") == 0.0
     assert cer("Good morning, how are you?", "GOOD MORNING... HOW ARE YOU") == 0.0
@@ -253,6 +268,26 @@ def test_transformers_asr_loads_a_local_folder(tmp_path):
     assert backend.name == f"transformers:{model_dir}"
     # Random weights spell random letters (and <unk>), but only from this vocabulary.
     assert isinstance(transcript, str) and set(transcript.replace("<unk>", "")) <= set(vocab) | {" "}
+    long_clip = np.tile(voice_clip("english_speaker", 1), 22)  # ~36 s: transcribed in 30 s chunks
+    assert long_clip.size > ASR_CHUNK_S * SR
+    long_transcript = backend.transcribe(long_clip, SR)
+    assert set(long_transcript.replace("<unk>", "")) <= set(vocab) | {" "}
+
+
+# ---------------------------------------------------------------------------------------- naturalness --
+
+
+def test_dnsmos_rates_a_clean_clip_above_the_same_clip_with_noise():
+    scorer = load_naturalness_backend("auto")
+    assert scorer.name == "speechmos-dnsmos-p835-ovrl" and scorer.skipped == {}
+    clean = voice_clip("english_speaker", 1)
+    noisy = clean + 0.05 * np.random.default_rng(0).standard_normal(clean.size).astype(np.float32)
+    clean_mos, noisy_mos = scorer.score(clean, SR), scorer.score(noisy, SR)
+    assert 1.0 <= noisy_mos < clean_mos - 0.5 <= 5.0, (clean_mos, noisy_mos)
+    assert scorer.score(clean, SR) == pytest.approx(clean_mos)  # deterministic
+    with pytest.raises(ValueError, match="silent"):
+        scorer.score(np.zeros(SR, dtype=np.float32), SR)
+    assert load_naturalness_backend("none") is None
 
 
 # ------------------------------------------------------------------------------------- tone and prosody --

@@ -29,7 +29,7 @@ SHOWN_METRICS = (
 )
 STYLE = (
     "body{font-family:sans-serif;margin:1.5em;max-width:75em}table{border-collapse:collapse;margin:.5em 0}"
-    "td,th{border:1px solid #ccc;padding:.3em .5em;vertical-align:top;font-size:.9em}img{max-width:36em}"
+    "td,th{border:1px solid #ccc;padding:.3em .5em;vertical-align:top;font-size:.9em}img{max-width:30em}"
     "audio{width:16em}.muted{color:#777}"
 )
 

@@ -45,6 +45,15 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process launch's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_wav(path: Path, samples, sample_rate: int = 24000) -> Path:
     import soundfile as sf
 

@@ -73,8 +73,17 @@ def make_accelerator(settings: Settings, trackers: list[str]):
         project_config=ProjectConfiguration(project_dir=settings.OUTPUT_DIR, logging_dir=settings.OUTPUT_DIR),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=settings.DISTRIBUTED_TIMEOUT_MINUTES))],
     )
-    if accelerator.state.deepspeed_plugin is not None:
-        fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, settings)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        fill_deepspeed_config(plugin.deepspeed_config, settings)
+    precision = "bf16" if plugin and plugin.deepspeed_config.get("bf16", {}).get("enabled") else None
+    logger.info(
+        "engine %s on %s, %d process(es), mixed precision %s",
+        accelerator.distributed_type.value,
+        accelerator.device,
+        accelerator.num_processes,
+        precision or accelerator.mixed_precision,
+    )
     return accelerator
 
 
@@ -161,7 +170,6 @@ def detach_speaker_encoder(model) -> torch.nn.Module | None:
     encoder = model.speaker_encoder
     model.speaker_encoder = None
     return encoder
-
 
 
 def enable_gradient_checkpointing(model) -> int:

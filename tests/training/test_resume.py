@@ -2,14 +2,13 @@
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOICES_DIR, subprocess_env
+from conftest import REPO_ROOT, VOICES_DIR, free_port, subprocess_env
 
 FINETUNE = str(REPO_ROOT / "finetuning" / "finetune.py")
 STEPS = 40
@@ -147,12 +146,6 @@ def test_bad_resume_path_is_a_clear_error(prepared):
     assert proc.returncode == 1 and "RESUME_FROM" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
     root, model_dir = prepared
     env_file = _env_file(root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=0)
@@ -164,7 +157,7 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
         "--num_processes",
         "2",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         FINETUNE,
         "--env-file",
         str(env_file),

@@ -54,6 +54,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_stock_loadable_export(export_dir: Path, base_dir: Path, speakers) -> None:
+    """``export_dir`` loads with stock ``qwen_tts.Qwen3TTSModel.from_pretrained``, lists exactly ``speakers`` and
+    holds trained weights: full shapes (gathered from every shard), not the base model's, exactly as loaded."""
+    import qwen_tts
+    from safetensors.torch import load_file
+
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(export_dir), dtype=torch.float32)
+    assert sorted(model.get_supported_speakers()) == sorted(speakers)
+    trained = load_file(str(Path(export_dir) / "model.safetensors"))
+    base = load_file(str(Path(base_dir) / "model.safetensors"))
+    loaded = model.model.state_dict()
+    for key in ("talker.model.layers.0.mlp.up_proj.weight", "talker.code_predictor.model.layers.0.mlp.up_proj.weight"):
+        assert trained[key].shape == base[key].shape, key
+        assert not torch.equal(trained[key], base[key]), key
+        torch.testing.assert_close(loaded[key], trained[key])
+
+
 def write_wav(path: Path, samples, sample_rate: int = 24000) -> Path:
     import soundfile as sf
 

@@ -60,12 +60,20 @@ def make_accelerator(settings: Settings, trackers: list[str]):
     timeout, and DeepSpeed's ``auto`` values filled. Raises EngineError when DeepSpeed is asked for but not
     installed."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (
+        DistributedType,
+        FullyShardedDataParallelPlugin,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+        parse_flag_from_env,
+    )
 
     use_deepspeed = deepspeed_requested()
     if use_deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise EngineError("the launch config asks for DeepSpeed, which is not installed: `uv sync --group deepspeed`")
+    fsdp_plugin = FullyShardedDataParallelPlugin() if parse_flag_from_env("ACCELERATE_USE_FSDP") else None
     accelerator = Accelerator(
+        fsdp_plugin=fsdp_plugin,
         mixed_precision=settings.MIXED_PRECISION,
         gradient_accumulation_steps=settings.GRADIENT_ACCUMULATION_STEPS,
         cpu=settings.DEVICE == "cpu" and not use_deepspeed,
@@ -76,6 +84,8 @@ def make_accelerator(settings: Settings, trackers: list[str]):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         fill_deepspeed_config(plugin.deepspeed_config, settings)
+    if fsdp_plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+        fsdp_on_cpu_processes(accelerator, fsdp_plugin)
     precision = "bf16" if plugin and plugin.deepspeed_config.get("bf16", {}).get("enabled") else None
     logger.info(
         "engine %s on %s, %d process(es), mixed precision %s",
@@ -85,6 +95,31 @@ def make_accelerator(settings: Settings, trackers: list[str]):
         precision or accelerator.mixed_precision,
     )
     return accelerator
+
+
+def fsdp_on_cpu_processes(accelerator, plugin) -> None:
+    """Turn the CPU processes of an FSDP launch into an FSDP run.
+
+    accelerate 1.12 selects FSDP only for accelerator devices: on CPU processes it quietly falls back to DDP
+    (``MULTI_CPU``). torch's FSDP2 (``fully_shard``) runs on CPU over gloo, so the accelerator state is switched to
+    FSDP with the launch's plugin, as accelerate does for GPUs. FSDP1 is refused there (it needs a device).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise EngineError(
+            f"the launch config asks for FSDP, but accelerate set up {accelerator.distributed_type.value}: launch "
+            "several processes (--num_processes 2 or more)"
+        )
+    if plugin.fsdp_version != 2:
+        raise EngineError("FSDP on CPU processes needs fsdp_version: 2 in the launch config (FSDP1 needs a GPU)")
+    state = accelerator.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def fill_deepspeed_config(config: dict, settings: Settings) -> dict:
@@ -130,6 +165,36 @@ def check_zero3_batches(accelerator, batch_sizes: list[int]) -> None:
         f"DeepSpeed ZeRO-3 needs batches of one size on every process, but this epoch's batches hold "
         f"{min(batch_sizes)} to {max(batch_sizes)} utterances: set MAX_BATCH_TOKENS=0 and a BATCH_SIZE that divides "
         f"the utterances per epoch ({sum(batch_sizes)}), or use ZeRO-2 (deepspeed_zero2.yaml) or FSDP"
+    )
+
+
+def main_process_loads_alone(accelerator) -> bool:
+    """True under FSDP with ``fsdp_cpu_ram_efficient_loading``: transformers then reads the weights on the main
+    process only and gives the others uninitialised memory of the right shapes."""
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type.value == "FSDP" else None
+    return bool(plugin is not None and plugin.cpu_ram_efficient_loading and accelerator.num_processes > 1)
+
+
+def share_main_process_weights(accelerator, speaker_embeds: torch.Tensor, *frozen: torch.nn.Module | None) -> None:
+    """Give every process the main process's ``speaker_embeds`` (S, D) and ``frozen`` modules' parameters and
+    buffers (the auxiliary losses' decoder and speaker encoder), in place, when only the main process loaded real
+    weights (``main_process_loads_alone``): the other processes computed their speaker embeddings from
+    uninitialised memory. The engine shares the trained model's own weights in ``prepare``. Every process must
+    call it. Logs a checksum of the embeddings on each process (equal everywhere)."""
+    if main_process_loads_alone(accelerator):
+        import torch.distributed as dist
+
+        tensors = [speaker_embeds]
+        for module in frozen:
+            if module is not None:
+                tensors += [*module.parameters(), *module.buffers()]
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+    logger.info(
+        "process %d: speaker embeddings %s, checksum %.6f",
+        accelerator.process_index,
+        tuple(speaker_embeds.shape),
+        float(speaker_embeds.double().abs().sum()),
     )
 
 

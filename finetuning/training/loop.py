@@ -161,12 +161,14 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     pin_memory = accelerator.device.type == "cuda"
     train_loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
+    aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)
+    engines.share_main_process_weights(accelerator, speaker_embeds, aux_losses)
     step_module = TalkerStep(
         model,
         speaker_embeds,
         layout=settings.TRAINING_LAYOUT,
         sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
-        aux_losses=build_auxiliary_losses(settings, model, model_dir, accelerator.device),
+        aux_losses=aux_losses,
     )
     engines.detach_speaker_encoder(model)  # frozen: outside the engine (the voice loss keeps its own reference)
     if settings.GRADIENT_CHECKPOINTING:

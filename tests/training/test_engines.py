@@ -1,18 +1,21 @@
 """Every accelerate engine runs for real on CPU processes and ends with a checkpoint stock ``qwen_tts`` loads.
 
 DeepSpeed runs with its CPU accelerator (``DS_ACCELERATOR=cpu``) over gloo in two processes, ZeRO-2 with duration
-batching and ZeRO-3 with fixed batches; one process trains with bf16 autocast on the CPU. The engine guards
-(float32 buffers after a half-precision cast, frozen modules outside the engine, DeepSpeed's ``auto`` values) and
-gradient checkpointing (same gradients, fewer saved activations) are checked in-process on the tiny model.
+batching and ZeRO-3 with fixed batches, and so does FSDP2, all in bf16 (DDP, in bf16 autocast, runs in
+``test_resume``). The engine guards (float32 buffers after a half-precision cast, frozen modules outside the engine,
+DeepSpeed's ``auto`` values, ZeRO-3's batch rule) and gradient checkpointing (same gradients, fewer saved
+activations) are checked in-process on the tiny model.
 """
 
 import json
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOICES_DIR, free_port, make_settings, subprocess_env
+from conftest import REPO_ROOT, VOICES_DIR, assert_stock_loadable_export, free_port, make_settings, subprocess_env
 
 from finetuning.training import engines
 
@@ -39,7 +42,7 @@ def _env_file(root, model_dir, name, **extra):
         "DATASET_DIR": root / "dataset",
         "OUTPUT_DIR": root / name,
         "DEVICE": "cpu",
-        "MAX_STEPS": 6,
+        "MAX_STEPS": 4,
         "SAVE_STEPS": 0,
         "GRADIENT_ACCUMULATION_STEPS": 1,
         "LEARNING_RATE": 2e-3,
@@ -65,21 +68,27 @@ def _run(command, env_extra=None):
 
 
 def assert_trained_and_stock_loadable(run_dir, base_dir):
-    """The run's loss fell, and its export loads with stock ``from_pretrained`` holding every speaker and the
-    trained (not the base) weights in full shape."""
-    import qwen_tts
-    from safetensors.torch import load_file
-
+    """The run's training loss fell, and its export is stock-loadable with the trained weights."""
     losses = [r["train/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
     assert losses[-1] < losses[0], losses
-    export = run_dir / "model"
-    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(export), dtype=torch.float32)
-    assert sorted(model.get_supported_speakers()) == sorted(SPEAKERS)
-    trained, base = load_file(str(export / "model.safetensors")), load_file(str(base_dir / "model.safetensors"))
-    key = "talker.model.layers.0.mlp.up_proj.weight"
-    assert trained[key].shape == base[key].shape  # gathered from every shard
-    assert not torch.equal(trained[key], base[key])
-    torch.testing.assert_close(model.model.state_dict()[key], trained[key])
+    assert_stock_loadable_export(run_dir / "model", base_dir, SPEAKERS)
+
+
+def _launch(config, env_file, num_processes=2):
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / f"{config}.yaml"),
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(free_port()),
+        FINETUNE,
+        "--env-file",
+        str(env_file),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -93,42 +102,34 @@ def test_deepspeed_trains_in_two_cpu_processes_and_exports(prepared, config, ext
     pytest.importorskip("deepspeed")
     root, model_dir = prepared
     env_file = _env_file(root, model_dir, config, **extra)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CONFIGS / f"{config}.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        FINETUNE,
-        "--env-file",
-        str(env_file),
-    ]
+    command = _launch(config, env_file)
     _run(command, {"DS_ACCELERATOR": "cpu"})
     assert_trained_and_stock_loadable(root / config, model_dir)
 
 
-def test_zero3_refuses_batches_of_different_sizes(prepared):
-    pytest.importorskip("deepspeed")
-    root, model_dir = prepared
-    env_file = _env_file(root, model_dir, "zero3_duration", MAX_BATCH_TOKENS=160)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    command += [str(CONFIGS / "deepspeed_zero3.yaml"), "--num_processes", "1", FINETUNE, "--env-file", str(env_file)]
-    env = {**subprocess_env(), "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=REPO_ROOT)
-    assert proc.returncode != 0
-    assert "ZeRO-3 needs batches of one size" in proc.stderr and "MAX_BATCH_TOKENS=0" in proc.stderr
+def test_zero3_refuses_batches_of_different_sizes(tiny_model_dir, tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)  # no DeepSpeed: nothing to refuse
+    engines.check_zero3_batches(accelerator, [1, 3, 2])
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": engines.ZERO_PARTITIONED_PARAMETERS}})
+    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    engines.check_zero3_batches(zero3, [2, 2, 2])
+    with pytest.raises(engines.EngineError, match="MAX_BATCH_TOKENS=0 and a BATCH_SIZE that divides .* \\(6\\)"):
+        engines.check_zero3_batches(zero3, [1, 3, 2])
 
 
-def test_bf16_autocast_trains_on_cpu_and_exports(prepared):
+def test_fsdp2_trains_in_two_cpu_processes_and_exports(prepared):
+    """FSDP2 with cpu_ram_efficient_loading: only the main process reads real weights, yet every process trains
+    with the same speaker embeddings and the export gathers the full weights."""
     root, model_dir = prepared
-    env_file = _env_file(root, model_dir, "bf16", MIXED_PRECISION="bf16", MAX_BATCH_TOKENS=160)
-    proc = _run([sys.executable, FINETUNE, "--env-file", str(env_file)])
-    assert "mixed precision bf16" in proc.stderr  # the engine line: autocast to bf16 on the CPU
-    assert_trained_and_stock_loadable(root / "bf16", model_dir)
+    env_file = _env_file(root, model_dir, "fsdp", MIXED_PRECISION="bf16", MAX_BATCH_TOKENS=160)
+    proc = _run(_launch("fsdp", env_file))
+    assert "engine FSDP on cpu" in proc.stderr
+    checksums = re.findall(r"process (\d): speaker embeddings \(2, \d+\), checksum ([\d.]+)", proc.stderr)
+    assert sorted(rank for rank, _ in checksums) == ["0", "1"]
+    assert len({value for _, value in checksums}) == 1  # the main process's embeddings, sent to the other
+    assert_trained_and_stock_loadable(root / "fsdp", model_dir)
 
 
 @pytest.fixture(scope="module")

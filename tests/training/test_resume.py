@@ -1,6 +1,7 @@
 """Resume after a hard kill, keep-last-N states, and two processes under ``accelerate launch``."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOICES_DIR, free_port, subprocess_env
+from conftest import REPO_ROOT, VOICES_DIR, assert_stock_loadable_export, free_port, subprocess_env
 
 FINETUNE = str(REPO_ROOT / "finetuning" / "finetune.py")
 STEPS = 40
@@ -148,7 +149,10 @@ def test_bad_resume_path_is_a_clear_error(prepared):
 
 def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
     root, model_dir = prepared
-    env_file = _env_file(root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=0)
+    # bf16: the mixed-precision path (autocast on the CPU) runs too, not only fp32
+    env_file = _env_file(
+        root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=0, MIXED_PRECISION="bf16"
+    )
     command = [
         sys.executable,
         "-m",
@@ -164,6 +168,7 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
     ]
     proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(re.findall(r"engine MULTI_CPU on cpu\S*, 2 process\(es\), mixed precision bf16", proc.stderr)) == 2
     logs = [
         [json.loads(line) for line in (root / "ddp" / f"samples_rank{r}.jsonl").read_text().splitlines()]
         for r in range(2)
@@ -173,4 +178,4 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
         assert seen[0] and seen[1] and not seen[0] & seen[1]
     sums = [log[-1]["final_parameter_sum"] for log in logs]
     assert sums[0] == pytest.approx(sums[1], rel=1e-9)
-    assert (root / "ddp" / "model" / "model.safetensors").exists()
+    assert_stock_loadable_export(root / "ddp" / "model", model_dir, ("english_speaker", "swahili_speaker"))

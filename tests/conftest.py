@@ -45,6 +45,31 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def prepare_small_dataset(tmp_path_factory, name: str, model_dir: Path) -> Path:
+    """A new folder with the bundled speakers prepared (4 clips each, no validation) in ``dataset/``."""
+    from finetuning.preparation.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp(name)
+    prepare_dataset(make_settings(root, model_dir, VALIDATION_FRACTION=0.0), max_samples=4, report=lambda _: None)
+    return root
+
+
+def write_env_file(root: Path, model_dir: Path, name: str, values: dict) -> Path:
+    """``root/<name>.env`` for a command run on the tiny model and ``root``'s prepared dataset, writing to
+    ``root/<name>``; ``values`` add or override settings."""
+    paths = {
+        "INIT_MODEL_PATH": model_dir,
+        "TOKENIZER_PATH": model_dir / "speech_tokenizer",
+        "VOICES_DIR": VOICES_DIR,
+        "DATASET_DIR": root / "dataset",
+        "OUTPUT_DIR": root / name,
+        "DEVICE": "cpu",
+    }
+    path = root / f"{name}.env"
+    path.write_text("".join(f"{k}={v}\n" for k, v in {**paths, **values}.items()))
+    return path
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for a multi-process launch's rendezvous."""
     import socket

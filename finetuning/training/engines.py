@@ -1,17 +1,21 @@
-"""The accelerate engine a run trains under (one device, DDP, FSDP, DeepSpeed) and the guards each engine needs.
+"""The accelerate engine a run trains under (one device, DDP, FSDP2, DeepSpeed) and the guards each engine needs.
 
 ``accelerate launch`` picks the engine (``--config_file finetuning/accelerate_configs/...``); this module builds
-the ``Accelerator`` for it and keeps three promises the loop relies on, whatever the engine:
+the ``Accelerator`` for it and keeps the promises the loop relies on, whatever the engine:
 
 * Collectives wait DISTRIBUTED_TIMEOUT_MINUTES (``InitProcessGroupKwargs``), not torch's default 10 minutes, so
   rank 0 may export and generate for in-training evaluation while the other ranks wait.
-* DeepSpeed gets every value its config leaves ``auto`` that accelerate can only fill from a DataLoader passed to
+* DeepSpeed gets the values its config leaves ``auto`` that accelerate can only fill from a DataLoader passed to
   ``prepare`` (the loop prepares none: its batch sampler already shards batches per process): the micro-batch
   size and the gradient clipping. Without them ``prepare`` raises "requires you to pass at least one of training
-  or evaluation dataloaders".
+  or evaluation dataloaders". Under ZeRO-3 the Base model loads whole (``whole_model_loading``) and batches must
+  have one size (``check_zero3_batches``).
 * Frozen modules (speaker encoder, the auxiliary losses' decoder) stay outside the engine, and floating-point
-  buffers keep float32: DeepSpeed's bf16 / fp16 engine casts the whole module it wraps (``module.bfloat16()``),
-  buffers included, and a rotary ``inv_freq`` rounded to bf16 shifts every position's phase.
+  buffers keep float32 (``prepare_engine``): DeepSpeed before 0.17 cast the whole wrapped module
+  (``module.bfloat16()``), buffers included, and a rotary ``inv_freq`` rounded to bf16 shifts every position's
+  phase.
+* FSDP runs on CPU processes too (``fsdp_on_cpu_processes``), and with ``fsdp_cpu_ram_efficient_loading`` every
+  process gets the main process's speaker embeddings and frozen weights (``share_main_process_weights``).
 
 accelerate 1.12 selects DeepSpeed only when the Accelerator is not forced onto the CPU (``cpu=True`` silently
 falls back to DDP), so ``DEVICE=cpu`` is passed on as ``cpu=False`` under DeepSpeed: DeepSpeed's own CPU

@@ -15,7 +15,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOICES_DIR, assert_stock_loadable_export, free_port, make_settings, subprocess_env
+from conftest import (
+    REPO_ROOT,
+    assert_stock_loadable_export,
+    free_port,
+    make_settings,
+    prepare_small_dataset,
+    subprocess_env,
+    write_env_file,
+)
 
 from finetuning.training import engines
 
@@ -26,22 +34,11 @@ SPEAKERS = ("english_speaker", "swahili_speaker")
 
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir, tmp_path_factory):
-    from finetuning.preparation.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("engines")
-    settings = make_settings(root, tiny_model_dir, VALIDATION_FRACTION=0.0)
-    prepare_dataset(settings, max_samples=4, report=lambda _: None)
-    return root, tiny_model_dir
+    return prepare_small_dataset(tmp_path_factory, "engines", tiny_model_dir), tiny_model_dir
 
 
 def _env_file(root, model_dir, name, **extra):
     values = {
-        "INIT_MODEL_PATH": model_dir,
-        "TOKENIZER_PATH": model_dir / "speech_tokenizer",
-        "VOICES_DIR": VOICES_DIR,
-        "DATASET_DIR": root / "dataset",
-        "OUTPUT_DIR": root / name,
-        "DEVICE": "cpu",
         "MAX_STEPS": 4,
         "SAVE_STEPS": 0,
         "GRADIENT_ACCUMULATION_STEPS": 1,
@@ -55,9 +52,7 @@ def _env_file(root, model_dir, name, **extra):
         "REPORT_TO": "none",
         **extra,
     }
-    path = root / f"{name}.env"
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
+    return write_env_file(root, model_dir, name, values)
 
 
 def _run(command, env_extra=None):

@@ -9,7 +9,14 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOICES_DIR, assert_stock_loadable_export, free_port, subprocess_env
+from conftest import (
+    REPO_ROOT,
+    assert_stock_loadable_export,
+    free_port,
+    prepare_small_dataset,
+    subprocess_env,
+    write_env_file,
+)
 
 FINETUNE = str(REPO_ROOT / "finetuning" / "finetune.py")
 STEPS = 40
@@ -18,24 +25,11 @@ SAVE_STEPS = 4
 
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir, tmp_path_factory):
-    from conftest import make_settings
-
-    from finetuning.preparation.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("resume")
-    settings = make_settings(root, tiny_model_dir, VALIDATION_FRACTION=0.0)
-    prepare_dataset(settings, max_samples=4, report=lambda _: None)
-    return root, tiny_model_dir
+    return prepare_small_dataset(tmp_path_factory, "resume", tiny_model_dir), tiny_model_dir
 
 
 def _env_file(root, model_dir, name, **extra):
     values = {
-        "INIT_MODEL_PATH": model_dir,
-        "TOKENIZER_PATH": model_dir / "speech_tokenizer",
-        "VOICES_DIR": VOICES_DIR,
-        "DATASET_DIR": root / "dataset",
-        "OUTPUT_DIR": root / name,
-        "DEVICE": "cpu",
         "MIXED_PRECISION": "no",
         "MAX_STEPS": STEPS,
         "SAVE_STEPS": SAVE_STEPS,
@@ -52,9 +46,7 @@ def _env_file(root, model_dir, name, **extra):
         "AUX_LOSS_EVERY_N_STEPS": 3,  # not a divisor of the accumulation-aligned save points
         **extra,
     }
-    path = root / f"{name}.env"
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
+    return write_env_file(root, model_dir, name, values)
 
 
 def _weights(export_dir):

@@ -192,8 +192,10 @@ def share_main_process_weights(accelerator, speaker_embeds: torch.Tensor, *froze
         for module in frozen:
             if module is not None:
                 tensors += [*module.parameters(), *module.buffers()]
-        for tensor in tensors:
-            dist.broadcast(tensor.data, src=0)
+        for tensor in tensors:  # through the accelerator's device: NCCL sends no CPU tensors
+            on_device = tensor.data.to(accelerator.device)
+            dist.broadcast(on_device, src=0)
+            tensor.data.copy_(on_device)
     logger.info(
         "process %d: speaker embeddings %s, checksum %.6f",
         accelerator.process_index,

@@ -147,7 +147,9 @@ class Settings:
     GRADIENT_ACCUMULATION_STEPS: int = _setting(4, "micro-batches", "micro-batches per optimizer step", ge=1)
     MIXED_PRECISION: str = _setting("bf16", "mode", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
     GRADIENT_CHECKPOINTING: bool = _setting(
-        False, "bool", "recompute talker and code-predictor layer activations in backward: less memory, ~30% slower"
+        False,
+        "bool",
+        "recompute talker and code-predictor layer activations in backward: less memory, one more forward",
     )
     SEED: int = _setting(42, "int", "seed for splits, sampling and initialisation")
     TRAINING_LAYOUT: str = _setting(

@@ -246,3 +246,11 @@ def test_gradient_checkpointing_keeps_gradients_and_saves_less(step_parts):
     )
     assert plain_layer_bytes > 0 and checkpointed_layer_bytes == 0  # layers keep nothing but their inputs
     assert plain_bytes - checkpointed_bytes > 0.5 * plain_layer_bytes
+
+
+def test_collective_timeout_reaches_the_process_group_settings(tiny_model_dir, tmp_path):
+    from datetime import timedelta
+
+    settings = make_settings(tmp_path, tiny_model_dir, DISTRIBUTED_TIMEOUT_MINUTES=45)
+    accelerator = engines.make_accelerator(settings, trackers=[])
+    assert accelerator.init_handler.timeout == timedelta(minutes=45)

@@ -24,6 +24,7 @@ from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
 from finetuning.training.checkpointing import ResumeError  # noqa: E402
 from finetuning.training.data import DataError  # noqa: E402
+from finetuning.training.engines import EngineError  # noqa: E402
 from finetuning.training.export import ExportError  # noqa: E402
 from finetuning.training.loop import TrainingError, train  # noqa: E402
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
     try:
         result = train(settings, on_export=speech_evaluation)
-    except (DataError, TrainingError, ResumeError, ExportError, ModelUnavailable) as error:
+    except (DataError, TrainingError, EngineError, ResumeError, ExportError, ModelUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.interrupted:

@@ -146,6 +146,11 @@ class Settings:
     NUM_EPOCHS: int = _setting(3, "epochs", "passes over the training data", ge=1)
     GRADIENT_ACCUMULATION_STEPS: int = _setting(4, "micro-batches", "micro-batches per optimizer step", ge=1)
     MIXED_PRECISION: str = _setting("bf16", "mode", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
+    GRADIENT_CHECKPOINTING: bool = _setting(
+        False,
+        "bool",
+        "recompute talker and code-predictor layer activations in backward: less memory, one more forward",
+    )
     SEED: int = _setting(42, "int", "seed for splits, sampling and initialisation")
     TRAINING_LAYOUT: str = _setting(
         "non_streaming",
@@ -200,6 +205,12 @@ class Settings:
     )
     WANDB_MODE: str = _setting(
         "offline", "mode", "W&B mode when REPORT_TO has wandb; offline needs no network", choices=("offline", "online")
+    )
+    DISTRIBUTED_TIMEOUT_MINUTES: int = _setting(
+        120,
+        "minutes",
+        "how long a process waits at a collective (rank 0 exporting or generating for evaluation) before failing",
+        ge=1,
     )
     RECORD_SAMPLE_IDS: bool = _setting(
         False, "bool", "write the ids each process trained on to OUTPUT_DIR/samples_rank<N>.jsonl (audits)"

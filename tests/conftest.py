@@ -45,6 +45,57 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def prepare_small_dataset(tmp_path_factory, name: str, model_dir: Path) -> Path:
+    """A new folder with the bundled speakers prepared (4 clips each, no validation) in ``dataset/``."""
+    from finetuning.preparation.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp(name)
+    prepare_dataset(make_settings(root, model_dir, VALIDATION_FRACTION=0.0), max_samples=4, report=lambda _: None)
+    return root
+
+
+def write_env_file(root: Path, model_dir: Path, name: str, values: dict) -> Path:
+    """``root/<name>.env`` for a command run on the tiny model and ``root``'s prepared dataset, writing to
+    ``root/<name>``; ``values`` add or override settings."""
+    paths = {
+        "INIT_MODEL_PATH": model_dir,
+        "TOKENIZER_PATH": model_dir / "speech_tokenizer",
+        "VOICES_DIR": VOICES_DIR,
+        "DATASET_DIR": root / "dataset",
+        "OUTPUT_DIR": root / name,
+        "DEVICE": "cpu",
+    }
+    path = root / f"{name}.env"
+    path.write_text("".join(f"{k}={v}\n" for k, v in {**paths, **values}.items()))
+    return path
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process launch's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_stock_loadable_export(export_dir: Path, base_dir: Path, speakers) -> None:
+    """``export_dir`` loads with stock ``qwen_tts.Qwen3TTSModel.from_pretrained``, lists exactly ``speakers`` and
+    holds trained weights: full shapes (gathered from every shard), not the base model's, exactly as loaded."""
+    import qwen_tts
+    from safetensors.torch import load_file
+
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(export_dir), dtype=torch.float32)
+    assert sorted(model.get_supported_speakers()) == sorted(speakers)
+    trained = load_file(str(Path(export_dir) / "model.safetensors"))
+    base = load_file(str(Path(base_dir) / "model.safetensors"))
+    loaded = model.model.state_dict()
+    for key in ("talker.model.layers.0.mlp.up_proj.weight", "talker.code_predictor.model.layers.0.mlp.up_proj.weight"):
+        assert trained[key].shape == base[key].shape, key
+        assert not torch.equal(trained[key], base[key]), key
+        torch.testing.assert_close(loaded[key], trained[key])
+
+
 def write_wav(path: Path, samples, sample_rate: int = 24000) -> Path:
     import soundfile as sf
 

@@ -152,7 +152,7 @@ def gathered_state_dict(accelerator, step_module) -> dict:
     """The talker model's full state dict (keys as in the model) from the prepared ``TalkerStep``, gathered from
     every process (FSDP shards): every process must call it."""
     prefix = "model."
-    full = accelerator.get_state_dict(step_module)
+    full = accelerator.get_state_dict(step_module) or {}  # ZeRO-3 consolidates on the main process only
     return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from finetuning.resources import resolve_model_dir
 from finetuning.settings import Settings
+from finetuning.training import engines
 from finetuning.training.callbacks import ExportCallback, ExportHook
 from finetuning.training.checkpointing import (
     StopRequest,
@@ -90,9 +91,6 @@ def make_accelerator(settings: Settings):
     import importlib.util
     import os
 
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     trackers = [t for t in settings.REPORT_TO if t != "none"]
     for tracker in trackers:
         if importlib.util.find_spec(tracker) is None:
@@ -102,13 +100,7 @@ def make_accelerator(settings: Settings):
             )
     if "wandb" in trackers:
         os.environ["WANDB_MODE"] = settings.WANDB_MODE
-    return Accelerator(
-        mixed_precision=settings.MIXED_PRECISION,
-        gradient_accumulation_steps=settings.GRADIENT_ACCUMULATION_STEPS,
-        cpu=settings.DEVICE == "cpu",
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=settings.OUTPUT_DIR, logging_dir=settings.OUTPUT_DIR),
-    )
+    return engines.make_accelerator(settings, trackers)
 
 
 def make_sampler(examples: list[Example], settings: Settings, talker_config, accelerator) -> DurationBatchSampler:
@@ -158,29 +150,36 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     set_seed(settings.SEED)
     resume_path = prepare_output_dir(settings, accelerator)
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=settings.HF_TOKEN or None)
-    model, tokenizer = load_base_model(model_dir, accelerator.device, settings.TRAIN_SPEAKERS)
+    with engines.whole_model_loading(accelerator):
+        model, tokenizer = load_base_model(model_dir, accelerator.device, settings.TRAIN_SPEAKERS)
     speaker_embeds = compute_speaker_embeddings(model, settings)
     train_examples, val_examples = load_training_examples(settings, tokenizer)
     exports = RunExports(
         model_dir, speaker_embeds, speaker_languages(train_examples, settings.TRAIN_SPEAKERS), settings
     )
     sampler = make_sampler(train_examples, settings, model.config.talker_config, accelerator)
+    engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     pin_memory = accelerator.device.type == "cuda"
     train_loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
+    aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)
+    engines.share_main_process_weights(accelerator, speaker_embeds, aux_losses)
     step_module = TalkerStep(
         model,
         speaker_embeds,
         layout=settings.TRAINING_LAYOUT,
         sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
-        aux_losses=build_auxiliary_losses(settings, model, model_dir, accelerator.device),
+        aux_losses=aux_losses,
     )
+    engines.detach_speaker_encoder(model)  # frozen: outside the engine (the voice loss keeps its own reference)
+    if settings.GRADIENT_CHECKPOINTING:
+        engines.enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, settings)
     # Accumulation runs across epoch ends, so NUM_EPOCHS passes take ceil(epochs x batches / accumulation) steps.
     total_steps = settings.MAX_STEPS or math.ceil(
         settings.NUM_EPOCHS * len(sampler) / settings.GRADIENT_ACCUMULATION_STEPS
     )
     scheduler = make_scheduler(optimizer, settings, total_steps)
-    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    step_module, optimizer = engines.prepare_engine(accelerator, step_module, optimizer)
     result = TrainResult()
     accelerator.register_for_checkpointing(scheduler, sampler, result)  # sampler: the data position
     log = MetricsLog(accelerator, settings.OUTPUT_DIR)

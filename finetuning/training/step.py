@@ -252,8 +252,8 @@ class TalkerStep(torch.nn.Module):
 
     Holds the model and the fixed speaker embeddings (S, D) as a non-persistent buffer: the speaker encoder is
     not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``. With
-    ``aux_losses`` (``finetuning.training.losses.AuxiliaryLosses``) the total also gets Σ weight · auxiliary component,
-    and the unweighted components land in ``StepOutput.aux``.
+    ``aux_losses`` (``finetuning.training.losses.AuxiliaryLosses``, held but not registered as a submodule) the
+    total also gets Σ weight · auxiliary component, and the unweighted components land in ``StepOutput.aux``.
     """
 
     def __init__(
@@ -271,7 +271,15 @@ class TalkerStep(torch.nn.Module):
         self.register_buffer("speaker_embeds", speaker_embeds.float(), persistent=False)
         self.layout = layout
         self.sub_talker_loss_weight = sub_talker_loss_weight
-        self.aux_losses = aux_losses
+        # Not a submodule: the frozen decoder and speaker encoder stay outside DDP / FSDP / DeepSpeed, which would
+        # otherwise wrap, cast or shard them (``training.engines``); ``train`` passes the mode on.
+        object.__setattr__(self, "aux_losses", aux_losses)
+
+    def train(self, mode: bool = True) -> TalkerStep:
+        super().train(mode)
+        if self.aux_losses is not None:
+            self.aux_losses.train(mode)
+        return self
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, StepOutput]:
         """Returns (total loss, components) for a ``finetuning.training.data.collate`` batch."""

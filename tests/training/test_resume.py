@@ -1,15 +1,22 @@
 """Resume after a hard kill, keep-last-N states, and two processes under ``accelerate launch``."""
 
 import json
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, VOICES_DIR, subprocess_env
+from conftest import (
+    REPO_ROOT,
+    assert_stock_loadable_export,
+    free_port,
+    prepare_small_dataset,
+    subprocess_env,
+    write_env_file,
+)
 
 FINETUNE = str(REPO_ROOT / "finetuning" / "finetune.py")
 STEPS = 40
@@ -18,24 +25,11 @@ SAVE_STEPS = 4
 
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir, tmp_path_factory):
-    from conftest import make_settings
-
-    from finetuning.preparation.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("resume")
-    settings = make_settings(root, tiny_model_dir, VALIDATION_FRACTION=0.0)
-    prepare_dataset(settings, max_samples=4, report=lambda _: None)
-    return root, tiny_model_dir
+    return prepare_small_dataset(tmp_path_factory, "resume", tiny_model_dir), tiny_model_dir
 
 
 def _env_file(root, model_dir, name, **extra):
     values = {
-        "INIT_MODEL_PATH": model_dir,
-        "TOKENIZER_PATH": model_dir / "speech_tokenizer",
-        "VOICES_DIR": VOICES_DIR,
-        "DATASET_DIR": root / "dataset",
-        "OUTPUT_DIR": root / name,
-        "DEVICE": "cpu",
         "MIXED_PRECISION": "no",
         "MAX_STEPS": STEPS,
         "SAVE_STEPS": SAVE_STEPS,
@@ -52,9 +46,7 @@ def _env_file(root, model_dir, name, **extra):
         "AUX_LOSS_EVERY_N_STEPS": 3,  # not a divisor of the accumulation-aligned save points
         **extra,
     }
-    path = root / f"{name}.env"
-    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return path
+    return write_env_file(root, model_dir, name, values)
 
 
 def _weights(export_dir):
@@ -147,15 +139,12 @@ def test_bad_resume_path_is_a_clear_error(prepared):
     assert proc.returncode == 1 and "RESUME_FROM" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
     root, model_dir = prepared
-    env_file = _env_file(root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=0)
+    # bf16: the mixed-precision path (autocast on the CPU) runs too, not only fp32
+    env_file = _env_file(
+        root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=0, MIXED_PRECISION="bf16"
+    )
     command = [
         sys.executable,
         "-m",
@@ -164,13 +153,14 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
         "--num_processes",
         "2",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         FINETUNE,
         "--env-file",
         str(env_file),
     ]
     proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(re.findall(r"engine MULTI_CPU on cpu\S*, 2 process\(es\), mixed precision bf16", proc.stderr)) == 2
     logs = [
         [json.loads(line) for line in (root / "ddp" / f"samples_rank{r}.jsonl").read_text().splitlines()]
         for r in range(2)
@@ -180,4 +170,4 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
         assert seen[0] and seen[1] and not seen[0] & seen[1]
     sums = [log[-1]["final_parameter_sum"] for log in logs]
     assert sums[0] == pytest.approx(sums[1], rel=1e-9)
-    assert (root / "ddp" / "model" / "model.safetensors").exists()
+    assert_stock_loadable_export(root / "ddp" / "model", model_dir, ("english_speaker", "swahili_speaker"))

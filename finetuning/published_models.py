@@ -154,10 +154,16 @@ def model_config(source: str | Path) -> dict:
     )
 
 
+TEXT_SPECIAL_IDS = ("im_start_token_id", "im_end_token_id", "tts_pad_token_id", "tts_bos_token_id", "tts_eos_token_id")
+
+
 def with_layers(config: dict, talker_layers: int, code_predictor_layers: int, text_vocab_size: int) -> dict:
     """A copy of ``config`` with fewer decoder layers and a smaller text vocabulary, every width kept: the
-    real-width, few-layer models on which memory estimates are measured."""
+    real-width, few-layer models on which memory estimates are measured. The special text ids (chat and tts
+    markers) move to the top rows of the smaller vocabulary."""
     config = copy.deepcopy(config)
+    for offset, key in enumerate(TEXT_SPECIAL_IDS, start=1):
+        config[key] = text_vocab_size - offset
     talker = config["talker_config"]
     talker["num_hidden_layers"] = talker_layers
     talker["text_vocab_size"] = text_vocab_size
@@ -167,7 +173,6 @@ def with_layers(config: dict, talker_layers: int, code_predictor_layers: int, te
 
 def build_on_meta(config: dict):
     """``Qwen3TTSForConditionalGeneration`` of ``config`` on the meta device: every shape, no memory."""
-    from qwen_tts.core.models.configuration_qwen3_tts import Qwen3TTSConfig
     from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSForConditionalGeneration
 
     with torch.device("meta"):
@@ -180,7 +185,5 @@ def qwen3_tts_config(config: dict):
 
     kept = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
     if isinstance(kept.get("speaker_encoder_config"), dict):  # its config cannot take model_type back
-        kept["speaker_encoder_config"] = {
-            k: v for k, v in kept["speaker_encoder_config"].items() if k != "model_type"
-        }
+        kept["speaker_encoder_config"] = {k: v for k, v in kept["speaker_encoder_config"].items() if k != "model_type"}
     return Qwen3TTSConfig(**kept)

@@ -22,8 +22,9 @@ def test_meta_build_has_exactly_the_published_parameter_count(hub_id):
 
 
 def test_model_config_reads_a_folder_and_names_the_known_ids(tiny_model_dir, tmp_path):
-    assert model_config(tiny_model_dir)["talker_config"]["hidden_size"] == model_config(
-        tiny_model_dir / "config.json"
-    )["talker_config"]["hidden_size"]
+    assert (
+        model_config(tiny_model_dir)["talker_config"]["hidden_size"]
+        == model_config(tiny_model_dir / "config.json")["talker_config"]["hidden_size"]
+    )
     with pytest.raises(FileNotFoundError, match="Qwen/Qwen3-TTS-12Hz-1.7B-Base"):
         model_config(tmp_path / "nothing")

@@ -364,3 +364,14 @@ def test_training_evaluates_generated_speech_every_eval_generate_steps(trained):
     base = Path(settings.INIT_MODEL_PATH) / "speech_tokenizer" / "model.safetensors"
     linked = out / "eval_checkpoint" / "speech_tokenizer" / "model.safetensors"
     assert linked.stat().st_ino == base.stat().st_ino
+
+
+def test_checkpoints_load_in_the_training_dtype(trained):
+    import dataclasses
+
+    import torch
+
+    settings, export = trained
+    for precision, dtype in (("bf16", torch.bfloat16), ("no", torch.float32)):
+        wrapper = load_model(export, dataclasses.replace(settings, MIXED_PRECISION=precision))
+        assert {p.dtype for p in wrapper.model.talker.parameters()} == {dtype}

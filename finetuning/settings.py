@@ -166,6 +166,9 @@ class Settings:
     EVAL_STEPS: int = _setting(
         100, "optimizer steps", "validation loss every this many steps (and at the end); 0 = only at the end", ge=0
     )
+    EVAL_MAX_BATCHES: int = _setting(
+        20, "batches", "batches per process scored every EVAL_STEPS (the final validation: all); 0 = all", ge=0
+    )
     SPEAKER_EMBEDDING_CLIPS: int = _setting(
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips", ge=0
     )
@@ -185,11 +188,7 @@ class Settings:
         choices=("balanced", "proportional"),
     )
     SPEAKER_MIXING_ALPHA: float = _setting(
-        0.5,
-        "exponent",
-        "balanced mixing: a speaker's share of samples is proportional to its clip count ** alpha (0 = equal)",
-        ge=0,
-        le=1,
+        0.5, "exponent", "balanced mixing: a speaker's share is proportional to clips ** alpha (0 = equal)", ge=0, le=1
     )
     SPEAKER_MAX_REPEAT: float = _setting(
         8.0, "times", "balanced mixing: a speaker's clips repeat at most this often per epoch; 0 = no cap", ge=0

@@ -240,7 +240,10 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
                     log.write(record)
                 if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
                     with window.paused():
-                        log.write({"step": step, **validation_losses(step_module, val_examples, settings, accelerator)})
+                        losses = validation_losses(
+                            step_module, val_examples, settings, accelerator, settings.EVAL_MAX_BATCHES
+                        )
+                        log.write({"step": step, **losses})
                 if hook.due(step, total_steps):
                     with window.paused():
                         hook.export_and_call(accelerator, step_module, step)

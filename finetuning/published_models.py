@@ -37,6 +37,16 @@ MODEL_1_7B = "Qwen/Qwen3-TTS-12Hz-1.7B-Base"
 # Hub numParameters of the released checkpoints (state-dict elements; equal to nn.Parameter elements here).
 PUBLISHED_PARAMETERS = {MODEL_0_6B: 914_643_008, MODEL_1_7B: 1_928_677_440}
 
+# Control ids in the talker's codec vocabulary (franken_tts FACT_DISPOSITIONS E-2; rust port parse_main_config).
+CODEC_IDS = {
+    "codec_pad_id": 2148,
+    "codec_bos_id": 2149,
+    "codec_eos_token_id": 2150,
+    "codec_think_id": 2154,
+    "codec_nothink_id": 2155,
+    "codec_think_bos_id": 2156,
+    "codec_think_eos_id": 2157,
+}
 # Codec language ids of the Base models: talker_config.codec_language_id (franken_tts FACT_DISPOSITIONS E-2).
 BASE_LANGUAGE_IDS = {
     "chinese": 2055,
@@ -108,13 +118,7 @@ def published_config(hub_id: str) -> dict:
         "text_hidden_size": 2048,
         "text_vocab_size": 151936,
         "position_id_per_seconds": 13,
-        "codec_pad_id": 2148,
-        "codec_bos_id": 2149,
-        "codec_eos_token_id": 2150,
-        "codec_think_id": 2154,
-        "codec_nothink_id": 2155,
-        "codec_think_bos_id": 2156,
-        "codec_think_eos_id": 2157,
+        **CODEC_IDS,
         "codec_language_id": dict(BASE_LANGUAGE_IDS),
         "spk_id": {},
         "spk_is_dialect": {},

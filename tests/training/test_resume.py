@@ -57,6 +57,16 @@ def _env_file(root, model_dir, name, **extra):
     return path
 
 
+def _finetune(env_file):
+    return subprocess.run(
+        [sys.executable, FINETUNE, "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+
+
 def _weights(export_dir):
     from safetensors.torch import load_file
 
@@ -137,13 +147,7 @@ def test_sigterm_saves_a_state_and_exits_cleanly(prepared):
 def test_bad_resume_path_is_a_clear_error(prepared):
     root, model_dir = prepared
     env_file = _env_file(root, model_dir, "bad_resume", RESUME_FROM=str(root / "no_such_state"))
-    proc = subprocess.run(
-        [sys.executable, FINETUNE, "--env-file", str(env_file)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-    )
+    proc = _finetune(env_file)
     assert proc.returncode == 1 and "RESUME_FROM" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -184,13 +188,7 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
 
     # The same run resumed in one process would replay another plan: refused, naming the process count.
     one_process = _env_file(root, model_dir, "ddp", MAX_STEPS=8, RESUME_FROM=root / "ddp" / "states" / "step-00000006")
-    proc = subprocess.run(
-        [sys.executable, FINETUNE, "--env-file", str(one_process)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-    )
+    proc = _finetune(one_process)
     assert proc.returncode == 1 and "num_processes (saved 2, now 1)" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 

@@ -37,9 +37,8 @@ HALF_BYTES = 2
 ACTIVATION_BYTES_MIXED = 2.7
 CODE_PREDICTOR_POSITIONS = 16  # per frame: the talker's hidden state + codebooks 1..15
 SUB_TALKER_HEADS = 15  # codebooks 2..16
-FITS_MARGIN = (
-    0.9  # a run fits when the estimate is within 90 % of the GPU memory (allocator fragmentation, CUDA context)
-)
+# A run fits when the estimate is within 90 % of the GPU memory (allocator fragmentation, CUDA context, NCCL).
+FITS_MARGIN = 0.9
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,18 @@ from finetuning.training.data import DataError  # noqa: E402
 from finetuning.training.engines import EngineError  # noqa: E402
 from finetuning.training.export import ExportError  # noqa: E402
 from finetuning.training.loop import TrainingError, train  # noqa: E402
+from finetuning.training.preflight import run_preflight  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", help="run folder (default: OUTPUT_DIR)")
     parser.add_argument("--max_steps", type=int, help="stop after N optimizer steps (default: MAX_STEPS)")
+    parser.add_argument("--preflight", action="store_true", help="size the run (no weights, no training) and exit")
+    parser.add_argument("--gpu-memory-gb", type=float, help="preflight: GPU memory (default: the visible GPU's)")
+    parser.add_argument("--num-gpus", type=int, default=1, help="preflight: processes sharing the run (default 1)")
+    parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="preflight: 3 = FSDP")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="preflight: recompute activations")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -41,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.preflight:
+        return preflight(settings, args)
     speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
     try:
         result = train(settings, on_export=speech_evaluation)
@@ -53,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     if result.export_dir is not None:
         print(f"checkpoint: {result.export_dir} ({result.optimizer_steps} optimizer steps)")
     return 0
+
+
+def preflight(settings, args: argparse.Namespace) -> int:
+    """Print the memory estimate; 0 when it fits (or no GPU is known), 1 when it does not, 2 for a bad model."""
+    try:
+        report = run_preflight(
+            settings, args.gpu_memory_gb, args.num_gpus, args.zero_stage, args.gradient_checkpointing
+        )
+    except FileNotFoundError as error:
+        print(f"error: INIT_MODEL_PATH: {error}", file=sys.stderr)
+        return 2
+    print(report.text)
+    return 1 if report.fits is False else 0
 
 
 if __name__ == "__main__":

@@ -171,6 +171,9 @@ class Settings:
     EVAL_STEPS: int = _setting(
         100, "optimizer steps", "validation loss every this many steps (and at the end); 0 = only at the end", ge=0
     )
+    EVAL_MAX_BATCHES: int = _setting(
+        20, "batches", "batches per process scored every EVAL_STEPS (the final validation: all); 0 = all", ge=0
+    )
     SPEAKER_EMBEDDING_CLIPS: int = _setting(
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips", ge=0
     )
@@ -186,8 +189,14 @@ class Settings:
     SPEAKER_MIXING: str = _setting(
         "balanced",
         "mode",
-        "balanced = every speaker seen equally often (small speakers repeat), proportional = as in the data",
+        "balanced = small speakers repeat (SPEAKER_MIXING_ALPHA, SPEAKER_MAX_REPEAT), proportional = as in the data",
         choices=("balanced", "proportional"),
+    )
+    SPEAKER_MIXING_ALPHA: float = _setting(
+        0.5, "exponent", "balanced mixing: a speaker's share is proportional to clips ** alpha (0 = equal)", ge=0, le=1
+    )
+    SPEAKER_MAX_REPEAT: float = _setting(
+        8.0, "times", "balanced mixing: a speaker's clips repeat at most this often per epoch; 0 = no cap", ge=0
     )
     DATA_STREAMING: bool = _setting(
         False, "bool", "stream the configs (reads text and codes only, never caches the audio column)"
@@ -341,6 +350,8 @@ def validate(settings: Settings) -> None:
     for low, high in (("MIN_CHARS_PER_S", "MAX_CHARS_PER_S"), ("MIN_DURATION_S", "MAX_DURATION_S")):
         low_value, high_value = getattr(s, low), getattr(s, high)
         _require(high_value > low_value, high, high_value, f"> {low} ({low_value})")
+    repeat = s.SPEAKER_MAX_REPEAT
+    _require(repeat == 0 or repeat >= 1, "SPEAKER_MAX_REPEAT", repeat, "0 (no cap) or >= 1")
 
 
 def _check_unknown_keys(keys: list[str], source: str) -> None:

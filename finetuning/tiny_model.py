@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from finetuning.constants import FRAME_RATE_HZ, NUM_CODEBOOKS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from finetuning.published_models import BASE_LANGUAGE_IDS, CODEC_IDS
 
 TINY_KIT_VERSION = 2
 LAYOUTS = ("equal", "wide_text")
@@ -31,29 +32,9 @@ LAYOUTS = ("equal", "wide_text")
 CODEBOOK_SIZE = 2048
 TALKER_VOCAB_SIZE = 3072  # codes 0..2047, control ids 2048.., speaker rows 3000..
 
-# Control ids of the talker's codec vocabulary; they sit in the top 1024 rows, which generate() suppresses
-# (except EOS), as in the released checkpoints.
-CODEC_IDS = {
-    "codec_pad_id": 2148,
-    "codec_bos_id": 2149,
-    "codec_eos_token_id": 2150,
-    "codec_think_id": 2154,
-    "codec_nothink_id": 2155,
-    "codec_think_bos_id": 2156,
-    "codec_think_eos_id": 2157,
-}
-CODEC_LANGUAGE_IDS = {
-    "chinese": 2055,
-    "english": 2050,
-    "german": 2053,
-    "spanish": 2054,
-    "japanese": 2058,
-    "french": 2061,
-    "korean": 2064,
-    "russian": 2069,
-    "italian": 2070,
-    "portuguese": 2071,
-}
+# Control ids and language ids of the talker's codec vocabulary: the released models' own. The control ids sit in
+# the top 1024 rows, which generate() suppresses (except EOS).
+CODEC_LANGUAGE_IDS = BASE_LANGUAGE_IDS
 
 TEXT_SPECIAL_TOKENS = (
     "<|endoftext|>",

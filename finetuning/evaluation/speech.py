@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from finetuning.constants import SAMPLE_RATE
 from finetuning.evaluation.targets import SpeakerTargets
@@ -24,21 +25,26 @@ from finetuning.settings import Settings
 from finetuning.training.export import read_info
 
 MODEL_TYPES = ("base", "custom_voice")
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # MIXED_PRECISION -> dtype
 
 
 class EvaluationError(RuntimeError):
     """The evaluation cannot run as asked (model type, missing speaker, unloadable checkpoint); says why."""
 
 
-def load_checkpoint(checkpoint: str | Path, device: str = "auto"):
-    """The exported model through the stock API (``Qwen3TTSModel``) on ``device``."""
+def load_checkpoint(checkpoint: str | Path, device: str = "auto", dtype: torch.dtype | None = None):
+    """The exported model through the stock API (``Qwen3TTSModel``) on ``device``, in ``dtype`` (None: the
+    library's default, float32)."""
     import qwen_tts
 
-    return qwen_tts.Qwen3TTSModel.from_pretrained(str(checkpoint), device_map=resolve_device(device))
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return qwen_tts.Qwen3TTSModel.from_pretrained(str(checkpoint), device_map=resolve_device(device), **kwargs)
 
 
 def load_model(checkpoint: str | Path, settings: Settings):
-    """A checkpoint folder (or Hub id) through stock ``Qwen3TTSModel.from_pretrained`` on DEVICE.
+    """A checkpoint folder (or Hub id) through stock ``Qwen3TTSModel.from_pretrained`` on DEVICE, in the dtype
+    training computes in (MIXED_PRECISION: bf16 / fp16 / float32), so in-training evaluation does not add a
+    float32 copy of the model beside the one being trained.
 
     Raises EvaluationError for a local path that does not exist or a model that fails to load.
     """
@@ -46,7 +52,7 @@ def load_model(checkpoint: str | Path, settings: Settings):
     if not Path(text).is_dir() and not is_hub_id(text):
         raise EvaluationError(f"checkpoint {text!r} is not a folder (nor a Hub repo id)")
     try:
-        return load_checkpoint(text, settings.DEVICE)
+        return load_checkpoint(text, settings.DEVICE, PRECISION_DTYPES[settings.MIXED_PRECISION])
     except Exception as error:  # missing files, bad configs and hub errors come as many types
         raise EvaluationError(f"cannot load checkpoint {text!r}: {type(error).__name__}: {error}") from error
 

@@ -5,10 +5,16 @@ and the objects the loop registers for checkpointing (the scheduler, the batch s
 position, and the step counts). States are written only at optimizer-step boundaries, so a resumed run continues
 with the next micro-batch of the same epoch plan and ends with the same weights as an uninterrupted run.
 SIGTERM / SIGINT ask the loop to save a state and stop after the current step.
+
+Every state also holds the run's identity (``run_identity.json``): the settings and facts that decide the epoch
+plan and which embedding each utterance gets (seed, speaker order, batching, accumulation, process count, layout,
+examples per speaker). Resuming with any of them changed would silently train on another plan, so it is refused
+before anything loads, with a message naming each differing key.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -18,6 +24,20 @@ logger = logging.getLogger(__name__)
 
 STATES_DIR = "states"
 STATE_PREFIX = "step-"
+IDENTITY_FILE = "run_identity.json"
+# Settings that decide the epoch plan, the micro-batch order or the speaker each embedding row belongs to.
+IDENTITY_SETTINGS = (
+    "SEED",
+    "TRAIN_SPEAKERS",
+    "SPEAKER_MIXING",
+    "SPEAKER_MIXING_ALPHA",
+    "SPEAKER_MAX_REPEAT",
+    "MAX_BATCH_TOKENS",
+    "NUM_BUCKETS",
+    "BATCH_SIZE",
+    "GRADIENT_ACCUMULATION_STEPS",
+    "TRAINING_LAYOUT",
+)
 
 
 class ResumeError(RuntimeError):
@@ -51,17 +71,45 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-def load_training_state(accelerator, path: Path) -> None:
-    """Restore every process from a saved state. Raises ResumeError when a registered object refuses it (the
-    sampler refuses a state of another SEED)."""
+def run_identity(settings, num_processes: int, examples_per_speaker: list[int]) -> dict:
+    """What must stay the same for a resumed run to continue the same plan: ``IDENTITY_SETTINGS``, the process
+    count and the number of training examples of each speaker (a re-prepared dataset changes the plan)."""
+    identity = {key: getattr(settings, key) for key in IDENTITY_SETTINGS}
+    identity = {key: list(value) if isinstance(value, tuple) else value for key, value in identity.items()}
+    return {**identity, "num_processes": num_processes, "examples_per_speaker": list(examples_per_speaker)}
+
+
+def check_run_identity(path: Path, identity: dict) -> None:
+    """Raise ResumeError naming every key whose value differs between the state at ``path`` and ``identity``."""
+    file = path / IDENTITY_FILE
+    if not file.exists():
+        raise ResumeError(f"cannot resume from {path}: it has no {IDENTITY_FILE} (saved by an older version)")
+    saved = json.loads(file.read_text())
+    differing = [
+        f"{key} (saved {saved.get(key)!r}, now {identity.get(key)!r})"
+        for key in sorted(set(saved) | set(identity))
+        if saved.get(key) != identity.get(key)
+    ]
+    if differing:
+        raise ResumeError(
+            f"cannot resume from {path}: the run differs in {'; '.join(differing)}. Resume with the saved values, "
+            "or start a new run in another OUTPUT_DIR"
+        )
+
+
+def load_training_state(accelerator, path: Path, identity: dict) -> None:
+    """Restore every process from a saved state of the same run (``check_run_identity`` first). Raises
+    ResumeError when the identity differs or a registered object refuses the state."""
+    check_run_identity(path, identity)
     try:
         accelerator.load_state(str(path))
     except ValueError as error:
         raise ResumeError(f"cannot resume from {path}: {error}") from error
 
 
-def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int) -> Path:
-    """Save the state for ``step`` on every process, mark it complete, and prune to the newest ``keep``."""
+def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int, identity: dict) -> Path:
+    """Save the state for ``step`` and the run's ``identity`` on every process, mark it complete, and prune to the
+    newest ``keep``."""
     path = state_dir(output_dir, step)
     if accelerator.is_main_process:  # a state being rewritten is incomplete until its marker is written again
         (path / "progress.done").unlink(missing_ok=True)
@@ -69,6 +117,7 @@ def save_training_state(accelerator, output_dir: str | Path, step: int, keep: in
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (path / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
         (path / "progress.done").write_text(str(step))
         for old in saved_states(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -10,6 +10,7 @@ renamed into place, so a crash never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -23,7 +24,14 @@ from safetensors.torch import save_file
 from finetuning.constants import FIRST_SPEAKER_ROW
 from finetuning.settings import Settings
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# The base model's own weights (single or sharded, safetensors or bin, with their index): never copied, the export
+# writes its own model.safetensors. Subfolders (the speech tokenizer's weights) are copied whole.
+WEIGHT_FILE_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+)
 INFO_FILE = "finetune_info.json"
 SETTINGS_FILE = "training_settings.json"
 
@@ -113,7 +121,7 @@ def export_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         for item in base.iterdir():
-            if item.name in WEIGHT_FILES or item.name == "config.json" or item.name.startswith("."):
+            if _is_weight_file(item) or item.name == "config.json" or item.name.startswith("."):
                 continue
             copy = _link_or_copy if link_base_files else shutil.copy2
             if item.is_dir():
@@ -188,6 +196,10 @@ class RunExports:
             link_base_files=link_base_files,
             state_dict=state,
         )
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in WEIGHT_FILE_PATTERNS)
 
 
 def _link_or_copy(source, destination) -> None:

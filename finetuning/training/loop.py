@@ -25,6 +25,7 @@ from finetuning.training.checkpointing import (
     StopRequest,
     load_training_state,
     resolve_resume,
+    run_identity,
     save_training_state,
     saved_states,
 )
@@ -115,6 +116,8 @@ def make_sampler(examples: list[Example], settings: Settings, talker_config, acc
         max_batch_tokens=settings.MAX_BATCH_TOKENS,
         num_buckets=settings.NUM_BUCKETS,
         mixing=settings.SPEAKER_MIXING,
+        mixing_alpha=settings.SPEAKER_MIXING_ALPHA,
+        max_repeat=settings.SPEAKER_MAX_REPEAT,
         seed=settings.SEED,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
@@ -181,10 +184,11 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     scheduler = make_scheduler(optimizer, settings, total_steps)
     step_module, optimizer = engines.prepare_engine(accelerator, step_module, optimizer)
     result = TrainResult()
+    identity = run_identity(settings, accelerator.num_processes, sampler.examples_per_speaker())
     accelerator.register_for_checkpointing(scheduler, sampler, result)  # sampler: the data position
     log = MetricsLog(accelerator, settings.OUTPUT_DIR)
     if resume_path is not None:
-        load_training_state(accelerator, resume_path)
+        load_training_state(accelerator, resume_path, identity)
         logger.info("resumed from %s at step %d", resume_path, result.optimizer_steps)
         log.truncate(result.optimizer_steps)
     aux_losses = accelerator.unwrap_model(step_module).aux_losses
@@ -235,13 +239,16 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
                     log.write(record)
                 if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
                     with window.paused():
-                        log.write({"step": step, **validation_losses(step_module, val_examples, settings, accelerator)})
+                        losses = validation_losses(
+                            step_module, val_examples, settings, accelerator, settings.EVAL_MAX_BATCHES
+                        )
+                        log.write({"step": step, **losses})
                 if hook.due(step, total_steps):
                     with window.paused():
                         hook.export_and_call(accelerator, step_module, step)
                 stop_now = stop.on_any_process(accelerator)
                 if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
-                    save_training_state(accelerator, settings.OUTPUT_DIR, step, settings.SAVE_TOTAL_LIMIT)
+                    save_training_state(accelerator, settings.OUTPUT_DIR, step, settings.SAVE_TOTAL_LIMIT, identity)
                 result.interrupted = stop_now
                 if step >= total_steps or stop_now:
                     break

@@ -5,9 +5,11 @@ takes its own share. It also owns the data position: its ``state_dict`` (epoch, 
 seed) is saved with every training state (``accelerator.register_for_checkpointing``), so a resumed run re-creates
 the plan and skips the batches already trained on:
 
-1. **Mixing** — ``proportional``: every example once, shuffled. ``balanced``: every speaker contributes as many
-   samples as the largest one (smaller speakers cycle through their shuffled examples), so each speaker is
-   seen equally often.
+1. **Mixing** — ``proportional``: every example once, shuffled. ``balanced``: temperature sampling — speaker s
+   with n_s examples contributes m_s = n_max · (n_s / n_max)^α samples per epoch, so its share is ∝ n_s^α
+   (α = 0: every speaker as often as the largest, α = 1: proportional), and at most ``max_repeat`` × n_s
+   (0 = no cap). The largest speaker contributes each example once; smaller ones cycle through their shuffled
+   examples. A 1-hour speaker beside a 50-hour one repeats 50× with α = 0, √50 ≈ 7× with α = 0.5.
 2. **Buckets** — lengths are split into ``num_buckets`` quantile ranges; walking the shuffled order, an
    example joins the open batch of its bucket, and a batch closes when one more example would take
    ``batch size × longest length`` over ``max_batch_tokens``. An example longer than the budget alone forms a
@@ -45,6 +47,8 @@ class DurationBatchSampler:
         max_batch_tokens: int = 0,
         num_buckets: int = 5,
         mixing: str = "proportional",
+        mixing_alpha: float = 0.0,
+        max_repeat: float = 0.0,
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
@@ -53,6 +57,8 @@ class DurationBatchSampler:
             raise ValueError("the sampler needs one length and one speaker per example, and at least one example")
         if mixing not in MIXING:
             raise ValueError(f"unknown speaker mixing {mixing!r}; use one of {MIXING}")
+        if not 0 <= mixing_alpha <= 1 or not (max_repeat == 0 or max_repeat >= 1):
+            raise ValueError(f"mixing_alpha must be in [0, 1] ({mixing_alpha}) and max_repeat 0 or >= 1 ({max_repeat})")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -60,6 +66,8 @@ class DurationBatchSampler:
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.mixing = mixing
+        self.mixing_alpha = mixing_alpha
+        self.max_repeat = max_repeat
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
@@ -84,15 +92,29 @@ class DurationBatchSampler:
             raise ValueError(f"resuming with SEED={self.seed}, but the saved run used {state['seed']}")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
+    def examples_per_speaker(self) -> list[int]:
+        """Training examples of each speaker index 0..max (0 for a speaker index without examples)."""
+        return np.bincount(self.speakers).tolist()
+
+    def samples_per_speaker(self) -> dict[int, int]:
+        """Samples each speaker contributes to one epoch (see the module docstring's mixing rule)."""
+        counts = {int(s): int(n) for s, n in zip(*np.unique(self.speakers, return_counts=True), strict=True)}
+        if self.mixing == "proportional":
+            return counts
+        largest = max(counts.values())
+        shares = {s: round(largest * (n / largest) ** self.mixing_alpha) for s, n in counts.items()}
+        if self.max_repeat > 0:
+            shares = {s: min(m, int(self.max_repeat * counts[s])) for s, m in shares.items()}
+        return shares  # each >= n_s: (n_s / n_max)^α >= n_s / n_max for 0 <= α <= 1, and max_repeat >= 1
+
     def _epoch_order(self, rng: random.Random) -> list[int]:
         if self.mixing == "proportional":
             order = list(range(len(self.lengths)))
             rng.shuffle(order)
             return order
-        by_speaker = [np.flatnonzero(self.speakers == s).tolist() for s in np.unique(self.speakers)]
-        target = max(len(members) for members in by_speaker)
         order = []
-        for members in by_speaker:
+        for speaker, target in self.samples_per_speaker().items():
+            members = np.flatnonzero(self.speakers == speaker).tolist()
             rng.shuffle(members)
             order.extend(members[i % len(members)] for i in range(target))
         rng.shuffle(order)

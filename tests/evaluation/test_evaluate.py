@@ -411,3 +411,12 @@ def test_listening_report_plays_and_shows_every_utterance_from_disk(which, reque
         assert sf.info(out / src).samplerate == SAMPLE_RATE
     first = runs[0]["speakers"]["english_speaker"]["utterances"][0]
     assert first["text"] in page and first["real_audio"] in sources.audio and first["audio"] in sources.audio
+def test_checkpoints_load_in_the_training_dtype(trained):
+    import dataclasses
+
+    import torch
+
+    settings, export = trained
+    for precision, dtype in (("bf16", torch.bfloat16), ("no", torch.float32)):
+        wrapper = load_model(export, dataclasses.replace(settings, MIXED_PRECISION=precision))
+        assert {p.dtype for p in wrapper.model.talker.parameters()} == {dtype}

@@ -49,6 +49,16 @@ def _env_file(root, model_dir, name, **extra):
     return write_env_file(root, model_dir, name, values)
 
 
+def _finetune(env_file):
+    return subprocess.run(
+        [sys.executable, FINETUNE, "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
+
+
 def _weights(export_dir):
     from safetensors.torch import load_file
 
@@ -129,13 +139,7 @@ def test_sigterm_saves_a_state_and_exits_cleanly(prepared):
 def test_bad_resume_path_is_a_clear_error(prepared):
     root, model_dir = prepared
     env_file = _env_file(root, model_dir, "bad_resume", RESUME_FROM=str(root / "no_such_state"))
-    proc = subprocess.run(
-        [sys.executable, FINETUNE, "--env-file", str(env_file)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-    )
+    proc = _finetune(env_file)
     assert proc.returncode == 1 and "RESUME_FROM" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -143,7 +147,7 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
     root, model_dir = prepared
     # bf16: the mixed-precision path (autocast on the CPU) runs too, not only fp32
     env_file = _env_file(
-        root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=0, MIXED_PRECISION="bf16"
+        root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=6, MIXED_PRECISION="bf16"
     )
     command = [
         sys.executable,
@@ -171,3 +175,37 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
     sums = [log[-1]["final_parameter_sum"] for log in logs]
     assert sums[0] == pytest.approx(sums[1], rel=1e-9)
     assert_stock_loadable_export(root / "ddp" / "model", model_dir, ("english_speaker", "swahili_speaker"))
+
+    # The same run resumed in one process would replay another plan: refused, naming the process count.
+    one_process = _env_file(root, model_dir, "ddp", MAX_STEPS=8, RESUME_FROM=root / "ddp" / "states" / "step-00000006")
+    proc = _finetune(one_process)
+    assert proc.returncode == 1 and "num_processes (saved 2, now 1)" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_a_changed_seed_or_speaker_order_naming_each_key(prepared, tmp_path):
+    from conftest import make_settings
+
+    from finetuning.training.checkpointing import ResumeError
+    from finetuning.training.loop import train
+
+    root, model_dir = prepared
+    common = {
+        "OUTPUT_DIR": tmp_path / "run",
+        "MAX_STEPS": 2,
+        "SAVE_STEPS": 2,
+        "MAX_BATCH_TOKENS": 160,
+        "EVAL_STEPS": 0,
+        "VALIDATION_FRACTION": 0.0,
+        "REPORT_TO": "none",
+    }
+    train(make_settings(root, model_dir, **common))
+    assert _states(tmp_path / "run") == ["step-00000002"]
+    with pytest.raises(ResumeError, match="SEED") as refused:
+        train(make_settings(root, model_dir, **common, RESUME_FROM="latest", SEED=7))
+    assert "TRAIN_SPEAKERS" not in str(refused.value)
+    reordered = "swahili_speaker,english_speaker"
+    with pytest.raises(ResumeError) as refused:
+        train(make_settings(root, model_dir, **common, RESUME_FROM="latest", SEED=7, TRAIN_SPEAKERS=reordered))
+    message = str(refused.value)
+    assert "SEED (saved 42, now 7)" in message and "TRAIN_SPEAKERS" in message and "swahili_speaker" in message

@@ -99,6 +99,28 @@ def test_speaker_mixing_follows_the_setting():
         _sampler(lengths, speakers, mixing="random")
 
 
+@pytest.mark.parametrize(
+    ("alpha", "max_repeat", "small_share"),
+    [(0.0, 0, 50), (0.5, 0, 10), (1.0, 0, 2), (0.0, 3, 6), (0.5, 4, 8)],
+)
+def test_balanced_mixing_shares_follow_the_temperature_and_the_cap(alpha, max_repeat, small_share):
+    lengths = [20] * 52
+    speakers = [0] * 50 + [1] * 2  # a 50-clip speaker beside a 2-clip one
+    sampler = _sampler(lengths, speakers, mixing="balanced", mixing_alpha=alpha, max_repeat=max_repeat)
+    counts = Counter(speakers[i] for b in sampler.plan(0) for i in b)
+    assert counts == {0: 50, 1: small_share} == sampler.samples_per_speaker()
+    small = Counter(i for b in sampler.plan(0) for i in b if speakers[i] == 1)
+    assert set(small) == {50, 51} and max(small.values()) - min(small.values()) <= 1  # cycles evenly
+    assert Counter(i for b in sampler.plan(0) for i in b if speakers[i] == 0) == dict.fromkeys(range(50), 1)
+
+
+def test_bad_mixing_parameters_are_refused():
+    with pytest.raises(ValueError, match="mixing_alpha"):
+        _sampler([20] * 4, [0, 0, 1, 1], mixing="balanced", mixing_alpha=1.5)
+    with pytest.raises(ValueError, match="max_repeat"):
+        _sampler([20] * 4, [0, 0, 1, 1], mixing="balanced", max_repeat=0.5)
+
+
 def test_epochs_differ_seeds_repeat_and_shards_are_disjoint(bundled):
     _, _, examples, lengths = bundled
     speakers = [e.speaker for e in examples]

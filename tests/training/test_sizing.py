@@ -1,0 +1,44 @@
+"""Memory estimate vs measured peak of real training steps, and the preflight command."""
+
+import pytest
+
+from finetuning.finetune import main
+from finetuning.published_models import MODEL_1_7B, model_config
+from finetuning.training.memory_probe import measure_training_peak
+from finetuning.training.sizing import TrainingPlan, estimate_memory, model_shape
+
+TOLERANCE = 0.2  # the estimate is within 20 % of the measured peak
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("layout", ["equal", "wide_text"])
+def test_estimate_is_within_tolerance_of_the_measured_peak(tiny_model_dirs, layout, precision):
+    config = model_config(tiny_model_dirs[layout])
+    measured = measure_training_peak(config, batch_size=2, frames=40, text_tokens=12, precision=precision)
+    plan = TrainingPlan(precision=precision, positions=measured.positions, frames=measured.frames)
+    estimate = estimate_memory(model_shape(config), plan)
+    assert abs(estimate.total / measured.peak_bytes - 1) <= TOLERANCE, (estimate.parts(), measured)
+
+
+def test_sharding_and_adapters_shrink_the_right_parts():
+    shape = model_shape(model_config(MODEL_1_7B))
+    plan = TrainingPlan(num_processes=4)
+    ddp, zero2, zero3 = (estimate_memory(shape, TrainingPlan(num_processes=4, zero_stage=s)) for s in (0, 2, 3))
+    assert zero2.optimizer == pytest.approx(ddp.optimizer / 4) and zero2.weights == ddp.weights
+    assert zero3.weights < ddp.weights / 3 and zero3.gradients == zero2.gradients
+    adapter = estimate_memory(shape, plan, trainable=1_000_000)
+    assert adapter.optimizer == 8_000_000 and adapter.weights == ddp.weights
+    checkpointed = estimate_memory(shape, TrainingPlan(gradient_checkpointing=True))
+    assert checkpointed.activations < estimate_memory(shape, TrainingPlan()).activations / 4
+
+
+def test_preflight_says_fits_or_what_to_change(capsys):
+    common = ["--preflight", "--env-file", "/dev/null", "--set", f"INIT_MODEL_PATH={MODEL_1_7B}"]
+    assert main([*common, "--gpu-memory-gb", "80"]) == 1
+    out = capsys.readouterr().out
+    assert "1,928,677,440 (published: 1,928,677,440)" in out and "does NOT fit" in out
+    assert "--gradient-checkpointing" in out and "MAX_BATCH_TOKENS=" in out
+    assert main([*common, "--gpu-memory-gb", "80", "--gradient-checkpointing"]) == 0
+    assert ": fits" in capsys.readouterr().out
+    assert main(["--preflight", "--env-file", "/dev/null", "--set", "INIT_MODEL_PATH=someone/unknown"]) == 2
+    assert "INIT_MODEL_PATH" in capsys.readouterr().err

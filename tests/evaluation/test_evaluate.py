@@ -411,6 +411,8 @@ def test_listening_report_plays_and_shows_every_utterance_from_disk(which, reque
         assert sf.info(out / src).samplerate == SAMPLE_RATE
     first = runs[0]["speakers"]["english_speaker"]["utterances"][0]
     assert first["text"] in page and first["real_audio"] in sources.audio and first["audio"] in sources.audio
+
+
 def test_checkpoints_load_in_the_training_dtype(trained):
     import dataclasses
 

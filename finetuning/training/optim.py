@@ -15,7 +15,11 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_
 
 
 def make_optimizer(model, settings: Settings) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter outside the speaker encoder; no decay on biases, norms, embeddings."""
+    """AdamW over every trainable parameter outside the speaker encoder; no decay on biases, norms, embeddings.
+
+    Fused (one kernel for all parameters, CPU and CUDA) where torch supports the parameters' device and dtype,
+    else the multi-tensor ``foreach`` path; both compute the same update. Call after the model is on its device.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad or name.startswith("speaker_encoder."):
@@ -25,7 +29,11 @@ def make_optimizer(model, settings: Settings) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": settings.WEIGHT_DECAY},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE)
+    try:
+        return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, fused=True)
+    except RuntimeError as error:  # a device or dtype without the fused kernel
+        logger.info("fused AdamW unavailable (%s); using the multi-tensor path", error)
+        return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, foreach=True)
 
 
 def make_scheduler(optimizer, settings: Settings, total_steps: int):

@@ -7,8 +7,10 @@ The baseline commit is checked out once as a git worktree (``--baseline-tree``, 
 corpus with the real loop, on the CPU, in fp32, one thread, no accumulation, no data workers, for two batchings:
 fixed batches of 4 and duration buckets. Every run is its own subprocess whose ``finetuning`` package is that
 version's tree (PYTHONPATH and cwd), and the runs alternate A/B/A/B so drift in the machine's load hits both.
-Steady-state samples/s is the loop's own throughput over the logging windows after the first (warm-up: first
-steps, allocator growth). The JSON gives each run, the mean per version and the ratio new / baseline.
+Steady state is every step after the first logging window (warm-up: first steps, allocator growth). Two measures:
+samples per CPU second of the training process (one thread, so it counts the work and not the other jobs on a
+shared machine: the figure to compare) and the loop's own wall-clock samples/s. The JSON gives the mean per
+version, the ratio new / baseline and the ratio of each A/B pair.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,27 +47,50 @@ COMMON = {  # keys both versions know; everything else keeps each version's defa
 
 
 def worker(tree: Path, overrides: dict) -> dict:
-    """Train with the ``finetuning`` package of ``tree`` (run in a fresh interpreter); steady-state figures."""
+    """Train with the ``finetuning`` package of ``tree`` (run in a fresh interpreter); steady-state figures.
+
+    Besides the loop's own wall-clock samples/s, every micro-batch's end (``Accelerator.backward``) is stamped
+    with this process's CPU time and every collated batch's size is counted, which gives samples per CPU second:
+    with one thread it measures the work itself, unlike wall time, on a machine other jobs share.
+    """
     sys.path.insert(0, str(tree))
     import torch
+    from accelerate import Accelerator
 
     torch.set_num_threads(1)
     import finetuning
     from finetuning.settings import load_settings
 
     try:
+        from finetuning.training import data
         from finetuning.training.loop import train
     except ModuleNotFoundError:  # the layout before the stage packages
         from finetuning.train import train
 
+        from finetuning import data
+
     if not Path(finetuning.__file__).resolve().is_relative_to(tree.resolve()):
         raise SystemExit(f"imported {finetuning.__file__}, not the tree {tree}")
+    batch_sizes, cpu_stamps = [], []
+    collate, backward = data.collate, Accelerator.backward
+
+    def counted_collate(examples):
+        batch_sizes.append(len(examples))
+        return collate(examples)
+
+    def stamped_backward(self, loss, **kwargs):
+        backward(self, loss, **kwargs)
+        cpu_stamps.append(time.process_time())
+
+    data.collate, Accelerator.backward = counted_collate, stamped_backward
     result = train(load_settings(None, environ={}, overrides=overrides))
     windows = [r for r in result.history if "train/samples_per_s" in r][WARMUP_WINDOWS:]
     if not windows:
         raise SystemExit(f"too few steps to time: use --steps of at least {(WARMUP_WINDOWS + 1) * LOG_EVERY}")
+    first = WARMUP_WINDOWS * LOG_EVERY  # micro-batch index where the steady state starts
     return {
         "samples_per_s": statistics.fmean(w["train/samples_per_s"] for w in windows),
+        "samples_per_cpu_s": sum(batch_sizes[first + 1 :]) / (cpu_stamps[-1] - cpu_stamps[first]),
         "padding_fraction": statistics.fmean(w["train/padding_fraction"] for w in windows),
     }
 
@@ -127,16 +153,15 @@ def main() -> None:
                     runs[batching][version].append(run_worker(tree, overrides))
     summary = {}
     for batching, by_version in runs.items():
-        mean = {v: statistics.fmean(r["samples_per_s"] for r in rs) for v, rs in by_version.items()}
-        summary[batching] = {
-            "samples_per_s": {v: round(m, 2) for v, m in mean.items()},
-            "speedup": round(mean["new"] / mean["baseline"], 3),
-            "per_rep_speedup": [
-                round(n["samples_per_s"] / b["samples_per_s"], 3)
-                for b, n in zip(by_version["baseline"], by_version["new"], strict=True)
-            ],
-            "padding_fraction": {v: round(rs[0]["padding_fraction"], 4) for v, rs in by_version.items()},
-        }
+        padding = {v: round(rs[0]["padding_fraction"], 4) for v, rs in by_version.items()}
+        summary[batching] = {"padding_fraction": padding}
+        for key in ("samples_per_cpu_s", "samples_per_s"):
+            mean = {v: statistics.fmean(r[key] for r in rs) for v, rs in by_version.items()}
+            summary[batching][key] = {v: round(m, 2) for v, m in mean.items()}
+            summary[batching][f"{key}_speedup"] = round(mean["new"] / mean["baseline"], 3)
+            summary[batching][f"{key}_speedup_per_rep"] = [
+                round(n[key] / b[key], 3) for b, n in zip(by_version["baseline"], by_version["new"], strict=True)
+            ]
     report = {
         "baseline": args.baseline,
         "setup": "tiny equal model, bundled corpus (2 speakers), CPU, fp32, 1 thread, no accumulation, no workers",

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
     try:
         result = train(settings, on_export=speech_evaluation)
-    except (DataError, TrainingError, ResumeError, ExportError, ModelUnavailable) as error:
+    except (DataError, TrainingError, ResumeError, ExportError, ModelUnavailable, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.interrupted:

@@ -170,6 +170,14 @@ class Settings:
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips", ge=0
     )
     EXPORT_DIR: str = _setting("", "path", "where the custom_voice checkpoint is written; empty = OUTPUT_DIR/model")
+    # --- speed (GPU levers; defaults are safe on every machine) ---------------------------------------------
+    TORCH_COMPILE: bool = _setting(False, "bool", "torch.compile the talker and code predictor (slow first steps)")
+    ATTN_IMPLEMENTATION: str = _setting(
+        "sdpa", "name", "attention kernels", choices=("sdpa", "eager", "flash_attention_2")
+    )
+    FUSED_CROSS_ENTROPY: bool = _setting(
+        False, "bool", "fused linear + cross-entropy for the codec heads (liger-kernel, CUDA; no auxiliary losses)"
+    )
     # --- data loading, resume, tracking --------------------------------------------------------------------
     MAX_BATCH_TOKENS: int = _setting(
         4096,
@@ -324,6 +332,8 @@ def validate(settings: Settings) -> None:
     for low, high in (("MIN_CHARS_PER_S", "MAX_CHARS_PER_S"), ("MIN_DURATION_S", "MAX_DURATION_S")):
         low_value, high_value = getattr(s, low), getattr(s, high)
         _require(high_value > low_value, high, high_value, f"> {low} ({low_value})")
+    fused_rule = "false with USE_AUXILIARY_LOSSES=true (the auxiliary losses read the logits it never builds)"
+    _require(not (s.FUSED_CROSS_ENTROPY and s.USE_AUXILIARY_LOSSES), "FUSED_CROSS_ENTROPY", True, fused_rule)
 
 
 def _check_unknown_keys(keys: list[str], source: str) -> None:

@@ -24,6 +24,7 @@ with ``lm_head[i-1]``, as in generation.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -117,11 +118,8 @@ def codebook_embeddings(talker, codes: torch.Tensor, first: torch.Tensor) -> tor
 
 
 def _sum_codebooks(per_codebook: torch.Tensor) -> torch.Tensor:
-    """(..., 16, D) -> (..., D), summed left to right as generate sums a fed-back frame."""
-    total = per_codebook[..., 0, :]
-    for k in range(1, per_codebook.shape[-2]):
-        total = total + per_codebook[..., k, :]
-    return total
+    """(..., 16, D) -> (..., D): one sum over the codebooks, as generate sums a fed-back frame (``.sum(1)``)."""
+    return per_codebook.sum(dim=-2)
 
 
 def build_sequence(
@@ -290,17 +288,20 @@ class StepOutput:
     codec0_tokens: int
     sub_talker_tokens: int
     hidden_states: torch.Tensor  # (B, L, D) talker last hidden states
-    codec0_logits: torch.Tensor  # (B, L, V)
-    sub_talker_logits: torch.Tensor  # (N, 15, V_cp) frame n's logits for codebooks 2..16
-    frame_codec0_logits: torch.Tensor  # (N, V) the logits that predicted frame n's first code
+    codec0_logits: torch.Tensor | None  # (B, L, V); None with a fused cross-entropy
+    sub_talker_logits: torch.Tensor | None  # (N, 15, V_cp) frame n's logits for codebooks 2..16; None when fused
+    frame_codec0_logits: torch.Tensor | None  # (N, V) the logits that predicted frame n's first code; None when fused
     frame_batch: torch.Tensor  # (N,) batch row of frame n
     frame_codes: torch.Tensor  # (N, 16) frame n's target codes
     attention_mask: torch.Tensor  # (B, L) 1 for real positions
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # auxiliary loss components (unweighted)
 
 
-def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
+def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | None = None) -> StepOutput:
     """Run talker + code predictor on built inputs; losses are token means over real (non-padding) targets.
+
+    ``fused_cross_entropy(weight, hidden, targets, bias)`` (FUSED_CROSS_ENTROPY, ``speed.fused_cross_entropy``)
+    computes each head's loss without building its logits; the logit fields of the output are then None.
 
     The batch is right-padded and attention is causal, so a real position only attends to real positions before
     it: the model's own causal mask and positions 0..L-1 give every real position exactly what generate computes
@@ -309,9 +310,14 @@ def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
     """
     talker = model.talker
     hidden = talker.model(inputs_embeds=inputs.inputs_embeds, use_cache=False).last_hidden_state  # (B, L, D)
-    logits = talker.codec_head(hidden)  # (B, L, V)
-    # Mean over real targets; ignore_index instead of boolean indexing keeps the step free of host syncs.
-    codec0_loss = F.cross_entropy(logits.flatten(0, 1).float(), inputs.labels.flatten(), ignore_index=IGNORE_INDEX)
+    head, labels = talker.codec_head, inputs.labels.flatten()
+    logits = None
+    if fused_cross_entropy is None:
+        logits = head(hidden)  # (B, L, V)
+        # Mean over real targets; ignore_index instead of boolean indexing keeps the step free of host syncs.
+        codec0_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX)
+    else:
+        codec0_loss = fused_cross_entropy(head.weight, hidden.flatten(0, 1), labels, head.bias)
 
     frame_hidden = hidden[inputs.frame_batch, inputs.frame_position]  # (N, D)
     codes = inputs.frame_codes  # (N, 16)
@@ -321,10 +327,15 @@ def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
     sub_hidden = predictor.model(
         inputs_embeds=predictor.small_to_mtp_projection(sub_inputs), use_cache=False
     ).last_hidden_state  # (N, 16, D_cp)
-    sub_logits = torch.stack(
-        [head(sub_hidden[:, i]) for i, head in enumerate(predictor.lm_head, start=1)], dim=1
-    )  # (N, 15, V_cp)
-    sub_loss = F.cross_entropy(sub_logits.flatten(0, 1).float(), codes[:, 1:].flatten())
+    heads = list(enumerate(predictor.lm_head, start=1))  # head i scores codebook i from position i
+    sub_logits = None
+    if fused_cross_entropy is None:
+        by_head = _sub_talker_head_logits(predictor.lm_head, sub_hidden[:, 1:])  # (15, N, V_cp)
+        sub_logits = by_head.transpose(0, 1)  # (N, 15, V_cp), a view
+        sub_loss = F.cross_entropy(by_head.flatten(0, 1).float(), codes[:, 1:].T.flatten())
+    else:  # every head scores N targets: the mean of the heads' means is the token mean
+        per_head = [fused_cross_entropy(h.weight, sub_hidden[:, i], codes[:, i], h.bias) for i, h in heads]
+        sub_loss = torch.stack(per_head).mean()
     return StepOutput(
         codec0_loss=codec0_loss,
         sub_talker_loss=sub_loss,
@@ -333,11 +344,25 @@ def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
         hidden_states=hidden,
         codec0_logits=logits,
         sub_talker_logits=sub_logits,
-        frame_codec0_logits=logits[inputs.frame_batch, inputs.frame_position],
+        frame_codec0_logits=None if logits is None else logits[inputs.frame_batch, inputs.frame_position],
         frame_batch=inputs.frame_batch,
         frame_codes=codes,
         attention_mask=inputs.attention_mask,
     )
+
+
+def _sub_talker_head_logits(heads: torch.nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden (N, K, D_cp), position k scored by ``heads[k]`` -> logits (K, N, V_cp). Plain linear heads run as
+    one batched matmul over their stacked weights (one kernel, no (N, K, V) stack of outputs); any other head
+    module (an adapter, say) is called as it is."""
+    if not all(type(head) is torch.nn.Linear for head in heads):
+        return torch.stack([head(hidden[:, k]) for k, head in enumerate(heads)])
+    # Both operands contiguous in the (K, N, D) x (K, D, V) layout: CPU bmm is several times slower on transposes.
+    weights = torch.stack([head.weight.T for head in heads])  # (K, D_cp, V_cp)
+    logits = torch.bmm(hidden.transpose(0, 1).contiguous(), weights)  # (K, N, V_cp)
+    if heads[0].bias is not None:
+        logits = logits + torch.stack([head.bias for head in heads])[:, None]
+    return logits
 
 
 class TalkerStep(torch.nn.Module):
@@ -346,7 +371,7 @@ class TalkerStep(torch.nn.Module):
     Holds the model and the fixed speaker embeddings (S, D) as a non-persistent buffer: the speaker encoder is
     not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``. With
     ``aux_losses`` (``finetuning.training.losses.AuxiliaryLosses``) the total also gets Σ weight · auxiliary component,
-    and the unweighted components land in ``StepOutput.aux``.
+    and the unweighted components land in ``StepOutput.aux``. ``fused_cross_entropy``: see ``talker_forward``.
     """
 
     def __init__(
@@ -356,6 +381,7 @@ class TalkerStep(torch.nn.Module):
         layout: str = "non_streaming",
         sub_talker_loss_weight: float = 0.3,
         aux_losses: AuxiliaryLosses | None = None,
+        fused_cross_entropy: Callable | None = None,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -365,6 +391,7 @@ class TalkerStep(torch.nn.Module):
         self.layout = layout
         self.sub_talker_loss_weight = sub_talker_loss_weight
         self.aux_losses = aux_losses
+        self.fused_cross_entropy = fused_cross_entropy
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, StepOutput]:
         """Returns (total loss, components) for a ``finetuning.training.data.collate`` batch."""
@@ -378,7 +405,7 @@ class TalkerStep(torch.nn.Module):
             [language_id_for(tcfg, lang) for lang in batch["language"]],
             layout=self.layout,
         )
-        out = talker_forward(self.model, inputs)
+        out = talker_forward(self.model, inputs, self.fused_cross_entropy)
         loss = out.codec0_loss + self.sub_talker_loss_weight * out.sub_talker_loss
         if self.aux_losses is not None and self.training:  # validation losses are talker losses only
             out.aux = self.aux_losses(out)

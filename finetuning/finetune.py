@@ -19,13 +19,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from finetuning.evaluation.in_training import SpeechEvaluation  # noqa: E402
-from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
-from finetuning.training.checkpointing import ResumeError  # noqa: E402
-from finetuning.training.data import DataError  # noqa: E402
-from finetuning.training.export import ExportError  # noqa: E402
-from finetuning.training.loop import TrainingError, train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # torch, accelerate and qwen_tts load only now: --help and settings errors answer at once.
+    from finetuning.evaluation.in_training import SpeechEvaluation
+    from finetuning.resources import ModelUnavailable
+    from finetuning.training.checkpointing import ResumeError
+    from finetuning.training.data import DataError
+    from finetuning.training.export import ExportError
+    from finetuning.training.loop import TrainingError, train
+
     speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
     try:
         result = train(settings, on_export=speech_evaluation)

@@ -71,11 +71,12 @@ def fused_cross_entropy(settings: Settings) -> Callable | None:
     return LigerFusedLinearCrossEntropyLoss()
 
 
-def compile_transformers(model) -> None:
+def compile_transformers(model, backend: str = "inductor") -> None:
     """TORCH_COMPILE: compile the talker's and the code predictor's decoder stacks in place (``Module.compile``
-    keeps parameter names). Compilation happens on the first steps and again for new shape patterns."""
-    model.talker.model.compile(dynamic=True)
-    model.talker.code_predictor.model.compile(dynamic=True)
+    keeps parameter names) with torch.compile ``backend``. Compilation happens on the first steps and again for
+    new shape patterns."""
+    model.talker.model.compile(dynamic=True, backend=backend)
+    model.talker.code_predictor.model.compile(dynamic=True, backend=backend)
 
 
 class ModelFlops:

@@ -113,9 +113,9 @@ def baseline_tree(commit: str, path: Path | None) -> Path:
     return tree
 
 
-def prepare(root: Path) -> dict:
+def prepare(root: Path, **overrides) -> dict:
     """The tiny ``equal`` model and the prepared bundled corpus, made once by this tree (both versions share the
-    dataset schema); returns the settings both versions train with."""
+    dataset schema); returns the settings both versions train with (COMMON, then ``overrides``)."""
     sys.path.insert(0, str(REPO_ROOT))
     from finetuning.preparation.prepare import prepare_dataset
     from finetuning.settings import load_settings
@@ -124,6 +124,7 @@ def prepare(root: Path) -> dict:
     model = build_tiny_model(root / "tiny", layout="equal", seed=0)
     base = {
         **COMMON,
+        **overrides,
         "VOICES_DIR": str(REPO_ROOT / "voices"),
         "DATASET_DIR": str(root / "dataset"),
         "INIT_MODEL_PATH": str(model),

@@ -29,11 +29,19 @@ def make_optimizer(model, settings: Settings) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": settings.WEIGHT_DECAY},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    try:
+    if _fused_kernel_supports(decay + no_decay):
         return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, fused=True)
-    except RuntimeError as error:  # a device or dtype without the fused kernel
-        logger.info("fused AdamW unavailable (%s); using the multi-tensor path", error)
-        return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, foreach=True)
+    logger.info("fused AdamW has no kernel for these parameters' device or dtype; using the multi-tensor path")
+    return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, foreach=True)
+
+
+def _fused_kernel_supports(params: list[torch.Tensor]) -> bool:
+    """The check fused AdamW makes at its first step (too late to choose another path): floating-point
+    parameters on a device with fused kernels."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
 def make_scheduler(optimizer, settings: Settings, total_steps: int):

@@ -20,13 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetuning.preparation.prepare import prepare_dataset  # noqa: E402
-from finetuning.settings import load_settings  # noqa: E402
-from finetuning.tiny_model import build_tiny_model  # noqa: E402
-from finetuning.training.loop import train  # noqa: E402
+from train_speedup import LOG_EVERY, prepare  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOG_EVERY = 10
+from finetuning.settings import load_settings  # noqa: E402
+from finetuning.training.loop import train  # noqa: E402
 
 
 def run(base: dict, root: Path, name: str, steps: int, **overrides) -> dict:
@@ -56,23 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = build_tiny_model(root / "tiny", seed=0)
-        base = {
-            "VOICES_DIR": str(REPO_ROOT / "voices"),
-            "DATASET_DIR": str(root / "dataset"),
-            "INIT_MODEL_PATH": str(model),
-            "TOKENIZER_PATH": str(model / "speech_tokenizer"),
-            "DEVICE": "auto",
-            "MIXED_PRECISION": "no",
-            "GRADIENT_ACCUMULATION_STEPS": 1,
-            "LOGGING_STEPS": LOG_EVERY,
-            "EVAL_STEPS": 0,
-            "SAVE_STEPS": 0,
-            "REPORT_TO": "none",
-            "DATALOADER_WORKERS": 0,
-            "SPEAKER_MIXING": "proportional",
-        }
-        prepare_dataset(load_settings(None, environ={}, overrides=base), report=lambda _: None)
+        base = prepare(root, DEVICE="auto", SEED=42)  # the speed-up benchmark's model, corpus and loop settings
         fixed = run(base, root, "fixed", args.steps, BATCH_SIZE=4, MAX_BATCH_TOKENS=0)
         bucketed = run(base, root, "bucketed", args.steps, MAX_BATCH_TOKENS=256, NUM_BUCKETS=5)
     print(

@@ -21,11 +21,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from finetuning.evaluation.report import write_report  # noqa: E402
-from finetuning.evaluation.runner import compare_checkpoints, default_output_dir, evaluate_checkpoint  # noqa: E402
-from finetuning.evaluation.speech import EvaluationError  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
-from finetuning.training.data import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # torch and qwen_tts load only now: --help and settings errors answer at once.
+    from finetuning.evaluation.report import write_report
+    from finetuning.evaluation.runner import compare_checkpoints, default_output_dir, evaluate_checkpoint
+    from finetuning.evaluation.speech import EvaluationError
+    from finetuning.training.data import DataError
+
     speakers = [s.strip() for s in args.speaker.split(",") if s.strip()] if args.speaker else None
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(settings)
     try:

@@ -19,15 +19,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from finetuning.evaluation.in_training import SpeechEvaluation  # noqa: E402
-from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
-from finetuning.training.checkpointing import ResumeError  # noqa: E402
-from finetuning.training.data import DataError  # noqa: E402
-from finetuning.training.engines import EngineError  # noqa: E402
-from finetuning.training.export import ExportError  # noqa: E402
-from finetuning.training.loop import TrainingError, train  # noqa: E402
-from finetuning.training.preflight import run_preflight  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.preflight:
         return preflight(settings, args)
+    # torch, accelerate and qwen_tts load only now: --help and settings errors answer at once.
+    from finetuning.evaluation.in_training import SpeechEvaluation
+    from finetuning.resources import ModelUnavailable
+    from finetuning.training.checkpointing import ResumeError
+    from finetuning.training.data import DataError
+    from finetuning.training.engines import EngineError
+    from finetuning.training.export import ExportError
+    from finetuning.training.loop import TrainingError, train
+
     speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
     try:
         result = train(settings, on_export=speech_evaluation)
-    except (DataError, TrainingError, EngineError, ResumeError, ExportError, ModelUnavailable) as error:
+    except (DataError, TrainingError, EngineError, ResumeError, ExportError, ModelUnavailable, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.interrupted:
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def preflight(settings, args: argparse.Namespace) -> int:
     """Print the memory estimate; 0 when it fits (or no GPU is known), 1 when it does not, 2 for a bad model."""
+    from finetuning.training.preflight import run_preflight
+
     try:
         report = run_preflight(
             settings, args.gpu_memory_gb, args.num_gpus, args.zero_stage, args.gradient_checkpointing

@@ -15,8 +15,6 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 
-from finetuning.evaluation.speech import load_checkpoint, synthesize  # noqa: E402
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, help="cap on generated frames (12.5 per second)")
     args = parser.parse_args(argv)
     import soundfile as sf
+
+    from finetuning.evaluation.speech import load_checkpoint, synthesize  # torch and qwen_tts: not for --help
 
     model = load_checkpoint(args.checkpoint, args.device)
     try:

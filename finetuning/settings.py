@@ -178,6 +178,14 @@ class Settings:
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips", ge=0
     )
     EXPORT_DIR: str = _setting("", "path", "where the custom_voice checkpoint is written; empty = OUTPUT_DIR/model")
+    # --- speed (GPU levers; defaults are safe on every machine) ---------------------------------------------
+    TORCH_COMPILE: bool = _setting(False, "bool", "torch.compile the talker and code predictor (slow first steps)")
+    ATTN_IMPLEMENTATION: str = _setting(
+        "sdpa", "name", "attention kernels", choices=("sdpa", "eager", "flash_attention_2")
+    )
+    FUSED_CROSS_ENTROPY: bool = _setting(
+        False, "bool", "fused linear + cross-entropy for the codec heads (liger-kernel, CUDA; no auxiliary losses)"
+    )
     # --- data loading, resume, tracking --------------------------------------------------------------------
     MAX_BATCH_TOKENS: int = _setting(
         4096,
@@ -352,6 +360,8 @@ def validate(settings: Settings) -> None:
         _require(high_value > low_value, high, high_value, f"> {low} ({low_value})")
     repeat = s.SPEAKER_MAX_REPEAT
     _require(repeat == 0 or repeat >= 1, "SPEAKER_MAX_REPEAT", repeat, "0 (no cap) or >= 1")
+    fused_rule = "false with USE_AUXILIARY_LOSSES=true (the auxiliary losses read the logits it never builds)"
+    _require(not (s.FUSED_CROSS_ENTROPY and s.USE_AUXILIARY_LOSSES), "FUSED_CROSS_ENTROPY", True, fused_rule)
 
 
 def _check_unknown_keys(keys: list[str], source: str) -> None:

@@ -35,6 +35,13 @@ from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.sampler import DurationBatchSampler
 from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
+from finetuning.training.speed import (
+    ModelFlops,
+    check_speed_options,
+    compile_transformers,
+    fused_cross_entropy,
+    peak_flops,
+)
 from finetuning.training.step import TalkerStep, sequence_length
 from finetuning.training.tracking import MetricsLog, MetricWindow, SampleAudit, tracker_config
 from finetuning.training.validation import validation_losses
@@ -69,13 +76,15 @@ class TrainResult:
         self.optimizer_steps, self.skipped_steps = int(state["optimizer_steps"]), int(state["skipped_steps"])
 
 
-def load_base_model(model_dir: Path, device: torch.device, speakers: tuple[str, ...]):
+def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
     """The Base model to fine-tune, in float32 (master weights; autocast supplies mixed precision), with its
-    speaker encoder frozen, and its text tokenizer. Fails before training (ExportError) when ``speakers`` do not
-    fit the codec vocabulary."""
+    speaker encoder frozen, ATTN_IMPLEMENTATION's attention and (TORCH_COMPILE) compiled transformers, and its text
+    tokenizer. Fails before training (ExportError) when TRAIN_SPEAKERS do not fit the codec vocabulary."""
     import qwen_tts
 
-    wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(str(model_dir), dtype=torch.float32)
+    wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation=settings.ATTN_IMPLEMENTATION
+    )
     model = wrapper.model
     if model.speaker_encoder is None:
         raise TrainingError(
@@ -83,7 +92,9 @@ def load_base_model(model_dir: Path, device: torch.device, speakers: tuple[str, 
             "fine-tune a Base model (e.g. Qwen/Qwen3-TTS-12Hz-1.7B-Base)"
         )
     freeze_speaker_encoder(model)
-    speaker_rows(list(speakers), model.config.talker_config.vocab_size)
+    speaker_rows(list(settings.TRAIN_SPEAKERS), model.config.talker_config.vocab_size)
+    if settings.TORCH_COMPILE:
+        compile_transformers(model)
     return model.to(device), wrapper.processor.tokenizer
 
 
@@ -145,16 +156,18 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
 
     ``on_export(checkpoint_dir, step, accelerator)`` (the command passes generated-speech evaluation) is called on
     the main process with an export every EVAL_GENERATE_STEPS steps and with the final export; see ``callbacks``.
-    Raises DataError / TrainingError / ResumeError / ModelUnavailable with a message naming the fix.
+    Raises DataError / TrainingError / ResumeError / ModelUnavailable / SpeedOptionError with a message naming the
+    fix.
     """
     from accelerate.utils import send_to_device, set_seed
 
     accelerator = make_accelerator(settings)
+    check_speed_options(settings, accelerator.device)
     set_seed(settings.SEED)
     resume_path = prepare_output_dir(settings, accelerator)
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=settings.HF_TOKEN or None)
     with engines.whole_model_loading(accelerator):
-        model, tokenizer = load_base_model(model_dir, accelerator.device, settings.TRAIN_SPEAKERS)
+        model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
     speaker_embeds = compute_speaker_embeddings(model, settings)
     train_examples, val_examples = load_training_examples(settings, tokenizer)
     exports = RunExports(
@@ -172,6 +185,7 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
         layout=settings.TRAINING_LAYOUT,
         sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
         aux_losses=aux_losses,
+        fused_cross_entropy=fused_cross_entropy(settings),
     )
     engines.detach_speaker_encoder(model)  # frozen: outside the engine (the voice loss keeps its own reference)
     if settings.GRADIENT_CHECKPOINTING:
@@ -202,7 +216,7 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     bar = tqdm(
         total=total_steps, initial=result.optimizer_steps, desc="training", disable=not accelerator.is_main_process
     )
-    window = MetricWindow(accelerator.device, result.optimizer_steps)
+    window = MetricWindow(accelerator.device, result.optimizer_steps, ModelFlops(model), peak_flops(accelerator.device))
     step_module.train()
     with StopRequest() as stop:
         while result.optimizer_steps < total_steps and not result.interrupted:

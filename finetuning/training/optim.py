@@ -15,7 +15,11 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_
 
 
 def make_optimizer(model, settings: Settings) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter outside the speaker encoder; no decay on biases, norms, embeddings."""
+    """AdamW over every trainable parameter outside the speaker encoder; no decay on biases, norms, embeddings.
+
+    Fused (one kernel for all parameters, CPU and CUDA) where torch supports the parameters' device and dtype,
+    else the multi-tensor ``foreach`` path; both compute the same update. Call after the model is on its device.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad or name.startswith("speaker_encoder."):
@@ -25,7 +29,19 @@ def make_optimizer(model, settings: Settings) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": settings.WEIGHT_DECAY},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE)
+    if _fused_kernel_supports(decay + no_decay):
+        return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, fused=True)
+    logger.info("fused AdamW has no kernel for these parameters' device or dtype; using the multi-tensor path")
+    return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, foreach=True)
+
+
+def _fused_kernel_supports(params: list[torch.Tensor]) -> bool:
+    """The check fused AdamW makes at its first step (too late to choose another path): floating-point
+    parameters on a device with fused kernels."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
 def make_scheduler(optimizer, settings: Settings, total_steps: int):

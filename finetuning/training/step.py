@@ -23,6 +23,8 @@ with ``lm_head[i-1]``, as in generation.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +38,9 @@ LAYOUTS = ("non_streaming", "streaming")
 IGNORE_INDEX = -100
 ROLE_TOKENS = 3  # "<|im_start|>", "assistant", "\n"
 SUFFIX_TOKENS = 5  # "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"
+BOS_ROW, EOS_ROW, PAD_ROW = 0, 1, 2  # text-table rows of tts_bos, tts_eos, tts_pad; every utterance's text follows
+NUM_SPECIAL_ROWS = 3
+EOS_LABEL = -2  # label-grid value: this position's target is codec EOS
 
 
 def assistant_text(text: str) -> str:
@@ -53,6 +58,7 @@ class TalkerInputs:
     frame_batch     (N,)      long    batch row of each frame
     frame_position  (N,)      long    position whose hidden state predicted that frame's first code
     frame_codes     (N, 16)   long    the frame's codes
+    frame_codebook_embeds (N, 16, D)  codebook k's embedding of the frame in column k (sub-talker inputs)
     num_labels      int               targets in ``labels`` (counted without a device sync)
     """
 
@@ -62,6 +68,7 @@ class TalkerInputs:
     frame_batch: torch.Tensor
     frame_position: torch.Tensor
     frame_codes: torch.Tensor
+    frame_codebook_embeds: torch.Tensor
     num_labels: int  # real first-codebook targets (codes + EOS per utterance), counted on the host
 
 
@@ -85,19 +92,34 @@ def language_id_for(talker_config, language: str | None) -> int | None:
 
 def sequence_length(talker_config, num_text_tokens: int, num_frames: int, language: str | None, layout: str) -> int:
     """Talker positions ``build_sequence`` makes for one utterance (the padded cost batching budgets for)."""
-    prefix = len(codec_prefix_ids(talker_config, language_id_for(talker_config, language))) + 2  # + speaker, pad
-    content = num_text_tokens - ROLE_TOKENS - SUFFIX_TOKENS
-    text_part = content + 2 if layout == "non_streaming" else 1
-    return ROLE_TOKENS + prefix + text_part + num_frames
+    prefix = codec_prefix_ids(talker_config, language_id_for(talker_config, language))
+    return _positions(len(prefix), num_text_tokens - ROLE_TOKENS - SUFFIX_TOKENS, num_frames, layout)
+
+
+def _positions(num_prefix: int, num_content: int, num_frames: int, layout: str) -> int:
+    """Role tokens, codec prefix + speaker + pad, the text part (all content + tts_eos + codec BOS, or only the
+    first content token with codec BOS when streaming), then the frames."""
+    text_part = num_content + 2 if layout == "non_streaming" else 1
+    return ROLE_TOKENS + num_prefix + 2 + text_part + num_frames
 
 
 def frame_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
     """(..., 16) codes -> (..., D): first codebook through the talker's codec embedding, the rest through the code
     predictor's embeddings, summed (as generate feeds a finished frame back)."""
-    total = talker.get_input_embeddings()(codes[..., 0])
-    for k, embedding in enumerate(talker.code_predictor.get_input_embeddings(), start=1):
-        total = total + embedding(codes[..., k])
-    return total
+    return _sum_codebooks(codebook_embeddings(talker, codes, talker.get_input_embeddings()(codes[..., 0])))
+
+
+def codebook_embeddings(talker, codes: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """(N, 16) codes and ``first`` = (N, D) codec embeddings of their first codebook -> (N, 16, D), codebook k's
+    embedding in column k: one call per code-predictor table. The talker input sums them; the sub-talker reads
+    columns 0-14 as its inputs, so both share the same lookups (and backward adds one gradient per table)."""
+    predictor_tables = talker.code_predictor.get_input_embeddings()
+    return torch.stack([first] + [table(codes[..., k]) for k, table in enumerate(predictor_tables, start=1)], dim=-2)
+
+
+def _sum_codebooks(per_codebook: torch.Tensor) -> torch.Tensor:
+    """(..., 16, D) -> (..., D): one sum over the codebooks, as generate sums a fed-back frame (``.sum(1)``)."""
+    return per_codebook.sum(dim=-2)
 
 
 def build_sequence(
@@ -112,42 +134,8 @@ def build_sequence(
 
     Returns (embeds (Lp + T, D), Lp) where Lp is the prefill length (the positions before the first frame).
     """
-    cfg = model.config
-    talker = model.talker
-    tcfg = cfg.talker_config
-    device = text_ids.device
-
-    def text(ids) -> torch.Tensor:
-        return talker.text_projection(talker.get_text_embeddings()(torch.as_tensor(ids, device=device)))
-
-    def codec(ids) -> torch.Tensor:
-        return talker.get_input_embeddings()(torch.as_tensor(ids, device=device))
-
-    tts_bos, tts_eos, tts_pad = text([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id]).unbind(0)
-    role, content = text_ids[:ROLE_TOKENS], text_ids[ROLE_TOKENS:-SUFFIX_TOKENS]
-    prefix_ids = codec_prefix_ids(tcfg, language_id)
-    codec_prefix = torch.cat(
-        [codec(prefix_ids), speaker_embed.view(1, -1).to(tts_pad.dtype), codec([tcfg.codec_pad_id])], dim=0
-    )  # (len(P) + 2, D)
-    text_prefix = torch.cat([tts_pad.expand(len(prefix_ids) + 1, -1), tts_bos.view(1, -1)], dim=0)
-    parts = [text(role), codec_prefix + text_prefix]
-    frames = frame_embeddings(talker, codes)  # (T, D)
-    if layout == "non_streaming":
-        content_embeds = torch.cat([text(content), tts_eos.view(1, -1)], dim=0)
-        parts += [
-            content_embeds + codec([tcfg.codec_pad_id]),
-            (tts_pad + codec([tcfg.codec_bos_id])[0]).view(1, -1),
-        ]
-        trailing = tts_pad.expand(frames.shape[0], -1)
-    elif layout == "streaming":
-        parts.append(text(content[:1]) + codec([tcfg.codec_bos_id]))
-        trailing_text = torch.cat([text(content[1:]), tts_eos.view(1, -1)], dim=0)
-        missing = max(0, frames.shape[0] - trailing_text.shape[0])
-        trailing = torch.cat([trailing_text, tts_pad.expand(missing, -1)], dim=0)[: frames.shape[0]]
-    else:
-        raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
-    prefill = torch.cat(parts, dim=0)
-    return torch.cat([prefill, frames + trailing], dim=0), prefill.shape[0]
+    inputs = build_talker_inputs(model, [text_ids], [codes], speaker_embed[None], [language_id], layout)
+    return inputs.inputs_embeds[0], int(inputs.frame_position[0]) + 1
 
 
 def build_talker_inputs(
@@ -158,33 +146,137 @@ def build_talker_inputs(
     language_ids: list[int | None],
     layout: str = "non_streaming",
 ) -> TalkerInputs:
-    """Build a right-padded batch. ``speaker_embeds`` is (B, D), one row per utterance."""
-    eos = model.config.talker_config.codec_eos_token_id
-    sequences, labels, frame_batch, frame_position, frame_codes = [], [], [], [], []
-    for b, (ids, code, spk, lang) in enumerate(zip(text_ids, codes, speaker_embeds, language_ids, strict=True)):
-        embeds, prefill_len = build_sequence(model, ids, code, spk, lang, layout)
-        num_frames = code.shape[0]
-        target = torch.full((embeds.shape[0],), IGNORE_INDEX, dtype=torch.long, device=code.device)
-        first_codes = torch.cat([code[:, 0], code.new_tensor([eos])])  # (T + 1,)
-        # The last prefill position predicts frame 0's first code, frame j's position frame j+1's, the last EOS.
-        target[prefill_len - 1 :] = first_codes  # (T + 1,)
-        sequences.append(embeds)
-        labels.append(target)
-        frame_batch.append(torch.full((num_frames,), b, dtype=torch.long))
-        frame_position.append(prefill_len - 1 + torch.arange(num_frames))
-        frame_codes.append(code)
-    inputs_embeds = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
-    lengths = torch.tensor([s.shape[0] for s in sequences], device=inputs_embeds.device)
-    attention_mask = (torch.arange(inputs_embeds.shape[1], device=lengths.device)[None] < lengths[:, None]).long()
+    """Build a right-padded batch (the layout in the module docstring) with one embedding call per table.
+
+    text_ids: B tensors (Lt_b,) long; codes: B tensors (T_b, 16) long, T_b >= 1; speaker_embeds (B, D), one row
+    per utterance; language_ids: B codec language ids (None = "auto"). Every position's text row and codec id
+    come from index grids computed from the lengths; the embeddings are gathered into the (B, L, D) batch.
+    Raises ValueError for an unknown ``layout``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+    cfg, talker = model.config, model.talker
+    tcfg = cfg.talker_config
+    device = speaker_embeds.device
+    grid = _index_grids(tcfg, text_ids, codes, language_ids, layout, device)
+    all_codes = torch.cat(codes).long()  # (N, 16)
+
+    first_codes = all_codes[:, 0]  # (N,)
+    # torch.where over gathered values, not boolean indexing: no host sync on a GPU.
+    frame_codes = first_codes[grid.frame_index.clamp(min=0)]  # (B, L)
+    codec = talker.get_input_embeddings()(torch.where(grid.frame_index >= 0, frame_codes, grid.codec_ids))
+    codec = torch.where(grid.is_speaker[..., None], speaker_embeds[:, None].to(codec.dtype), codec)
+    # Finished frames: codebook 0 from the grid above plus the 15 code-predictor tables, summed as generate does.
+    frame_slots = (grid.frame_batch, grid.frame_position + 1)  # each frame's own position
+    per_codebook = codebook_embeddings(talker, all_codes, codec[frame_slots])  # (N, 16, D)
+    codec = codec.index_put(frame_slots, _sum_codebooks(per_codebook))
+    codec = torch.where(grid.has_codec[..., None], codec, 0.0)  # role tokens and padding have no codec part
+
+    special_ids = torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=device)
+    text_table = talker.text_projection(talker.get_text_embeddings()(torch.cat([special_ids, *text_ids])))
+    text = torch.where(grid.attention_mask[..., None].bool(), text_table[grid.text_rows], 0.0)  # (B, L, D)
+
+    labels = torch.where(grid.label_index >= 0, first_codes[grid.label_index.clamp(min=0)], IGNORE_INDEX)
+    labels = torch.where(grid.label_index == EOS_LABEL, tcfg.codec_eos_token_id, labels)  # (B, L)
     return TalkerInputs(
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        labels=torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
-        frame_batch=torch.cat(frame_batch).to(inputs_embeds.device),
-        frame_position=torch.cat(frame_position).to(inputs_embeds.device),
-        frame_codes=torch.cat(frame_codes).long(),
+        inputs_embeds=codec + text,
+        attention_mask=grid.attention_mask,
+        labels=labels,
+        frame_batch=grid.frame_batch,
+        frame_position=grid.frame_position,
+        frame_codes=all_codes,
+        frame_codebook_embeds=per_codebook,
         num_labels=sum(code.shape[0] + 1 for code in codes),
     )
+
+
+@dataclass
+class _IndexGrids:
+    """Where every embedding goes, for a batch of B utterances padded to L positions (N frames in all).
+
+    text_rows      (B, L) long  row of the text table (tts specials, then every utterance's text ids)
+    codec_ids      (B, L) long  codec id (frames: filled from the codes by the caller)
+    frame_index    (B, L) long  frame n at this position, -1 elsewhere
+    label_index    (B, L) long  frame n whose first code is this position's target; EOS_LABEL; -1 = none
+    is_speaker     (B, L) bool  the speaker slot
+    has_codec      (B, L) bool  positions with a codec part (all real positions after the role tokens)
+    attention_mask (B, L) long  1 for real positions
+    frame_batch    (N,)   long  batch row of each frame
+    frame_position (N,)   long  position that predicts the frame's first code (the position before it)
+    """
+
+    text_rows: torch.Tensor
+    codec_ids: torch.Tensor
+    frame_index: torch.Tensor
+    label_index: torch.Tensor
+    is_speaker: torch.Tensor
+    has_codec: torch.Tensor
+    attention_mask: torch.Tensor
+    frame_batch: torch.Tensor
+    frame_position: torch.Tensor
+
+
+def _index_grids(tcfg, text_ids, codes, language_ids, layout: str, device) -> _IndexGrids:
+    """Index grids from the lengths alone (tensor shapes: no device sync), with one host-to-device copy."""
+    num_text = [ids.shape[0] for ids in text_ids]
+    num_frames = [code.shape[0] for code in codes]
+    prefixes = [codec_prefix_ids(tcfg, lang) for lang in language_ids]
+    num_content = [n - ROLE_TOKENS - SUFFIX_TOKENS for n in num_text]
+    lengths = [_positions(len(p), c, t, layout) for p, c, t in zip(prefixes, num_content, num_frames, strict=True)]
+    max_prefix = max(len(p) for p in prefixes)
+    padded_prefixes = [p + [tcfg.codec_pad_id] * (max_prefix - len(p)) for p in prefixes]
+    per_utterance = [
+        [NUM_SPECIAL_ROWS + start for start in _starts(num_text)],  # first text-table row of each utterance
+        num_content,
+        [len(p) for p in prefixes],
+        num_frames,
+        _starts(num_frames),  # first frame of each utterance among the N
+        *map(list, zip(*padded_prefixes, strict=True)),
+    ]
+    values = torch.tensor(per_utterance, dtype=torch.long).to(device)[:, :, None]  # (5 + max_prefix, B, 1)
+    text_start, content, prefix_len, frames, first_frame = values[:5]
+    prefix_table = values[5:, :, 0].T  # (B, max_prefix)
+    batch_size, num_all_frames = len(num_text), sum(num_frames)
+
+    prefix_end = ROLE_TOKENS + prefix_len + 2  # + speaker slot, codec pad
+    bos = prefix_end + (content + 1 if layout == "non_streaming" else 0)  # codec BOS position, (B, 1)
+    pos = torch.arange(max(lengths), device=device)[None]  # (1, L)
+    real = pos < bos + 1 + frames  # (B, L)
+
+    k = pos - prefix_end  # both layouts read content k, then tts_eos, then tts_pad from the end of the prefix on
+    text_rows = torch.where(k < content, text_start + ROLE_TOKENS + k, torch.where(k == content, EOS_ROW, PAD_ROW))
+    text_rows = torch.where(k == -1, BOS_ROW, torch.where(k < -1, PAD_ROW, text_rows))
+    text_rows = torch.where(pos < ROLE_TOKENS, text_start + pos, text_rows)
+
+    prefix_slot = (pos - ROLE_TOKENS).clamp(0, max_prefix - 1).expand(batch_size, -1)
+    codec_ids = torch.where(pos < bos, tcfg.codec_pad_id, tcfg.codec_bos_id)
+    codec_ids = torch.where(pos < ROLE_TOKENS + prefix_len, prefix_table.gather(1, prefix_slot), codec_ids)
+    frame_in_utterance = pos - bos - 1
+    frame_index = torch.where((frame_in_utterance >= 0) & real, first_frame + frame_in_utterance, -1)
+    label_in_utterance = pos - bos  # the codec BOS position predicts frame 0, the last frame's position EOS
+    label_index = torch.where(label_in_utterance < frames, first_frame + label_in_utterance, EOS_LABEL)
+    label_index = torch.where((label_in_utterance >= 0) & (label_in_utterance <= frames), label_index, -1)
+
+    frame_batch = torch.repeat_interleave(
+        torch.arange(batch_size, device=device), frames[:, 0], output_size=num_all_frames
+    )  # (N,)
+    frame_number = torch.arange(num_all_frames, device=device) - first_frame[frame_batch, 0]
+    return _IndexGrids(
+        text_rows=torch.where(real, text_rows, PAD_ROW),
+        codec_ids=torch.where(real, codec_ids, tcfg.codec_pad_id),
+        frame_index=frame_index,
+        label_index=label_index,
+        is_speaker=(pos == ROLE_TOKENS + prefix_len).expand(batch_size, -1),
+        has_codec=real & (pos >= ROLE_TOKENS),
+        attention_mask=real.long(),
+        frame_batch=frame_batch,
+        frame_position=bos[frame_batch, 0] + frame_number,
+    )
+
+
+def _starts(counts: list[int]) -> list[int]:
+    """Start of each block when blocks of ``counts`` are concatenated: [0, c0, c0 + c1, ...]."""
+    return [0, *itertools.accumulate(counts)][:-1]
 
 
 @dataclass
@@ -196,42 +288,54 @@ class StepOutput:
     codec0_tokens: int
     sub_talker_tokens: int
     hidden_states: torch.Tensor  # (B, L, D) talker last hidden states
-    codec0_logits: torch.Tensor  # (B, L, V)
-    sub_talker_logits: torch.Tensor  # (N, 15, V_cp) frame n's logits for codebooks 2..16
-    frame_codec0_logits: torch.Tensor  # (N, V) the logits that predicted frame n's first code
+    codec0_logits: torch.Tensor | None  # (B, L, V); None with a fused cross-entropy
+    sub_talker_logits: torch.Tensor | None  # (N, 15, V_cp) frame n's logits for codebooks 2..16; None when fused
+    frame_codec0_logits: torch.Tensor | None  # (N, V) the logits that predicted frame n's first code; None when fused
     frame_batch: torch.Tensor  # (N,) batch row of frame n
     frame_codes: torch.Tensor  # (N, 16) frame n's target codes
     attention_mask: torch.Tensor  # (B, L) 1 for real positions
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # auxiliary loss components (unweighted)
 
 
-def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
-    """Run talker + code predictor on built inputs; losses are token means over real (non-padding) targets."""
+def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | None = None) -> StepOutput:
+    """Run talker + code predictor on built inputs; losses are token means over real (non-padding) targets.
+
+    ``fused_cross_entropy(weight, hidden, targets, bias)`` (FUSED_CROSS_ENTROPY, ``speed.fused_cross_entropy``)
+    computes each head's loss without building its logits; the logit fields of the output are then None.
+
+    The batch is right-padded and attention is causal, so a real position only attends to real positions before
+    it: the model's own causal mask and positions 0..L-1 give every real position exactly what generate computes
+    for it (``get_rope_index`` also numbers real positions 0..len-1), without building a padding mask per step.
+    Padded positions see garbage and are never scored.
+    """
     talker = model.talker
-    position_ids, _ = talker.get_rope_index(inputs.attention_mask)  # (3, B, L), as generate computes them
-    hidden = talker.model(
-        inputs_embeds=inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state  # (B, L, D)
-    logits = talker.codec_head(hidden)  # (B, L, V)
-    # Mean over real targets; ignore_index instead of boolean indexing keeps the step free of host syncs.
-    codec0_loss = F.cross_entropy(logits.flatten(0, 1).float(), inputs.labels.flatten(), ignore_index=IGNORE_INDEX)
+    hidden = talker.model(inputs_embeds=inputs.inputs_embeds, use_cache=False).last_hidden_state  # (B, L, D)
+    head, labels = talker.codec_head, inputs.labels.flatten()
+    logits = None
+    if fused_cross_entropy is None:
+        logits = head(hidden)  # (B, L, V)
+        # Mean over real targets; ignore_index instead of boolean indexing keeps the step free of host syncs.
+        codec0_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX)
+    else:
+        codec0_loss = fused_cross_entropy(head.weight, hidden.flatten(0, 1), labels, head.bias)
 
     frame_hidden = hidden[inputs.frame_batch, inputs.frame_position]  # (N, D)
     codes = inputs.frame_codes  # (N, 16)
     predictor = talker.code_predictor
-    sub_inputs = [frame_hidden[:, None], talker.get_input_embeddings()(codes[:, :1])]
-    for k, embedding in enumerate(predictor.get_input_embeddings()[: codes.shape[1] - 2], start=1):
-        sub_inputs.append(embedding(codes[:, k : k + 1]))
+    # [hidden that predicted code_j0, C(code_j0), emb_1(code_j1), ..., emb_14(code_j14)]
+    sub_inputs = torch.cat([frame_hidden[:, None], inputs.frame_codebook_embeds[:, :-1]], dim=1)  # (N, 16, D)
     sub_hidden = predictor.model(
-        inputs_embeds=predictor.small_to_mtp_projection(torch.cat(sub_inputs, dim=1)), use_cache=False
+        inputs_embeds=predictor.small_to_mtp_projection(sub_inputs), use_cache=False
     ).last_hidden_state  # (N, 16, D_cp)
-    sub_logits = torch.stack(
-        [head(sub_hidden[:, i]) for i, head in enumerate(predictor.lm_head, start=1)], dim=1
-    )  # (N, 15, V_cp)
-    sub_loss = F.cross_entropy(sub_logits.flatten(0, 1).float(), codes[:, 1:].flatten())
+    heads = list(enumerate(predictor.lm_head, start=1))  # head i scores codebook i from position i
+    sub_logits = None
+    if fused_cross_entropy is None:
+        by_head = _sub_talker_head_logits(predictor.lm_head, sub_hidden[:, 1:])  # (15, N, V_cp)
+        sub_logits = by_head.transpose(0, 1)  # (N, 15, V_cp), a view
+        sub_loss = F.cross_entropy(by_head.flatten(0, 1).float(), codes[:, 1:].T.flatten())
+    else:  # every head scores N targets: the mean of the heads' means is the token mean
+        per_head = [fused_cross_entropy(h.weight, sub_hidden[:, i], codes[:, i], h.bias) for i, h in heads]
+        sub_loss = torch.stack(per_head).mean()
     return StepOutput(
         codec0_loss=codec0_loss,
         sub_talker_loss=sub_loss,
@@ -240,11 +344,25 @@ def talker_forward(model, inputs: TalkerInputs) -> StepOutput:
         hidden_states=hidden,
         codec0_logits=logits,
         sub_talker_logits=sub_logits,
-        frame_codec0_logits=logits[inputs.frame_batch, inputs.frame_position],
+        frame_codec0_logits=None if logits is None else logits[inputs.frame_batch, inputs.frame_position],
         frame_batch=inputs.frame_batch,
         frame_codes=codes,
         attention_mask=inputs.attention_mask,
     )
+
+
+def _sub_talker_head_logits(heads: torch.nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden (N, K, D_cp), position k scored by ``heads[k]`` -> logits (K, N, V_cp). Plain linear heads run as
+    one batched matmul over their stacked weights (one kernel, no (N, K, V) stack of outputs); any other head
+    module (an adapter, say) is called as it is."""
+    if not all(type(head) is torch.nn.Linear for head in heads):
+        return torch.stack([head(hidden[:, k]) for k, head in enumerate(heads)])
+    # Both operands contiguous in the (K, N, D) x (K, D, V) layout: CPU bmm is several times slower on transposes.
+    weights = torch.stack([head.weight.T for head in heads])  # (K, D_cp, V_cp)
+    logits = torch.bmm(hidden.transpose(0, 1).contiguous(), weights)  # (K, N, V_cp)
+    if heads[0].bias is not None:
+        logits = logits + torch.stack([head.bias for head in heads])[:, None]
+    return logits
 
 
 class TalkerStep(torch.nn.Module):
@@ -254,6 +372,7 @@ class TalkerStep(torch.nn.Module):
     not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``. With
     ``aux_losses`` (``finetuning.training.losses.AuxiliaryLosses``, held but not registered as a submodule) the
     total also gets Σ weight · auxiliary component, and the unweighted components land in ``StepOutput.aux``.
+    ``fused_cross_entropy``: see ``talker_forward``.
     """
 
     def __init__(
@@ -263,6 +382,7 @@ class TalkerStep(torch.nn.Module):
         layout: str = "non_streaming",
         sub_talker_loss_weight: float = 0.3,
         aux_losses: AuxiliaryLosses | None = None,
+        fused_cross_entropy: Callable | None = None,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -274,6 +394,7 @@ class TalkerStep(torch.nn.Module):
         # Not a submodule: the frozen decoder and speaker encoder stay outside DDP / FSDP / DeepSpeed, which would
         # otherwise wrap, cast or shard them (``training.engines``); ``train`` passes the mode on.
         object.__setattr__(self, "aux_losses", aux_losses)
+        self.fused_cross_entropy = fused_cross_entropy
 
     def train(self, mode: bool = True) -> TalkerStep:
         super().train(mode)
@@ -293,7 +414,7 @@ class TalkerStep(torch.nn.Module):
             [language_id_for(tcfg, lang) for lang in batch["language"]],
             layout=self.layout,
         )
-        out = talker_forward(self.model, inputs)
+        out = talker_forward(self.model, inputs, self.fused_cross_entropy)
         loss = out.codec0_loss + self.sub_talker_loss_weight * out.sub_talker_loss
         if self.aux_losses is not None and self.training:  # validation losses are talker losses only
             out.aux = self.aux_losses(out)

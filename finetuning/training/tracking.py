@@ -12,11 +12,15 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from finetuning.constants import FRAME_RATE_HZ
 from finetuning.settings import Settings
+
+if TYPE_CHECKING:
+    from finetuning.training.speed import ModelFlops
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +28,16 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWindow:
-    """Loss components, samples, audio seconds and padding since the last log, kept on the device."""
+    """Loss components, samples, audio seconds and padding since the last log, kept on the device.
 
-    def __init__(self, device, step: int = 0):
+    With ``model_flops`` (``speed.ModelFlops``) and the device's ``peak_flops`` (FLOP/s; None on CPU and unlisted
+    GPUs) the window also reports ``train/mfu``: model FLOPs per second over the peak of all processes' devices.
+    """
+
+    def __init__(self, device, step: int = 0, model_flops: ModelFlops | None = None, peak_flops: float | None = None):
         self.device = device
+        self.model_flops = model_flops
+        self.peak_flops = peak_flops
         self.reset(step)
 
     def reset(self, step: int = 0) -> None:
@@ -74,8 +84,12 @@ class MetricWindow:
                 "train/audio_s_per_s": frames / FRAME_RATE_HZ / elapsed,
                 "train/padding_fraction": 1 - real / max(padded, 1),
                 "train/optimizer_steps_per_s": (step - self.first_step) / elapsed,
+                "train/tokens_per_s": real / elapsed,  # real talker positions
             }
         )
+        if self.model_flops is not None and self.peak_flops:
+            flops_per_s = self.model_flops.of(real, frames) / elapsed
+            record["train/mfu"] = flops_per_s / (self.peak_flops * accelerator.num_processes)
         self.reset(step)
         return record
 

@@ -98,6 +98,58 @@ def _toy_batch(tokenizer, lengths=(7, 4)):
     return text_ids, codes
 
 
+@pytest.mark.parametrize("tiny_layout", ["equal", "wide_text"])
+@pytest.mark.parametrize("layout", ["non_streaming", "streaming"])
+def test_batch_rows_equal_each_utterance_built_alone(loaded, tiny_layout, layout):
+    """The batch is built by gathering into index grids; each row must be exactly its utterance built alone (which
+    the test above ties to generate), whatever its neighbours' lengths and languages, and zero past its end."""
+    model, tokenizer = loaded[tiny_layout]
+    texts = ["The coffee is too hot.", "Habari.", "Good morning, how are you today, my friend?", "Yes."]
+    text_ids = [tokenizer(assistant_text(t), return_tensors="pt")["input_ids"][0] for t in texts]
+    gen = torch.Generator().manual_seed(3)
+    codes = [torch.randint(0, 2048, (n, 16), generator=gen) for n in (7, 12, 2, 5)]
+    speakers = torch.randn(4, model.config.talker_config.hidden_size, generator=gen)
+    languages = [None, 2050, 2050, None]
+    with torch.no_grad():
+        batch = build_talker_inputs(model, text_ids, codes, speakers, languages, layout)
+        for b in range(4):
+            alone = build_talker_inputs(
+                model, text_ids[b : b + 1], codes[b : b + 1], speakers[b : b + 1], [languages[b]], layout
+            )
+            length = alone.inputs_embeds.shape[1]
+            torch.testing.assert_close(batch.inputs_embeds[b, :length], alone.inputs_embeds[0], rtol=0, atol=1e-6)
+            assert not batch.inputs_embeds[b, length:].any()
+            assert torch.equal(batch.labels[b, :length], alone.labels[0])
+            assert (batch.labels[b, length:] == IGNORE_INDEX).all()
+            assert int(batch.attention_mask[b].sum()) == length
+            rows = batch.frame_batch == b
+            assert torch.equal(batch.frame_position[rows], alone.frame_position)
+            assert torch.equal(batch.frame_codes[rows], codes[b])
+            torch.testing.assert_close(batch.frame_codebook_embeds[rows], alone.frame_codebook_embeds, rtol=0, atol=0)
+
+
+def test_a_step_calls_each_embedding_table_once(loaded):
+    """One lookup per table per step (text, codec, the 15 code-predictor tables): each call adds a full-size
+    gradient in backward, so per-utterance or repeated lookups cost time in proportion to the batch."""
+    model, tokenizer = loaded["wide_text"]
+    text_ids, codes = _toy_batch(tokenizer, lengths=(6, 3))
+    calls: dict[str, int] = {}
+    tables = {name: m for name, m in model.talker.named_modules() if isinstance(m, torch.nn.Embedding)}
+    handles = [
+        m.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        for name, m in tables.items()
+    ]
+    step = TalkerStep(model, torch.zeros(2, model.config.talker_config.hidden_size))
+    try:
+        with torch.no_grad():
+            step({"text_ids": text_ids, "codes": codes, "speaker": torch.tensor([0, 1]), "language": ["auto"] * 2})
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(tables) == 17
+    assert calls == {name: 1 for name in tables}
+
+
 def test_labels_are_codes_shifted_once_and_sub_talker_reads_the_predicting_position(loaded):
     model, tokenizer = loaded["equal"]
     text_ids, codes = _toy_batch(tokenizer)

@@ -1,0 +1,137 @@
+"""Speed levers: fused cross-entropy wiring, torch.compile on CPU, clear errors for missing GPU packages, and the
+FLOPs behind ``train/mfu``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_settings
+
+from finetuning.training.speed import (
+    ModelFlops,
+    SpeedOptionError,
+    check_speed_options,
+    compile_transformers,
+    peak_flops,
+    peak_flops_of,
+)
+from finetuning.training.step import IGNORE_INDEX, TalkerStep, assistant_text, build_talker_inputs, talker_forward
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dirs):
+    """(model, tokenizer) of the tiny ``wide_text`` model (text width != talker width, like 0.6B)."""
+    import qwen_tts
+
+    wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(str(tiny_model_dirs["wide_text"]), dtype=torch.float32)
+    return wrapper.model, wrapper.processor.tokenizer
+
+
+def _batch(tokenizer, lengths=(6, 3)):
+    gen = torch.Generator().manual_seed(5)
+    texts = ["The coffee is too hot.", "Habari."][: len(lengths)]
+    return {
+        "text_ids": [tokenizer(assistant_text(t), return_tensors="pt")["input_ids"][0] for t in texts],
+        "codes": [torch.randint(0, 2048, (n, 16), generator=gen) for n in lengths],
+        "speaker": torch.arange(len(lengths)),
+        "language": ["auto"] * len(lengths),
+    }
+
+
+def _reference_fused(weight, hidden, targets, bias):
+    """What a fused linear + cross-entropy computes (liger-kernel's, without its memory saving)."""
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=IGNORE_INDEX)
+
+
+def test_fused_cross_entropy_path_gives_the_same_losses_and_gradients_without_logits(tiny):
+    model, tokenizer = tiny
+    batch = _batch(tokenizer)
+    speakers = torch.randn(2, model.config.talker_config.hidden_size, generator=torch.Generator().manual_seed(6))
+    results = []
+    for fused in (None, _reference_fused):
+        inputs = build_talker_inputs(model, batch["text_ids"], batch["codes"], speakers, [None, None])
+        out = talker_forward(model, inputs, fused)
+        model.zero_grad()
+        (out.codec0_loss + out.sub_talker_loss).backward()
+        results.append((out, model.talker.code_predictor.lm_head[3].weight.grad.clone()))
+    (plain, plain_grad), (fused, fused_grad) = results
+    torch.testing.assert_close(fused.codec0_loss, plain.codec0_loss)
+    torch.testing.assert_close(fused.sub_talker_loss, plain.sub_talker_loss)
+    torch.testing.assert_close(fused_grad, plain_grad)
+    assert fused.codec0_logits is None and fused.sub_talker_logits is None and fused.frame_codec0_logits is None
+    model.zero_grad()
+
+
+def test_compiled_transformers_train_like_eager_on_cpu(tiny_model_dirs):
+    """TORCH_COMPILE compiles in place: same losses and gradients as eager, same parameter names (exports).
+    Dynamo traces the real model (backend "eager" runs the traced graphs); inductor's C++ code generation of the
+    same graphs takes minutes on a small shared CPU."""
+    import qwen_tts
+
+    models = [
+        qwen_tts.Qwen3TTSModel.from_pretrained(str(tiny_model_dirs["equal"]), dtype=torch.float32) for _ in range(2)
+    ]
+    tokenizer = models[0].processor.tokenizer
+    eager, compiled = (m.model for m in models)
+    names = list(dict(compiled.named_parameters()))
+    compile_transformers(compiled, backend="eager")
+    assert list(dict(compiled.named_parameters())) == names
+    speakers = torch.zeros(2, eager.config.talker_config.hidden_size)
+    batch = _batch(tokenizer)
+    grads = []
+    for model in (eager, compiled):
+        loss, _ = TalkerStep(model, speakers)(batch)
+        loss.backward()
+        grads.append((loss.detach(), model.talker.codec_head.weight.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("key", "missing"),
+    [("ATTN_IMPLEMENTATION=flash_attention_2", "flash_attn"), ("FUSED_CROSS_ENTROPY=true", "liger_kernel")],
+)
+def test_gpu_levers_fail_with_one_line_where_they_cannot_run(tmp_path, monkeypatch, key, missing):
+    import importlib.util
+
+    name, value = key.split("=")
+    settings = make_settings(tmp_path, tmp_path, **{name: value})
+    with pytest.raises(SpeedOptionError, match=f"^{key} runs on CUDA GPUs only.*set ") as cpu_error:
+        check_speed_options(settings, torch.device("cpu"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == missing else real_find_spec(m, *a))
+    with pytest.raises(SpeedOptionError, match=f"^{key} needs the {missing} package: `uv sync --group") as error:
+        check_speed_options(settings, torch.device("cuda"))
+    assert "\n" not in str(cpu_error.value) + str(error.value)
+    check_speed_options(make_settings(tmp_path, tmp_path), torch.device("cpu"))  # the defaults run anywhere
+
+
+def test_fused_cross_entropy_refuses_the_auxiliary_losses(tmp_path):
+    from finetuning.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="FUSED_CROSS_ENTROPY.*USE_AUXILIARY_LOSSES=true"):
+        make_settings(tmp_path, tmp_path, FUSED_CROSS_ENTROPY="true", USE_AUXILIARY_LOSSES="true")
+
+
+def test_model_flops_match_torch_flop_counter(tiny):
+    """6 x weights per token agrees with torch's own count of a forward + backward step (one utterance, so no
+    padding), within what the attention scores and the loss add."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, tokenizer = tiny
+    batch = _batch(tokenizer, lengths=(40,))
+    step = TalkerStep(model, torch.zeros(1, model.config.talker_config.hidden_size))
+    with FlopCounterMode(display=False) as counter:
+        loss, out = step(batch)
+        loss.backward()
+    model.zero_grad()
+    estimate = ModelFlops(model).of(int(out.attention_mask.sum()), 40)
+    assert 0.8 < estimate / counter.get_total_flops() < 1.05
+
+
+def test_peak_flops_table():
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_of("NVIDIA A10G") == 70e12
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_of("Some Future GPU") is None
+    assert peak_flops(torch.device("cpu")) is None  # no train/mfu on CPU

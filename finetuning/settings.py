@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import json
 import logging
-import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +26,21 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from finetuning.settings_rules import (
+    BOUNDS,
+    SettingsError,
+    check_device,
+    check_repo_id,
+    check_speakers,
+    check_trackers,
+    parse_bool,
+    require,
+)
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENV_FILE = ".env"
 BUNDLED_SPEAKERS = ("english_speaker", "swahili_speaker")
-
-
-class SettingsError(ValueError):
-    """A setting has a value that is not allowed; the message names the key, the value and what is allowed."""
-
-
-BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 def _setting(default: Any, unit: str, help: str, choices=None, secret=False, check=None, **bounds: float):
@@ -50,33 +53,6 @@ def _setting(default: Any, unit: str, help: str, choices=None, secret=False, che
     return field(default=default, repr=not secret, metadata=metadata)
 
 
-def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
-    if not condition:
-        raise SettingsError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-def _check_speakers(key: str, names: tuple[str, ...]) -> None:
-    _require(len(names) > 0, key, ",".join(names), "at least one speaker name")
-    names_rule = "lower-case names of letters, digits, '_' or '-' (each becomes a dataset config and a speaker id)"
-    for name in names:
-        _require(name.replace("_", "").replace("-", "").isalnum() and name == name.lower(), key, name, names_rule)
-    _require(len(set(names)) == len(names), key, names, "distinct names")
-
-
-def _check_device(key: str, device: str) -> None:
-    cuda_n = device.startswith("cuda:") and device[5:].isdigit()
-    _require(device in ("auto", "cpu", "cuda") or cuda_n, key, device, "auto, cpu, cuda or cuda:N")
-
-
-def _check_repo_id(key: str, repo: str) -> None:
-    _require(not repo or (repo.count("/") == 1 and all(repo.split("/"))), key, repo, "a Hub repo id: owner/name")
-
-
-def _check_trackers(key: str, names: tuple[str, ...]) -> None:
-    known = all(t in ("tensorboard", "wandb", "none") for t in names) and ("none" not in names or len(names) == 1)
-    _require(known, key, ",".join(names), "tensorboard and/or wandb, or none alone")
-
-
 @dataclass(frozen=True)
 class Settings:
     # --- data --------------------------------------------------------------------------------------------
@@ -84,7 +60,7 @@ class Settings:
         BUNDLED_SPEAKERS,
         "comma-separated names",
         "speakers to prepare and train; each is one dataset config",
-        check=_check_speakers,
+        check=check_speakers,
     )
     VOICES_DIR: str = _setting(
         "voices", "path", "folder with <speaker>.wav reference clips and <speaker>/metadata.jsonl corpora"
@@ -94,7 +70,7 @@ class Settings:
         "",
         "Hub repo id",
         "dataset repo to upload to / train from, e.g. user/qwen3-tts-voices; empty = local only",
-        check=_check_repo_id,
+        check=check_repo_id,
     )
     HF_DATASET_PRIVATE: bool = _setting(True, "bool", "create the Hub dataset repo as private")
     HF_TOKEN: str = _setting("", "secret", "Hugging Face token for upload and private repos", secret=True)
@@ -137,7 +113,7 @@ class Settings:
         "auto",
         "device",
         "device for data preparation and evaluation (cpu also forces training onto the CPU): auto, cpu, cuda, cuda:N",
-        check=_check_device,
+        check=check_device,
     )
     # --- training ----------------------------------------------------------------------------------------
     OUTPUT_DIR: str = _setting("outputs/run", "path", "where checkpoints, logs and the exported model go")
@@ -218,7 +194,7 @@ class Settings:
     SAVE_TOTAL_LIMIT: int = _setting(2, "states", "keep only the newest N saved training states", ge=1)
     RESUME_FROM: str = _setting("", "latest or path", "resume from OUTPUT_DIR's latest state or a state folder")
     REPORT_TO: tuple[str, ...] = _setting(
-        ("tensorboard",), "comma-separated names", "trackers: tensorboard, wandb, or none", check=_check_trackers
+        ("tensorboard",), "comma-separated names", "trackers: tensorboard, wandb, or none", check=check_trackers
     )
     WANDB_MODE: str = _setting(
         "offline", "mode", "W&B mode when REPORT_TO has wandb; offline needs no network", choices=("offline", "online")
@@ -301,15 +277,6 @@ class Settings:
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
-def _parse_bool(key: str, raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{key}={raw!r} is not a boolean; use true/false (or 1/0, yes/no)")
-
-
 def _parse_value(key: str, raw: Any) -> Any:
     """A value from the file, the environment or a flag (a string) as the field's type; other values as given."""
     kind = type(FIELDS[key].default)
@@ -317,7 +284,7 @@ def _parse_value(key: str, raw: Any) -> Any:
         return raw
     text = raw.strip()
     if kind is bool:
-        return _parse_bool(key, text)
+        return parse_bool(key, text)
     if kind is tuple:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     try:
@@ -347,21 +314,21 @@ def validate(settings: Settings) -> None:
             *(f.metadata[k] for k in ("choices", "bounds", "check")),
         )
         if choices is not None:
-            _require(value in choices, name, value, f"one of {', '.join(choices)}")
+            require(value in choices, name, value, f"one of {', '.join(choices)}")
         if bounds:
-            _require(all(BOUNDS[k][0](value, limit) for k, limit in bounds.items()), name, value, _allowed_range(f))
+            require(all(BOUNDS[k][0](value, limit) for k, limit in bounds.items()), name, value, _allowed_range(f))
         if check is not None:
             check(name, value)
     s = settings
     split_rule = f"VALIDATION_FRACTION + TEST_FRACTION < 1 (VALIDATION_FRACTION is {s.VALIDATION_FRACTION})"
-    _require(s.VALIDATION_FRACTION + s.TEST_FRACTION < 1.0, "TEST_FRACTION", s.TEST_FRACTION, split_rule)
+    require(s.VALIDATION_FRACTION + s.TEST_FRACTION < 1.0, "TEST_FRACTION", s.TEST_FRACTION, split_rule)
     for low, high in (("MIN_CHARS_PER_S", "MAX_CHARS_PER_S"), ("MIN_DURATION_S", "MAX_DURATION_S")):
         low_value, high_value = getattr(s, low), getattr(s, high)
-        _require(high_value > low_value, high, high_value, f"> {low} ({low_value})")
+        require(high_value > low_value, high, high_value, f"> {low} ({low_value})")
     repeat = s.SPEAKER_MAX_REPEAT
-    _require(repeat == 0 or repeat >= 1, "SPEAKER_MAX_REPEAT", repeat, "0 (no cap) or >= 1")
+    require(repeat == 0 or repeat >= 1, "SPEAKER_MAX_REPEAT", repeat, "0 (no cap) or >= 1")
     fused_rule = "false with USE_AUXILIARY_LOSSES=true (the auxiliary losses read the logits it never builds)"
-    _require(not (s.FUSED_CROSS_ENTROPY and s.USE_AUXILIARY_LOSSES), "FUSED_CROSS_ENTROPY", True, fused_rule)
+    require(not (s.FUSED_CROSS_ENTROPY and s.USE_AUXILIARY_LOSSES), "FUSED_CROSS_ENTROPY", True, fused_rule)
 
 
 def _check_unknown_keys(keys: list[str], source: str) -> None:

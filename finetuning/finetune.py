@@ -26,6 +26,7 @@ from finetuning.training.checkpointing import ResumeError  # noqa: E402
 from finetuning.training.data import DataError  # noqa: E402
 from finetuning.training.export import ExportError  # noqa: E402
 from finetuning.training.loop import TrainingError, train  # noqa: E402
+from finetuning.training.lora import LoraError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
     try:
         result = train(settings, on_export=speech_evaluation)
-    except (DataError, TrainingError, ResumeError, ExportError, ModelUnavailable) as error:
+    except (DataError, TrainingError, ResumeError, ExportError, LoraError, ModelUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.interrupted:

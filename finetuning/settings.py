@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ENV_FILE = ".env"
 BUNDLED_SPEAKERS = ("english_speaker", "swahili_speaker")
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class SettingsError(ValueError):
@@ -170,6 +171,19 @@ class Settings:
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips", ge=0
     )
     EXPORT_DIR: str = _setting("", "path", "where the custom_voice checkpoint is written; empty = OUTPUT_DIR/model")
+    # --- LoRA ----------------------------------------------------------------------------------------------
+    FINETUNE_METHOD: str = _setting(
+        "full", "method", "full = every talker weight; lora = adapters", choices=("full", "lora")
+    )
+    LORA_RANK: int = _setting(16, "rank", "rank of each LoRA adapter", ge=1)
+    LORA_ALPHA: float = _setting(32.0, "scale", "LoRA alpha; the update is scaled by LORA_ALPHA / LORA_RANK", gt=0)
+    LORA_DROPOUT: float = _setting(0.0, "probability", "dropout on the LoRA branch's input", ge=0, lt=1)
+    LORA_TARGETS: tuple[str, ...] = _setting(
+        LORA_DEFAULT_TARGETS, "comma-separated names", "talker and code-predictor linear layers that get adapters"
+    )
+    LORA_FULLY_TRAINED: tuple[str, ...] = _setting(
+        ("codec_head", "lm_head"), "comma-separated names", "talker modules trained fully beside the adapters"
+    )
     # --- data loading, resume, tracking --------------------------------------------------------------------
     MAX_BATCH_TOKENS: int = _setting(
         4096,

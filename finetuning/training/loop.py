@@ -29,6 +29,7 @@ from finetuning.training.checkpointing import (
 )
 from finetuning.training.data import Example, load_training_examples, make_train_loader, speaker_languages
 from finetuning.training.export import RunExports, speaker_rows
+from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.sampler import DurationBatchSampler
@@ -150,7 +151,7 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
 
     ``on_export(checkpoint_dir, step, accelerator)`` (the command passes generated-speech evaluation) is called on
     the main process with an export every EVAL_GENERATE_STEPS steps and with the final export; see ``callbacks``.
-    Raises DataError / TrainingError / ResumeError / ModelUnavailable with a message naming the fix.
+    Raises DataError / TrainingError / ResumeError / LoraError / ModelUnavailable with a message naming the fix.
     """
     from accelerate.utils import send_to_device, set_seed
 
@@ -160,10 +161,10 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=settings.HF_TOKEN or None)
     model, tokenizer = load_base_model(model_dir, accelerator.device, settings.TRAIN_SPEAKERS)
     speaker_embeds = compute_speaker_embeddings(model, settings)
+    lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
     train_examples, val_examples = load_training_examples(settings, tokenizer)
-    exports = RunExports(
-        model_dir, speaker_embeds, speaker_languages(train_examples, settings.TRAIN_SPEAKERS), settings
-    )
+    languages = speaker_languages(train_examples, settings.TRAIN_SPEAKERS)
+    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora=lora)
     sampler = make_sampler(train_examples, settings, model.config.talker_config, accelerator)
     pin_memory = accelerator.device.type == "cuda"
     train_loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
@@ -175,6 +176,8 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
         aux_losses=build_auxiliary_losses(settings, model, model_dir, accelerator.device),
     )
     optimizer = make_optimizer(model, settings)
+    if accelerator.is_main_process:
+        log_trainable_summary(model, settings.FINETUNE_METHOD)
     # Accumulation runs across epoch ends, so NUM_EPOCHS passes take ceil(epochs x batches / accumulation) steps.
     total_steps = settings.MAX_STEPS or math.ceil(
         settings.NUM_EPOCHS * len(sampler) / settings.GRADIENT_ACCUMULATION_STEPS

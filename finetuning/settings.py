@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ENV_FILE = ".env"
 BUNDLED_SPEAKERS = ("english_speaker", "swahili_speaker")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_DEFAULT_FULLY_TRAINED = ("codec_head", "lm_head", "codec_embedding")  # the codec heads and embeddings
 
 
 class SettingsError(ValueError):
@@ -182,7 +183,7 @@ class Settings:
         LORA_DEFAULT_TARGETS, "comma-separated names", "talker and code-predictor linear layers that get adapters"
     )
     LORA_FULLY_TRAINED: tuple[str, ...] = _setting(
-        ("codec_head", "lm_head"), "comma-separated names", "talker modules trained fully beside the adapters"
+        LORA_DEFAULT_FULLY_TRAINED, "comma-separated names", "talker modules trained fully beside the adapters"
     )
     # --- data loading, resume, tracking --------------------------------------------------------------------
     MAX_BATCH_TOKENS: int = _setting(

@@ -19,9 +19,9 @@ from finetuning.training.export import INFO_FILE
 from finetuning.training.lora import ADAPTER_DIR, LoraError, apply_lora, trainable_summary
 
 LORA_STEPS = 300
-# The tiny model's layers are 24-64 wide: rank 8 adapts a third of them, and the heads (LORA_FULLY_TRAINED) map
-# the adapted hidden states to codes; together they memorise the data like the full fine-tune.
-LORA_SETTINGS = dict(FINETUNE_METHOD="lora", LORA_RANK=8, LORA_ALPHA=16, LEARNING_RATE=6e-3, SAVE_STEPS=LORA_STEPS)
+# Default adapters (rank 16 of the tiny model's 24-64 wide layers) and fully trained codec heads and embeddings;
+# fewer steps (150 at a learning rate of 1e-2) leave sub-talker margins of 0.1 logits.
+LORA_SETTINGS = dict(FINETUNE_METHOD="lora", LEARNING_RATE=6e-3, SAVE_STEPS=LORA_STEPS)
 # Merged weights compute W x + s B (A x) as (W + s B A) x: float32 rounding differs by ~1e-6 relative.
 MERGE_LOGIT_ATOL = 1e-4
 
@@ -69,25 +69,24 @@ def test_only_adapters_and_listed_modules_change(lora_runs):
     settings, result = lora_runs[("equal", "non_streaming")]
     base = load_file(str(Path(settings.INIT_MODEL_PATH) / "model.safetensors"))
     trained = _final_state(settings)
-    changed, unchanged = set(), set()
+    adapters = {n for n in trained if ".lora_" in n}
     for name, tensor in trained.items():
-        if ".lora_" in name:
-            (changed if name.endswith("lora_B.default.weight") and tensor.abs().max() > 0 else unchanged).add(name)
+        if name in adapters:
             continue
         base_name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        base_name = base_name.replace(".modules_to_save.default.", ".")
-        same = torch.equal(tensor, base[base_name])
+        same = torch.equal(tensor, base[base_name.replace(".modules_to_save.default.", ".")])
         if ".modules_to_save." in name:
             assert not same, f"{name}: a listed module must train"
         else:
             assert same, f"{name}: a frozen base weight changed"
-    adapted = {n.removesuffix(".lora_B.default.weight") for n in trained if n.endswith("lora_B.default.weight")}
-    assert adapted and changed == {f"{n}.lora_B.default.weight" for n in adapted}
+    lora_b = [n for n in adapters if n.endswith(".lora_B.default.weight")]
+    assert lora_b and all(trained[n].abs().max() > 0 for n in lora_b)  # B starts at zero: every adapter trained
+    adapted = {n.removesuffix(".lora_B.default.weight") for n in lora_b}
     assert {n.split(".")[-1] for n in adapted} == set(settings.LORA_TARGETS)
     assert all(n.startswith("talker.") for n in adapted)
     listed = {n for n in trained if ".modules_to_save." in n}
-    assert {n.split(".modules_to_save.")[0].split(".")[-1] for n in listed} >= {"codec_head"}
-    assert any(".lm_head." in n for n in listed)
+    assert {n.split(".modules_to_save.")[0] for n in listed} >= {"talker.codec_head", "talker.model.codec_embedding"}
+    assert any(".lm_head." in n for n in listed) and any("code_predictor.model.codec_embedding." in n for n in listed)
 
 
 def _logits(model, tokenizer, row, speaker_embed, layout):
@@ -120,7 +119,7 @@ def test_merged_export_equals_the_adapter_model(lora_runs):
     base = qwen_tts.Qwen3TTSModel.from_pretrained(settings.INIT_MODEL_PATH, dtype=torch.float32)
     tokenizer = base.processor.tokenizer
     adapted = PeftModel.from_pretrained(base.model, str(result.export_dir / ADAPTER_DIR)).eval()
-    assert json.loads((result.export_dir / ADAPTER_DIR / "adapter_config.json").read_text())["r"] == 8
+    assert json.loads((result.export_dir / ADAPTER_DIR / "adapter_config.json").read_text())["r"] == 16
     tcfg = export.model.config.talker_config
     for row in _trained_rows(settings)[:2]:
         speaker = export.model.talker.get_input_embeddings().weight[tcfg.spk_id[row["speaker"]]].detach()

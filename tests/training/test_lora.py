@@ -3,7 +3,8 @@
 The overfit runs are those of ``test_train`` (real loop, two speakers x two utterances, one sentence said by
 both) with adapters instead of full fine-tuning; the merged export must give back the trained codes under greedy
 stock ``generate_custom_voice`` with the same teacher-forced margin floor. The final training state of each run
-(the adapted model before any merge) shows that only adapters and the fully trained heads changed.
+(the adapted model before any merge) shows that only adapters and the fully trained codec heads and embeddings
+changed.
 """
 
 import json
@@ -19,9 +20,9 @@ from finetuning.training.export import INFO_FILE
 from finetuning.training.lora import ADAPTER_DIR, LoraError, apply_lora, trainable_summary
 
 LORA_STEPS = 300
-# Default adapters (rank 16 of the tiny model's 24-64 wide layers) and fully trained codec heads and embeddings;
-# fewer steps (150 at a learning rate of 1e-2) leave sub-talker margins of 0.1 logits.
-LORA_SETTINGS = dict(FINETUNE_METHOD="lora", LEARNING_RATE=6e-3, SAVE_STEPS=LORA_STEPS)
+# Default LoRA settings (rank 16 of the tiny model's 24-64 wide layers, codec heads and embeddings fully trained) at
+# the overfit runs' learning rate; half the steps (150, at a learning rate of 1e-2) leave sub-talker margins of 0.1.
+LORA_SETTINGS = dict(FINETUNE_METHOD="lora", SAVE_STEPS=LORA_STEPS)  # the final state: weights before the merge
 # Merged weights compute W x + s B (A x) as (W + s B A) x: float32 rounding differs by ~1e-6 relative.
 MERGE_LOGIT_ATOL = 1e-4
 

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 from finetuning.constants import FIRST_SPEAKER_ROW
 from finetuning.settings import Settings
-from finetuning.training.lora import ADAPTER_DIR, LoraAdapter
+from finetuning.training.lora import LoraAdapter
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 INFO_FILE = "finetune_info.json"
@@ -185,13 +186,9 @@ class RunExports:
             return None
         settings = self.settings
         write_adapter = None
-        if self.lora is not None:
-            trained = state
-
-            def write_adapter(folder: Path) -> None:
-                self.lora.save_adapter(trained, folder / ADAPTER_DIR, settings.INIT_MODEL_PATH)
-
-            state = self.lora.merged_state_dict(trained)
+        if self.lora is not None:  # the adapter from the trained state, the checkpoint from the merged one
+            write_adapter = partial(self.lora.save_adapter, state, base_model=settings.INIT_MODEL_PATH)
+            state = self.lora.merged_state_dict(state)
         return export_checkpoint(
             accelerator.unwrap_model(step_module).model,
             self.base_model_dir,

@@ -69,14 +69,15 @@ class LoraAdapter:
             merged[f"{layer}.weight"] = (base.float() + (lora_b @ lora_a) * scaling).to(base.dtype)
         return merged
 
-    def save_adapter(self, state: dict[str, torch.Tensor], output_dir: Path, base_model: str) -> None:
+    def save_adapter(self, state: dict[str, torch.Tensor], checkpoint_dir: Path, base_model: str) -> None:
         """Write peft's adapter folder (config + adapter and fully trained weights) from ``state`` (keys as in the
-        model) to ``output_dir``; ``base_model`` is recorded as the model it adapts."""
+        model) to ``checkpoint_dir / ADAPTER_DIR``; ``base_model`` is recorded as the model it adapts."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         prefixed = {f"base_model.model.{name}": tensor for name, tensor in state.items()}
         weights = get_peft_model_state_dict(self.peft_model, state_dict=prefixed, save_embedding_layers=False)
+        output_dir = Path(checkpoint_dir) / ADAPTER_DIR
         output_dir.mkdir(parents=True, exist_ok=True)
         config = self.peft_model.peft_config[ADAPTER_NAME]
         config.base_model_name_or_path = base_model

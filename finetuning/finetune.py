@@ -49,11 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     from finetuning.training.engines import EngineError
     from finetuning.training.export import ExportError
     from finetuning.training.loop import TrainingError, train
+    from finetuning.training.lora import LoraError
 
     speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
     try:
         result = train(settings, on_export=speech_evaluation)
-    except (DataError, TrainingError, EngineError, ResumeError, ExportError, ModelUnavailable, SettingsError) as error:
+    except (
+        DataError,
+        TrainingError,
+        EngineError,
+        ResumeError,
+        ExportError,
+        LoraError,
+        ModelUnavailable,
+        SettingsError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.interrupted:

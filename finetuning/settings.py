@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ENV_FILE = ".env"
 BUNDLED_SPEAKERS = ("english_speaker", "swahili_speaker")
+LORA_DEFAULT_TARGETS = tuple("q_proj k_proj v_proj o_proj gate_proj up_proj down_proj linear_fc1 linear_fc2".split())
+LORA_DEFAULT_FULLY_TRAINED = ("codec_head", "lm_head", "codec_embedding")  # the codec heads and embeddings
 
 
 def _setting(default: Any, unit: str, help: str, choices=None, secret=False, check=None, **bounds: float):
@@ -161,6 +163,19 @@ class Settings:
     )
     FUSED_CROSS_ENTROPY: bool = _setting(
         False, "bool", "fused linear + cross-entropy for the codec heads (liger-kernel, CUDA; no auxiliary losses)"
+    )
+    # --- LoRA ----------------------------------------------------------------------------------------------
+    FINETUNE_METHOD: str = _setting(
+        "full", "method", "full = every talker weight; lora = adapters", choices=("full", "lora")
+    )
+    LORA_RANK: int = _setting(16, "rank", "rank of each LoRA adapter", ge=1)
+    LORA_ALPHA: float = _setting(32.0, "scale", "LoRA alpha; the update is scaled by LORA_ALPHA / LORA_RANK", gt=0)
+    LORA_DROPOUT: float = _setting(0.0, "probability", "dropout on the LoRA branch's input", ge=0, lt=1)
+    LORA_TARGETS: tuple[str, ...] = _setting(
+        LORA_DEFAULT_TARGETS, "comma-separated names", "linear layers of the talker (its text MLP too) to adapt"
+    )
+    LORA_FULLY_TRAINED: tuple[str, ...] = _setting(
+        LORA_DEFAULT_FULLY_TRAINED, "comma-separated names", "talker modules trained fully beside the adapters"
     )
     # --- data loading, resume, tracking --------------------------------------------------------------------
     MAX_BATCH_TOKENS: int = _setting(

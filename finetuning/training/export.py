@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 
 from finetuning.constants import FIRST_SPEAKER_ROW
 from finetuning.settings import Settings
+from finetuning.training.lora import LoraAdapter
 
 # The base model's own weights (single or sharded, safetensors or bin, with their index): never copied, the export
 # writes its own model.safetensors. Subfolders (the speech tokenizer's weights) are copied whole.
@@ -96,6 +99,7 @@ def export_checkpoint(
     extra_info: dict | None = None,
     link_base_files: bool = False,
     state_dict: dict | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a custom-voice checkpoint of ``model`` (a ``Qwen3TTSForConditionalGeneration``) to ``output_dir``.
 
@@ -104,7 +108,8 @@ def export_checkpoint(
     default). An existing ``output_dir`` is replaced only once the new one is complete. ``link_base_files``
     hard-links the base folder's unchanged files (tokenizers, speech tokenizer) instead of copying them where the
     filesystem allows, for the repeated exports of in-training evaluation. ``state_dict`` replaces
-    ``model.state_dict()`` (a full state gathered from sharded training).
+    ``model.state_dict()`` (a full state gathered from sharded training). ``write_extra(folder)`` adds files to
+    the checkpoint before it is renamed into place (the LoRA adapter).
 
     Raises ExportError when the speakers do not fit the vocabulary or the base folder lacks config.json.
     """
@@ -142,6 +147,8 @@ def export_checkpoint(
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         if settings is not None:
             settings.save(staging / SETTINGS_FILE)
+        if write_extra is not None:
+            write_extra(staging)
         previous = output_dir.with_name(f".{output_dir.name}.previous")
         if previous.exists():
             shutil.rmtree(previous)
@@ -167,12 +174,14 @@ def gathered_state_dict(accelerator, step_module) -> dict:
 @dataclass(frozen=True)
 class RunExports:
     """What every export of one training run shares: the Base model folder (config, tokenizers, speech tokenizer),
-    the (S, D) speaker embeddings in TRAIN_SPEAKERS order, each speaker's training language and the settings."""
+    the (S, D) speaker embeddings in TRAIN_SPEAKERS order, each speaker's training language, the settings, and
+    the LoRA adapter when FINETUNE_METHOD=lora (exports are then merged, with the adapter in ``adapter/``)."""
 
     base_model_dir: Path
     speaker_embeds: torch.Tensor
     languages: dict[str, str]
     settings: Settings
+    lora: LoraAdapter | None = None
 
     def export(self, accelerator, step_module, output_dir: str | Path, step: int, link_base_files: bool = False):
         """``export_checkpoint`` of the model being trained, with the run's settings and ``step`` recorded.
@@ -184,6 +193,10 @@ class RunExports:
         if not accelerator.is_main_process:
             return None
         settings = self.settings
+        write_adapter = None
+        if self.lora is not None:  # the adapter from the trained state, the checkpoint from the merged one
+            write_adapter = partial(self.lora.save_adapter, state, base_model=settings.INIT_MODEL_PATH)
+            state = self.lora.merged_state_dict(state)
         return export_checkpoint(
             accelerator.unwrap_model(step_module).model,
             self.base_model_dir,
@@ -192,9 +205,14 @@ class RunExports:
             self.languages,
             output_dir,
             settings=settings,
-            extra_info={"optimizer_steps": step, "training_layout": settings.TRAINING_LAYOUT},
+            extra_info={
+                "optimizer_steps": step,
+                "training_layout": settings.TRAINING_LAYOUT,
+                "finetune_method": settings.FINETUNE_METHOD,
+            },
             link_base_files=link_base_files,
             state_dict=state,
+            write_extra=write_adapter,
         )
 
 

@@ -31,6 +31,7 @@ from finetuning.training.checkpointing import (
 )
 from finetuning.training.data import Example, load_training_examples, make_train_loader, speaker_languages
 from finetuning.training.export import RunExports, speaker_rows
+from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.sampler import DurationBatchSampler
@@ -156,8 +157,8 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
 
     ``on_export(checkpoint_dir, step, accelerator)`` (the command passes generated-speech evaluation) is called on
     the main process with an export every EVAL_GENERATE_STEPS steps and with the final export; see ``callbacks``.
-    Raises DataError / TrainingError / ResumeError / ModelUnavailable / SpeedOptionError with a message naming the
-    fix.
+    Raises DataError / TrainingError / ResumeError / LoraError / ModelUnavailable / SpeedOptionError with a
+    message naming the fix.
     """
     from accelerate.utils import send_to_device, set_seed
 
@@ -169,10 +170,10 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
     speaker_embeds = compute_speaker_embeddings(model, settings)
+    lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
     train_examples, val_examples = load_training_examples(settings, tokenizer)
-    exports = RunExports(
-        model_dir, speaker_embeds, speaker_languages(train_examples, settings.TRAIN_SPEAKERS), settings
-    )
+    languages = speaker_languages(train_examples, settings.TRAIN_SPEAKERS)
+    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora=lora)
     sampler = make_sampler(train_examples, settings, model.config.talker_config, accelerator)
     engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     pin_memory = accelerator.device.type == "cuda"
@@ -191,6 +192,8 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     if settings.GRADIENT_CHECKPOINTING:
         engines.enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, settings)
+    if accelerator.is_main_process:
+        log_trainable_summary(model, settings.FINETUNE_METHOD)
     # Accumulation runs across epoch ends, so NUM_EPOCHS passes take ceil(epochs x batches / accumulation) steps.
     total_steps = settings.MAX_STEPS or math.ceil(
         settings.NUM_EPOCHS * len(sampler) / settings.GRADIENT_ACCUMULATION_STEPS

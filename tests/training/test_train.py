@@ -191,6 +191,31 @@ def _check(settings, result):
     return model, report
 
 
+def assert_reproduces_every_speaker(settings, result, margin_log: dict, case_id: str):
+    """The decisive check on a finished overfit run: stock greedy generation from the export gives back every
+    trained utterance, with teacher-forced margins >= MIN_TEACHER_FORCED_MARGIN (logged under ``case_id``), and
+    the shared sentence follows the speaker name. Returns the stock-loaded model."""
+    model, report = _check(settings, result)
+    assert len(report) == len(SPEAKERS) * UTTERANCES_PER_SPEAKER
+    margin_log[case_id] = {
+        "codec0": min(item["codec0_margin"] for item in report),
+        "sub_talker": min(item["sub_talker_margin"] for item in report),
+    }
+    for item in report:
+        assert item["codebook0_equal"], item
+        assert item["share"] >= MIN_TOKEN_MATCH, item
+        assert min(item["codec0_margin"], item["sub_talker_margin"]) >= MIN_TEACHER_FORCED_MARGIN, item
+
+    # The shared sentence comes out as each speaker's own recording: swapping the name changes the output.
+    shared = {row["speaker"]: row["audio_codes"] for row in _trained_rows(settings) if row["text"] == SHARED_TEXT}
+    assert set(shared) == set(SPEAKERS)
+    first, second = SPEAKERS
+    as_second = _generate_codes(model, second, SHARED_TEXT, shared[first].shape[0] + 10)
+    first_equal, share = _compare(as_second, shared[first])
+    assert not first_equal and share < 0.5
+    return model
+
+
 @pytest.fixture(scope="module")
 def overfit_runs(tiny_model_dirs, tmp_path_factory):
     """One run per tiny layout: the 1.7B-like layout in non-streaming mode (generate_custom_voice's default) and
@@ -220,24 +245,7 @@ def test_overfit_then_generate_reproduces_every_speaker(overfit_runs, case, marg
     logged = {key for record in result.history for key in record}
     aux_keys = {"train/mel_reconstruction", "train/voice_consistency", "train/prosody"}
     assert aux_keys <= logged if "aux" in case else not aux_keys & logged
-    model, report = _check(settings, result)
-    assert len(report) == len(SPEAKERS) * UTTERANCES_PER_SPEAKER
-    margin_log["-".join(case)] = {
-        "codec0": min(item["codec0_margin"] for item in report),
-        "sub_talker": min(item["sub_talker_margin"] for item in report),
-    }
-    for item in report:
-        assert item["codebook0_equal"], item
-        assert item["share"] >= MIN_TOKEN_MATCH, item
-        assert min(item["codec0_margin"], item["sub_talker_margin"]) >= MIN_TEACHER_FORCED_MARGIN, item
-
-    # The shared sentence comes out as each speaker's own recording: swapping the name changes the output.
-    shared = {row["speaker"]: row["audio_codes"] for row in _trained_rows(settings) if row["text"] == SHARED_TEXT}
-    assert set(shared) == set(SPEAKERS)
-    first, second = SPEAKERS
-    as_second = _generate_codes(model, second, SHARED_TEXT, shared[first].shape[0] + 10)
-    first_equal, share = _compare(as_second, shared[first])
-    assert not first_equal and share < 0.5
+    assert_reproduces_every_speaker(settings, result, margin_log, "-".join(case))
 
 
 def test_double_shift_of_the_official_recipe_fails_the_check(tiny_model_dirs, tmp_path_factory, monkeypatch):

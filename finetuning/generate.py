@@ -15,7 +15,8 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 
-from finetuning.evaluation.speech import load_checkpoint, synthesize  # noqa: E402
+from finetuning.evaluation.speech import EvaluationError, load_checkpoint, require_text, synthesize  # noqa: E402
+from finetuning.resources import one_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import soundfile as sf
 
-    model = load_checkpoint(args.checkpoint, args.device)
     try:
+        require_text(args.text)
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise ValueError("--max_new_tokens must be >= 1")
+        model = load_checkpoint(args.checkpoint, args.device)
         wav, sample_rate = synthesize(model, args.speaker, args.text, args.language, args.greedy, args.max_new_tokens)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(args.output, wav, sample_rate)
+    except EvaluationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(args.output, wav, sample_rate)
+    except (OSError, sf.LibsndfileError) as error:
+        print(f"error: cannot write --output {args.output}: {one_line(error)}", file=sys.stderr)
+        return 1
     print(f"{args.output}: {wav.size / sample_rate:.2f} s at {sample_rate} Hz")
     return 0
 

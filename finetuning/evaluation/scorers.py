@@ -182,16 +182,15 @@ class PocketsphinxRecognizer:
         except ImportError as error:
             raise BackendUnavailable("pocketsphinx", f"{error}; install the `eval` extra") from error
         self._decoder = Decoder(samprate=POCKETSPHINX_SAMPLE_RATE, loglevel="FATAL")
-        self._initial_cmn = self._decoder.get_cmn()
 
     def transcribe(self, audio: np.ndarray, sample_rate: int, language: str | None = None) -> str:
         if language is not None and language not in self.languages:
             raise ValueError(f"{self.name} recognises only {self.languages}, not {language!r}")
         wav = resample(np.asarray(audio, dtype=np.float32), sample_rate, POCKETSPHINX_SAMPLE_RATE)
         pcm = np.round(np.clip(wav, -1.0, 1.0) * PCM16_SCALE).astype("<i2").tobytes()
-        # The live cepstral mean carries over from clip to clip: every clip starts from the initial one, so a
-        # transcript does not depend on which clips were scored before it.
-        self._decoder.set_cmn(self._initial_cmn)
+        # Feature extraction (its live cepstral mean above all) carries state from clip to clip; resetting it
+        # scores every clip as a freshly loaded decoder would, whatever was scored before (set_cmn is not enough).
+        self._decoder.reinit_feat()
         self._decoder.start_utt()
         self._decoder.process_raw(pcm, full_utt=True)
         self._decoder.end_utt()

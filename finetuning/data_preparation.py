@@ -20,6 +20,7 @@ import logging  # noqa: E402
 
 from finetuning.preparation.prepare import PreparationError, prepare_dataset  # noqa: E402
 from finetuning.preparation.upload import HubRemote, sync_dataset  # noqa: E402
+from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
 
 ALL_SPEAKERS = ("all", "both")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         reports = prepare_dataset(settings, speakers, max_samples=args.max_samples)
-    except PreparationError as error:
+    except (PreparationError, ModelUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"dataset: {Path(settings.DATASET_DIR).resolve()}")

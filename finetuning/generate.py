@@ -29,16 +29,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import soundfile as sf
 
-    from finetuning.evaluation.speech import load_checkpoint, synthesize  # torch and qwen_tts: not for --help
+    # torch and qwen_tts load only now: --help answers at once
+    from finetuning.evaluation.speech import EvaluationError, load_checkpoint, require_text, synthesize
+    from finetuning.resources import one_line
 
-    model = load_checkpoint(args.checkpoint, args.device)
     try:
+        require_text(args.text)
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise ValueError("--max_new_tokens must be >= 1")
+        model = load_checkpoint(args.checkpoint, args.device)
         wav, sample_rate = synthesize(model, args.speaker, args.text, args.language, args.greedy, args.max_new_tokens)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(args.output, wav, sample_rate)
+    except EvaluationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(args.output, wav, sample_rate)
+    except (OSError, sf.LibsndfileError) as error:
+        print(f"error: cannot write --output {args.output}: {one_line(error)}", file=sys.stderr)
+        return 1
     print(f"{args.output}: {wav.size / sample_rate:.2f} s at {sample_rate} Hz")
     return 0
 

@@ -28,24 +28,56 @@ def is_hub_id(source: str | Path) -> bool:
     return not text.startswith(("/", ".", "~")) and text.count("/") == 1
 
 
-def resolve_model_dir(source: str | Path, token: str | None = None, allow_download: bool = True) -> Path:
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(error).split())
+
+
+def resolve_model_dir(
+    source: str | Path,
+    token: str | None = None,
+    allow_download: bool = True,
+    key: str | None = None,
+    required: tuple[str, ...] = (),
+) -> Path:
     """A local folder for ``source``: the folder itself, or the Hub repo's snapshot in the Hugging Face cache.
 
     With ``allow_download`` a repo missing from the cache is fetched (which may retry for a while on a machine
-    without access); without it only the local cache is consulted, so a missing model fails at once. Raises
-    ModelUnavailable naming the source when it is neither a folder nor a Hub repo id, or cannot be had.
+    without access); without it only the local cache is consulted, so a missing model fails at once. ``key``
+    (e.g. "INIT_MODEL_PATH") names the setting in messages; ``required`` lists files a local folder must hold.
+
+    Raises ModelUnavailable with one line that tells a local folder that is missing (or lacks ``required`` files)
+    apart from a Hub repo id that cannot be fetched (offline, not cached, unknown or private), and says the fix.
     """
+    text = str(source)
+    what = f"{key}={text}" if key else repr(text)
     path = Path(source).expanduser()
     if path.is_dir():
+        missing = [name for name in required if not (path / name).exists()]
+        if missing:
+            raise ModelUnavailable(f"{what}: the folder has no {', '.join(missing)}; give the model's own folder")
         return path
-    text = str(source)
-    if not is_hub_id(text):
-        raise ModelUnavailable(f"{text!r} is neither an existing folder nor a Hub repo id (owner/name)")
+    if path.exists():
+        raise ModelUnavailable(f"{what} is a file; give the model's folder (with {', '.join(required) or 'its files'})")
+    if not is_hub_id(text) or Path(text.split("/")[0]).is_dir():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ModelUnavailable(f"{what}: no such folder{where}; check the path")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(text, local_files_only=not allow_download, token=token))
     except Exception as error:  # hub, network and cache failures come as several exception types
-        where = "could not be downloaded" if allow_download else "is not in the local Hugging Face cache"
-        hint = "" if allow_download else " and downloads are disabled (give a local folder or allow downloads)"
-        raise ModelUnavailable(f"{text!r} {where}{hint}: {type(error).__name__}: {error}") from error
+        if not allow_download:
+            raise ModelUnavailable(
+                f"{what} is not a local folder, and as a Hub repo id it is not in the local Hugging Face cache and "
+                "downloads are disabled: give a local folder, or allow downloads"
+            ) from error
+        if type(error).__name__ == "LocalEntryNotFoundError":  # offline (HF_HUB_OFFLINE) or the Hub unreachable
+            raise ModelUnavailable(
+                f"{what} is not a local folder, and as a Hub repo id it is not in the local Hugging Face cache and "
+                "cannot be fetched offline: give a local folder, or download it once with network access"
+            ) from error
+        raise ModelUnavailable(
+            f"{what}: the Hub repo could not be downloaded ({type(error).__name__}: {one_line(error)}); check the id, "
+            "HF_TOKEN for a private or gated repo, and the network"
+        ) from error

@@ -4,12 +4,11 @@ Precedence, highest first: explicit overrides (command-line flags) > process env
 the defaults below. Every field carries a default, a unit and a one-line help; ``.env.training.example`` is
 generated from the same table (``python -m finetuning.settings --example``) so the two cannot drift.
 
-Unknown keys in the ``.env`` file: a key that looks like a misspelling of a known key (close match) is an
-error naming the key it resembles; any other unknown key is reported once as a warning and ignored, so a
-``.env`` may also hold variables for other tools (e.g. ``WANDB_API_KEY``).
+Unknown keys in ``.env``: a likely misspelling of a known key is an error naming that key; any other is ignored
+with a warning (a ``.env`` may hold other tools' variables, e.g. ``WANDB_API_KEY``). An environment variable
+one edit away from a key (``LEARNING_RAET``) is not read either; a warning names the key.
 
-``HF_TOKEN`` is a secret: it is read, never printed (``repr`` masks it) and never saved
-(``public_dict`` leaves it out).
+``HF_TOKEN`` is a secret: it is read, never printed (``repr`` masks it), never saved (``public_dict``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,9 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,12 +325,11 @@ def validate(settings: Settings) -> None:
     """Check every field's choices, bounds and check, then the rules that span several fields; raise SettingsError
     naming the first bad key, its value and what is allowed."""
     for name, f in FIELDS.items():
-        value, choices, bounds, check = (
-            getattr(settings, name),
-            *(f.metadata[k] for k in ("choices", "bounds", "check")),
-        )
+        value, meta = getattr(settings, name), f.metadata
+        choices, bounds, check = meta["choices"], meta["bounds"], meta["check"]
         if choices is not None:
             require(value in choices, name, value, f"one of {', '.join(choices)}")
+        require(not isinstance(value, float) or math.isfinite(value), name, value, "a finite number")
         if bounds:
             require(all(BOUNDS[k][0](value, limit) for k, limit in bounds.items()), name, value, _allowed_range(f))
         if check is not None:
@@ -347,13 +347,17 @@ def validate(settings: Settings) -> None:
 
 
 def _check_unknown_keys(keys: list[str], source: str) -> None:
-    for key in keys:
-        if key in FIELDS:
-            continue
+    for key in (k for k in keys if k not in FIELDS):
         close = difflib.get_close_matches(key.upper(), FIELDS, n=1, cutoff=0.8)
         if close:
             raise SettingsError(f"unknown key {key!r} in {source}: did you mean {close[0]}?")
         logger.warning("ignoring key %r in %s: not a setting of this package", key, source)
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """One character inserted, deleted or replaced, or two neighbours swapped (they share a one-deletion form)."""
+    forms = [{word, *(word[:i] + word[i + 1 :] for i in range(len(word)))} for word in (a, b)]
+    return a != b and bool(forms[0] & forms[1])
 
 
 def load_settings(
@@ -384,6 +388,8 @@ def load_settings(
         elif str(env_file) != DEFAULT_ENV_FILE:
             raise FileNotFoundError(f"settings file {str(path)!r} does not exist")
     env = os.environ if environ is None else environ
+    for name, key in ((n, k) for n in env if n not in FIELDS for k in FIELDS if _one_edit_apart(n, k)):
+        logger.warning("environment variable %s is not a setting and is ignored: did you mean %s?", name, key)
     values.update({k: env[k] for k in FIELDS if k in env})
     for key, value in (overrides or {}).items():
         if key not in FIELDS:
@@ -444,12 +450,21 @@ def render_env_example() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """``python -m finetuning.settings [--example]``: a bad setting is one line on stderr and exit code 2."""
     cli = argparse.ArgumentParser(description="Show or document the settings.")
     cli.add_argument("--example", action="store_true", help="print .env.training.example")
     add_settings_arguments(cli)
-    cli_args = cli.parse_args()
-    if cli_args.example:
-        print(render_env_example(), end="")
-    else:
-        print(json.dumps(settings_from_args(cli_args).public_dict(), indent=2))
+    args = cli.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        text = render_env_example() if args.example else json.dumps(settings_from_args(args).public_dict(), indent=2)
+    except (SettingsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(text, end="" if args.example else "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

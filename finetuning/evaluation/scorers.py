@@ -201,6 +201,9 @@ class PocketsphinxRecognizer:
             raise ValueError(f"{self.name} recognises only {self.languages}, not {language!r}")
         wav = resample(np.asarray(audio, dtype=np.float32), sample_rate, POCKETSPHINX_SAMPLE_RATE)
         pcm = np.round(np.clip(wav, -1.0, 1.0) * PCM16_SCALE).astype("<i2").tobytes()
+        # Feature extraction (its live cepstral mean above all) carries state from clip to clip; resetting it
+        # scores every clip as a freshly loaded decoder would, whatever was scored before (set_cmn is not enough).
+        self._decoder.reinit_feat()
         self._decoder.start_utt()
         self._decoder.process_raw(pcm, full_utt=True)
         self._decoder.end_utt()

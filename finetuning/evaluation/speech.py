@@ -20,12 +20,13 @@ import torch
 from finetuning.constants import SAMPLE_RATE
 from finetuning.evaluation.targets import SpeakerTargets
 from finetuning.preparation.audio import resample
-from finetuning.resources import is_hub_id, resolve_device
+from finetuning.resources import ModelUnavailable, one_line, resolve_device, resolve_model_dir
 from finetuning.settings import Settings
-from finetuning.training.export import read_info
+from finetuning.training.export import WEIGHT_FILES, read_info
 
 MODEL_TYPES = ("base", "custom_voice")
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # MIXED_PRECISION -> dtype
+CHECKPOINT_FILES = ("config.json",)
 
 
 class EvaluationError(RuntimeError):
@@ -34,27 +35,38 @@ class EvaluationError(RuntimeError):
 
 def load_checkpoint(checkpoint: str | Path, device: str = "auto", dtype: torch.dtype | None = None):
     """The exported model through the stock API (``Qwen3TTSModel``) on ``device``, in ``dtype`` (None: the
-    library's default, float32)."""
+    library's default, float32).
+
+    Raises EvaluationError (one line) for a folder that does not exist or lacks config.json or weights, a Hub id
+    that cannot be fetched, or a model that fails to load.
+    """
+    try:
+        folder = resolve_model_dir(checkpoint, key="checkpoint", required=CHECKPOINT_FILES)
+    except ModelUnavailable as error:
+        raise EvaluationError(str(error)) from error
+    if not any((folder / name).exists() for name in WEIGHT_FILES):
+        raise EvaluationError(f"checkpoint {checkpoint} has no weights ({' or '.join(WEIGHT_FILES)}); export again")
     import qwen_tts
 
     kwargs = {} if dtype is None else {"dtype": dtype}
-    return qwen_tts.Qwen3TTSModel.from_pretrained(str(checkpoint), device_map=resolve_device(device), **kwargs)
+    try:
+        return qwen_tts.Qwen3TTSModel.from_pretrained(str(folder), device_map=resolve_device(device), **kwargs)
+    except Exception as error:  # bad configs, corrupt weights, devices: transformers raises many types
+        raise EvaluationError(
+            f"cannot load checkpoint {checkpoint}: {type(error).__name__}: {one_line(error)}"
+        ) from error
 
 
 def load_model(checkpoint: str | Path, settings: Settings):
-    """A checkpoint folder (or Hub id) through stock ``Qwen3TTSModel.from_pretrained`` on DEVICE, in the dtype
-    training computes in (MIXED_PRECISION: bf16 / fp16 / float32), so in-training evaluation does not add a
-    float32 copy of the model beside the one being trained.
+    """``load_checkpoint`` on DEVICE, in the dtype training computes in (MIXED_PRECISION: bf16 / fp16 / float32),
+    so in-training evaluation does not add a float32 copy of the model beside the one being trained."""
+    return load_checkpoint(checkpoint, settings.DEVICE, PRECISION_DTYPES[settings.MIXED_PRECISION])
 
-    Raises EvaluationError for a local path that does not exist or a model that fails to load.
-    """
-    text = str(checkpoint)
-    if not Path(text).is_dir() and not is_hub_id(text):
-        raise EvaluationError(f"checkpoint {text!r} is not a folder (nor a Hub repo id)")
-    try:
-        return load_checkpoint(text, settings.DEVICE, PRECISION_DTYPES[settings.MIXED_PRECISION])
-    except Exception as error:  # missing files, bad configs and hub errors come as many types
-        raise EvaluationError(f"cannot load checkpoint {text!r}: {type(error).__name__}: {error}") from error
+
+def require_text(text: str) -> None:
+    """Raises ValueError for a text with nothing to speak (generation would still write a second of noise)."""
+    if not text.strip():
+        raise ValueError("the text to speak is empty (or only spaces): give --text the words to say")
 
 
 def synthesize(
@@ -70,8 +82,9 @@ def synthesize(
 
     ``language`` None means the speaker's training language from the checkpoint (``finetune_info.json``), "auto"
     where the model has no id for it. ``non_streaming`` None means the layout the checkpoint was trained with.
-    Raises ValueError for a speaker the checkpoint does not have (listing the ones it has).
+    Raises ValueError for an empty text or a speaker the checkpoint does not have (listing the ones it has).
     """
+    require_text(text)
     supported = model.get_supported_speakers() or []
     if speaker.lower() not in [s.lower() for s in supported]:
         raise ValueError(f"speaker {speaker!r} is not in this checkpoint; choose one of {sorted(supported)}")

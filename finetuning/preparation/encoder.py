@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tqdm.auto import tqdm
 
 from finetuning.constants import SAMPLE_RATE
-from finetuning.resources import resolve_device
+from finetuning.resources import ModelUnavailable, one_line, resolve_device, resolve_model_dir
+
+TOKENIZER_FILES = ("config.json", "preprocessor_config.json")  # what a speech-tokenizer folder must hold
 
 
 class SpeechEncoder:
@@ -19,15 +23,32 @@ class SpeechEncoder:
         self.token = token or None
         self.clips_encoded = 0
         self._tokenizer = None
+        self._folder: Path | None = None
+
+    def folder(self) -> Path:
+        """The tokenizer's local folder, found once (a Hub id may be downloaded). Raises ModelUnavailable naming
+        TOKENIZER_PATH for a folder that is missing or incomplete, or a Hub id that cannot be fetched."""
+        if self._folder is None:
+            self._folder = resolve_model_dir(
+                self.tokenizer_path, self.token, key="TOKENIZER_PATH", required=TOKENIZER_FILES
+            )
+        return self._folder
 
     def _load(self):
+        """The tokenizer on its device. Raises ModelUnavailable (one line naming TOKENIZER_PATH) as ``folder`` does,
+        or when its files do not load."""
         import torch
         from qwen_tts import Qwen3TTSTokenizer
 
         device = resolve_device(self.device)
-        kwargs = {"token": self.token} if self.token else {}
-        tokenizer = Qwen3TTSTokenizer.from_pretrained(self.tokenizer_path, **kwargs)
-        tokenizer.model.to(device).eval()
+        try:
+            tokenizer = Qwen3TTSTokenizer.from_pretrained(str(self.folder()))
+            tokenizer.model.to(device).eval()
+        except Exception as error:  # corrupt weights, foreign configs, devices: transformers raises many types
+            raise ModelUnavailable(
+                f"TOKENIZER_PATH={self.tokenizer_path} does not load as the 12 Hz speech tokenizer "
+                f"({type(error).__name__}: {one_line(error)})"
+            ) from error
         tokenizer.device = torch.device(device)
         return tokenizer
 

@@ -34,6 +34,7 @@ from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
 from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source
 from finetuning.preparation.writing import make_row, write_card, write_split
+from finetuning.resources import is_hub_id
 from finetuning.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class SpeakerReport:
     rejected: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     references: int = 0
+    duplicate_ids: int = 0  # rows whose id repeated an earlier one and got a "-2", "-3", ... suffix
 
     def as_dict(self) -> dict:
         return {
@@ -71,6 +73,7 @@ class SpeakerReport:
             "rejected": dict(sorted(self.rejected.items())),
             "splits": self.splits,
             "references": self.references,
+            "duplicate_ids": self.duplicate_ids,
         }
 
 
@@ -86,19 +89,42 @@ def quality_thresholds(settings: Settings) -> QualityThresholds:
     )
 
 
+def _default_reference(settings: Settings, name: str) -> str:
+    return str(Path(settings.VOICES_DIR) / f"{name}.wav")
+
+
+def _read_manifest(settings: Settings) -> tuple[dict, Path]:
+    """SPEAKERS_MANIFEST as {speaker: entry} and the folder its relative paths start from."""
+    path = Path(settings.SPEAKERS_MANIFEST)
+    if not path.is_file():
+        raise PreparationError(f"SPEAKERS_MANIFEST={path} does not exist (or is not a file)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PreparationError(f"SPEAKERS_MANIFEST={path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or not all(isinstance(entry, dict) for entry in manifest.values()):
+        raise PreparationError(f'SPEAKERS_MANIFEST={path} must be a JSON object {{"speaker": {{"source": ...}}}}')
+    return manifest, path.parent
+
+
+def _manifest_path(folder: Path, value: str, fmt: str | None = "file") -> str:
+    """A manifest path against the manifest's folder. A source of format ``hf`` (or of no format, shaped
+    owner/name without a file suffix) that is no such path stays as given: a Hub dataset id."""
+    path = Path(value).expanduser()
+    beside = folder / path
+    hub = fmt == "hf" or (fmt is None and is_hub_id(value) and not path.suffix)
+    return str(path if path.is_absolute() or (hub and not beside.exists()) else beside)
+
+
 def resolve_speakers(settings: Settings, names: Sequence[str] | None = None) -> list[SpeakerSpec]:
     """Speaker specs from SPEAKERS_MANIFEST entries, else the convention ``VOICES_DIR/<speaker>/``.
 
     A manifest is a JSON object ``{speaker: {"source": ..., "format": ..., "language": ..., "reference": [...]}}``;
-    every key is optional. Without an entry, the source is ``VOICES_DIR/<speaker>`` (``metadata.jsonl`` or an
-    LJSpeech-style folder) and the reference is ``VOICES_DIR/<speaker>.wav``.
+    every key is optional, and relative ``source`` / ``reference`` paths start from the manifest's folder. Without
+    an entry, the source is ``VOICES_DIR/<speaker>`` (``metadata.jsonl`` or an LJSpeech-style folder) and the
+    reference is ``VOICES_DIR/<speaker>.wav``. Raises PreparationError for a manifest that is missing or not JSON.
     """
-    manifest: dict = {}
-    if settings.SPEAKERS_MANIFEST:
-        path = Path(settings.SPEAKERS_MANIFEST)
-        if not path.exists():
-            raise PreparationError(f"SPEAKERS_MANIFEST={path} does not exist")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest, folder = _read_manifest(settings) if settings.SPEAKERS_MANIFEST else ({}, Path("."))
     voices = Path(settings.VOICES_DIR)
     specs = []
     for name in names or settings.TRAIN_SPEAKERS:
@@ -106,14 +132,15 @@ def resolve_speakers(settings: Settings, names: Sequence[str] | None = None) -> 
         fmt = entry.get("format")
         if fmt is not None and fmt not in FORMATS:
             raise PreparationError(f"speaker {name}: format {fmt!r} in the manifest is not one of {FORMATS}")
-        refs = entry.get("reference", [str(voices / f"{name}.wav")])
+        refs = entry.get("reference")
+        refs = [_default_reference(settings, name)] if refs is None else [refs] if isinstance(refs, str) else refs
         specs.append(
             SpeakerSpec(
                 name=name,
-                source=str(entry.get("source", voices / name)),
+                source=_manifest_path(folder, entry["source"], fmt) if "source" in entry else str(voices / name),
                 format=fmt,
                 language=entry.get("language"),
-                references=tuple([refs] if isinstance(refs, str) else refs),
+                references=tuple(_manifest_path(folder, r) if "reference" in entry else r for r in refs),
             )
         )
     return specs
@@ -176,11 +203,11 @@ def _gate(spec: SpeakerSpec, items: list[SourceItem], settings: Settings):
     limits = quality_thresholds(settings)
     kept, rejected = [], Counter()
     for item in tqdm(items, desc=f"{spec.name}: quality gate", unit="clip"):
-        reason = None
+        reason = item.problem
         samples = None
-        if item.audio is None:
+        if reason is None and item.audio is None:
             reason = "missing_file"
-        else:
+        elif reason is None:
             try:
                 samples = load_mono_24k(item.audio)
             except FileNotFoundError:
@@ -199,12 +226,18 @@ def _gate(spec: SpeakerSpec, items: list[SourceItem], settings: Settings):
     return kept, rejected
 
 
-def _unique_ids(items: list[SourceItem]) -> None:
+def _unique_ids(speaker: str, items: list[SourceItem]) -> int:
+    """Give repeated ids a "-2", "-3", ... suffix (ids are unique within a config); returns how many were renamed."""
     seen: Counter = Counter()
+    renamed = []
     for item in items:
         seen[item.id] += 1
         if seen[item.id] > 1:
+            renamed.append(f"{item.id!r} -> {item.id}-{seen[item.id]} ({item.origin})")
             item.id = f"{item.id}-{seen[item.id]}"
+    if renamed:
+        logger.warning("speaker %s: %d duplicate id(s) renamed, e.g. %s", speaker, len(renamed), renamed[0])
+    return len(renamed)
 
 
 def prepare_speaker(
@@ -225,7 +258,7 @@ def prepare_speaker(
         raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
     if max_samples is not None:
         items = items[:max_samples]
-    _unique_ids(items)
+    duplicate_ids = _unique_ids(spec.name, items)
     print_ = fingerprint(spec, items, settings, tokenizer_id)
     info_path = output_dir / spec.name / schema.INFO_FILE
     if info_path.exists():
@@ -240,15 +273,17 @@ def prepare_speaker(
             report.rejected = summary.get("rejected", {})
             report.splits = summary.get("splits", {})
             report.references = summary.get("references", 0)
+            report.duplicate_ids = summary.get("duplicate_ids", 0)
             return report
 
     references = _load_references(spec, items)
     if not references:
         tried = ", ".join(spec.references) or "none"
+        default = spec.references == (_default_reference(settings, spec.name),)
+        fix = f"put one at {spec.references[0]} or list" if default else "fix the"
         raise PreparationError(
-            f"speaker {spec.name}: no usable reference clip (tried: {tried}). Put a clean clip of at least "
-            f'{MIN_REFERENCE_S:.0f} s at {Path(settings.VOICES_DIR) / (spec.name + ".wav")} or list "reference" '
-            "for this speaker in SPEAKERS_MANIFEST."
+            f"speaker {spec.name}: no usable reference clip of at least {MIN_REFERENCE_S:.0f} s (tried: {tried}); "
+            f'{fix} "reference" paths of this speaker in SPEAKERS_MANIFEST'
         )
     kept, rejected = _gate(spec, items, settings)
     if not kept:
@@ -280,6 +315,7 @@ def prepare_speaker(
         rejected=dict(rejected),
         splits={name: len(r) for name, r in rows.items() if r},
         references=len(references),
+        duplicate_ids=duplicate_ids,
     )
     staging = output_dir / f".{spec.name}.tmp"
     if staging.exists():
@@ -291,10 +327,12 @@ def prepare_speaker(
     summary = report.as_dict()
     summary.pop("prepared_this_run")
     (staging / schema.INFO_FILE).write_text(json.dumps({"fingerprint": print_, "summary": summary}, indent=2))
-    final = output_dir / spec.name
-    if final.exists():
-        shutil.rmtree(final)
+    final, previous = output_dir / spec.name, output_dir / f".{spec.name}.previous"
+    if final.exists():  # swap by renames: a crash never leaves a half-deleted config (the old one waits aside)
+        shutil.rmtree(previous, ignore_errors=True)
+        final.rename(previous)
     staging.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
     return report
 
 
@@ -308,21 +346,36 @@ def prepare_dataset(
 ) -> list[SpeakerReport]:
     """Prepare every requested speaker into one dataset folder; returns one report per speaker.
 
-    Raises PreparationError (naming the speaker and the fix) for an unreadable source, a speaker without a
-    usable reference clip, or a speaker left with no clip after the gate. Single bad clips never abort the run:
-    they are counted by reason in the summary and logged.
+    The dataset card and ``preparation_summary.json`` are rewritten (atomically) as each speaker finishes, so
+    the configs prepared so far stay loadable whatever happens next. A speaker that fails (unreadable source, no
+    usable reference clip, no clip left after the gate) does not stop the others: once they are done,
+    PreparationError names every failed speaker and its fix. Single bad clips never fail a speaker: they are
+    counted by reason in the summary and logged.
     """
     output = Path(output_dir or settings.DATASET_DIR)
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PreparationError(f"DATASET_DIR={output} cannot be created ({error.strerror}); choose another") from error
     specs = resolve_speakers(settings, speakers)
     if encoder is None:
         encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)
+    if not is_hub_id(encoder.tokenizer_path):
+        encoder.folder()  # a wrong local TOKENIZER_PATH fails before any speaker is read
     tokenizer_id = tokenizer_identity(settings.TOKENIZER_PATH)
-    reports = []
+    reports, failures = [], []
     for spec in specs:
-        result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples)
+        try:
+            result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples)
+        except PreparationError as error:
+            failures.append(str(error))
+            continue
         reports.append(result)
+        write_card(output)
         report(_format_report(result))
+    if failures:
+        done = f"; prepared: {', '.join(r.speaker for r in reports)}" if reports else ""
+        raise PreparationError(" | ".join(failures) + done)
     write_card(output)
     return reports
 

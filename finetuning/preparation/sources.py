@@ -4,8 +4,8 @@ Every reader yields ``SourceItem``s; audio stays undecoded (a path or bytes) unt
 
 Formats (``format`` in the speakers manifest, or detected from the path):
   * ``jsonl``     one JSON object per line: ``audio`` (or ``audio_path``, the seed-004 layout) and ``text``;
-                  optional ``id``, ``language``, ``split``, ``ref_audio``. Relative paths resolve against the
-                  file's folder.
+                  optional ``id``, ``language``, ``split``, ``ref_audio``. A line that is not valid UTF-8 or not a
+                  JSON object becomes a rejected item (``bad_encoding``, ``not_json``) naming ``file:line``.
   * ``ljspeech``  a folder with ``metadata.csv``/``metadata.txt`` (``id|text[|normalised text]``) or
                   ``metadata.tsv`` (``id<TAB>text``), audio in ``wavs/<id>.<ext>`` or ``<id>.<ext>``.
   * ``chatml``    a JSON list (or JSONL) of ``{"messages": [...], "speaker": ...}`` conversations: each
@@ -13,6 +13,9 @@ Formats (``format`` in the speakers manifest, or detected from the path):
   * ``hf``        a 🤗 dataset (local folder saved with ``save_to_disk``/parquet, or a Hub id) with ``audio`` and
                   ``text`` columns, optional ``speaker`` (rows of other speakers are skipped), ``language``,
                   ``id``; its splits are kept.
+
+Relative audio paths resolve against the source's folder and must stay inside it: one that leaves it (``..``) is
+rejected as ``outside_source``; an absolute path is taken as given on purpose.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +52,14 @@ class SourceError(ValueError):
     """A source cannot be read at all (bad path, bad format); the message says which speaker and what to fix."""
 
 
+class RowError(SourceError):
+    """One row of a source cannot be used; ``reason`` is its rejection reason in the preparation summary."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass
 class SourceItem:
     """One candidate utterance: ``audio`` is a path or encoded bytes; ``split`` is None unless the source gives it."""
@@ -59,6 +71,18 @@ class SourceItem:
     split: str | None = None
     reference_audio: list[Path | bytes] = field(default_factory=list)
     origin: str = ""  # for messages: where the item came from
+    problem: str | None = None  # a rejection reason found while reading (bad_encoding, not_json, outside_source)
+
+
+def rejected_item(item_id: str, origin: str, error: RowError) -> SourceItem:
+    """A row that could not be read, kept so the quality gate counts and logs it under its own reason."""
+    logger.warning("%s: %s (%s)", origin, error.reason, error)
+    return SourceItem(id=item_id, text="", audio=None, origin=origin, problem=error.reason)
+
+
+def _undecodable(text: str) -> bool:
+    """True when a line read with ``errors="surrogateescape"`` held bytes that are not UTF-8."""
+    return any("\udc80" <= char <= "\udcff" for char in text)
 
 
 def normalise_split(name: str | None) -> str | None:
@@ -89,11 +113,37 @@ def detect_format(source: str) -> str:
 
 
 def _resolve(base: Path, value: str) -> Path:
+    """``value`` as a path: absolute as given, relative against ``base``, which it must not leave (RowError)."""
     candidate = Path(value)
     if candidate.is_absolute():
         return candidate
-    beside = base / candidate
-    return beside if beside.exists() or not candidate.exists() else candidate
+    root, resolved = Path(os.path.abspath(base)), Path(os.path.abspath(base / candidate))
+    if not resolved.is_relative_to(root):
+        raise RowError("outside_source", f"{value!r} leaves the source folder {base}; give an absolute path")
+    return base / candidate
+
+
+def _jsonl_item(path: Path, line: str, line_no: int, origin: str) -> SourceItem:
+    if _undecodable(line):
+        raise RowError("bad_encoding", "the line is not valid UTF-8")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise RowError("not_json", f"not valid JSON: {error}") from None
+    if not isinstance(row, dict):
+        raise RowError("not_json", f"a JSON {type(row).__name__}, not an object")
+    audio_value = row.get("audio", row.get("audio_path"))
+    audio = _resolve(path.parent, audio_value) if isinstance(audio_value, str) else None
+    refs = row.get("ref_audio")
+    return SourceItem(
+        id=str(row.get("id") or (Path(audio_value).stem if isinstance(audio_value, str) else line_no)),
+        text=str(row.get("text") or ""),
+        audio=audio,
+        language=row.get("language"),
+        split=normalise_split(row.get("split")),
+        reference_audio=[_resolve(path.parent, refs)] if isinstance(refs, str) else [],
+        origin=origin,
+    )
 
 
 def read_jsonl(path: Path) -> Iterator[SourceItem]:
@@ -101,29 +151,15 @@ def read_jsonl(path: Path) -> Iterator[SourceItem]:
         path = path / "metadata.jsonl"
     if not path.exists():
         raise SourceError(f"{path} does not exist")
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             origin = f"{path}:{line_no}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                logger.warning("skipping %s: not valid JSON (%s)", origin, error)
-                yield SourceItem(id=f"line{line_no:06d}", text="", audio=None, origin=origin)
-                continue
-            audio_value = row.get("audio", row.get("audio_path"))
-            audio = _resolve(path.parent, audio_value) if isinstance(audio_value, str) else None
-            refs = row.get("ref_audio")
-            yield SourceItem(
-                id=str(row.get("id") or (Path(audio_value).stem if isinstance(audio_value, str) else line_no)),
-                text=str(row.get("text") or ""),
-                audio=audio,
-                language=row.get("language"),
-                split=normalise_split(row.get("split")),
-                reference_audio=[_resolve(path.parent, refs)] if isinstance(refs, str) else [],
-                origin=origin,
-            )
+                yield _jsonl_item(path, line, line_no, origin)
+            except RowError as error:
+                yield rejected_item(f"line{line_no:06d}", origin, error)
 
 
 def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
@@ -131,9 +167,13 @@ def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
     if not candidates:
         raise SourceError(f"{folder} has no metadata.csv, metadata.txt or metadata.tsv")
     metadata, delimiter = candidates[0]
-    with metadata.open(encoding="utf-8", newline="") as handle:
+    with metadata.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
         for line_no, fields in enumerate(csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE), 1):
             if not fields or not fields[0].strip():
+                continue
+            if _undecodable("".join(fields)):
+                bad = RowError("bad_encoding", "the line is not valid UTF-8")
+                yield rejected_item(f"line{line_no:06d}", f"{metadata}:{line_no}", bad)
                 continue
             clip_id = Path(fields[0].strip()).stem
             text = fields[-1] if len(fields) > 2 and fields[-1].strip() else (fields[1] if len(fields) > 1 else "")
@@ -164,27 +204,17 @@ def _turn_parts(message: dict) -> tuple[list[str], list[str]]:
     return texts, audios
 
 
-def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
-    if not path.exists():
-        raise SourceError(f"{path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        conversations = json.loads(text)
-    except json.JSONDecodeError:
-        conversations = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if isinstance(conversations, dict):
-        conversations = [conversations]
-    for index, conversation in enumerate(conversations):
-        if conversation.get("speaker") not in (None, speaker):
-            continue
-        refs: list[Path | bytes] = []
-        for message in conversation.get("messages", []):
-            _, audios = _turn_parts(message)
-            if message.get("role") == "user":
-                refs.extend(_resolve(path.parent, a) for a in audios)
-            elif message.get("role") == "assistant":
-                texts, audios = _turn_parts(message)
-                yield SourceItem(
+def _conversation_items(conversation: dict, index: int, path: Path) -> list[SourceItem]:
+    refs: list[Path | bytes] = []
+    items = []
+    for message in conversation.get("messages", []):
+        _, audios = _turn_parts(message)
+        if message.get("role") == "user":
+            refs.extend(_resolve(path.parent, a) for a in audios)
+        elif message.get("role") == "assistant":
+            texts, audios = _turn_parts(message)
+            items.append(
+                SourceItem(
                     id=f"{path.stem}-{index:06d}",
                     text=" ".join(t.strip() for t in texts if t.strip()),
                     audio=_resolve(path.parent, audios[0]) if audios else None,
@@ -192,6 +222,30 @@ def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
                     reference_audio=list(refs),
                     origin=f"{path}#{index}",
                 )
+            )
+    return items
+
+
+def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
+    if not path.exists():
+        raise SourceError(f"{path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        try:
+            conversations = json.loads(text)
+        except json.JSONDecodeError:
+            conversations = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"{path} is neither a JSON list of conversations nor JSONL in UTF-8: {error}") from None
+    if isinstance(conversations, dict):
+        conversations = [conversations]
+    for index, conversation in enumerate(conversations):
+        if conversation.get("speaker") not in (None, speaker):
+            continue
+        try:
+            yield from _conversation_items(conversation, index, path)
+        except RowError as error:
+            yield rejected_item(f"{path.stem}-{index:06d}", f"{path}#{index}", error)
 
 
 def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem]:
@@ -220,7 +274,11 @@ def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem
             if isinstance(audio, dict):
                 audio = audio.get("bytes") or (Path(audio["path"]) if audio.get("path") else None)
             elif isinstance(audio, str):
-                audio = _resolve(path if path.is_dir() else Path("."), audio)
+                try:
+                    audio = _resolve(path if path.is_dir() else Path("."), audio)
+                except RowError as error:
+                    yield rejected_item(f"{split_name or 'row'}-{index:06d}", f"{source}[{split_name}][{index}]", error)
+                    continue
             yield SourceItem(
                 id=str(row.get("id") or f"{split_name or 'row'}-{index:06d}"),
                 text=str(row.get("text") or ""),

@@ -6,6 +6,7 @@ See ``schema`` for the layout and columns.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +57,17 @@ def local_configs(dataset_dir: Path) -> dict[str, dict]:
 
 
 def write_card(dataset_dir: Path) -> Path:
-    """(Re)write README.md and preparation_summary.json from every finished config in the folder."""
+    """(Re)write README.md and preparation_summary.json from every finished config in the folder. Each file is
+    replaced atomically, so a reader (or ``load_dataset``) never sees a half-written card."""
     infos = local_configs(dataset_dir)
     card = dataset_dir / schema.CARD_FILE
-    card.write_text(schema.render_card(infos))
+    _write_atomically(card, schema.render_card(infos))
     summaries = {name: info.get("summary", {}) for name, info in infos.items()}
-    (dataset_dir / schema.SUMMARY_FILE).write_text(json.dumps(summaries, indent=2, sort_keys=True))
+    _write_atomically(dataset_dir / schema.SUMMARY_FILE, json.dumps(summaries, indent=2, sort_keys=True))
     return card
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)

@@ -20,6 +20,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from finetuning.resources import one_line
+
 logger = logging.getLogger(__name__)
 
 STATES_DIR = "states"
@@ -99,12 +101,19 @@ def check_run_identity(path: Path, identity: dict) -> None:
 
 def load_training_state(accelerator, path: Path, identity: dict) -> None:
     """Restore every process from a saved state of the same run (``check_run_identity`` first). Raises
-    ResumeError when the identity differs or a registered object refuses the state."""
+    ResumeError when the identity differs, a registered object refuses the state, or the state's files are
+    truncated or corrupt; the latter names the newest older state to resume from instead."""
     check_run_identity(path, identity)
     try:
         accelerator.load_state(str(path))
     except ValueError as error:
         raise ResumeError(f"cannot resume from {path}: {error}") from error
+    except Exception as error:  # safetensors, torch.load and pickle each raise their own types on a damaged file
+        older = [p for p in saved_states(path.parent.parent) if p.name < path.name]
+        hint = f"resume from the previous one with RESUME_FROM={older[-1]}" if older else "no older state is left"
+        raise ResumeError(
+            f"the training state {path} is truncated or corrupt ({type(error).__name__}: {one_line(error)}); {hint}"
+        ) from error
 
 
 def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int, identity: dict) -> Path:

@@ -111,7 +111,8 @@ def export_checkpoint(
     ``model.state_dict()`` (a full state gathered from sharded training). ``write_extra(folder)`` adds files to
     the checkpoint before it is renamed into place (the LoRA adapter).
 
-    Raises ExportError when the speakers do not fit the vocabulary or the base folder lacks config.json.
+    Raises ExportError when the speakers do not fit the vocabulary, the base folder lacks config.json, or a weight
+    is NaN or infinite (a diverged run: nothing is written and an earlier export stays in place).
     """
     base = Path(base_model_dir)
     output_dir = Path(output_dir)
@@ -136,6 +137,7 @@ def export_checkpoint(
         config = custom_voice_config(base_config, rows)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         state = export_state_dict(model, speaker_embeds, rows, _base_dtype(base_config), state_dict)
+        _refuse_non_finite(state)
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         info = {
             "speakers": {
@@ -161,6 +163,15 @@ def export_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
     return output_dir
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise ExportError(
+            f"{len(bad)} of {len(state)} weight tensors hold NaN or infinite values (first: {bad[0]}): training "
+            "diverged, nothing was exported; lower LEARNING_RATE or resume from an earlier state"
+        )
 
 
 def gathered_state_dict(accelerator, step_module) -> dict:

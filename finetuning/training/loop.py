@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetuning.resources import resolve_model_dir
+from finetuning.resources import one_line, resolve_model_dir
 from finetuning.settings import Settings
 from finetuning.training import engines
 from finetuning.training.callbacks import ExportCallback, ExportHook
@@ -50,6 +50,9 @@ from finetuning.training.validation import validation_losses
 logger = logging.getLogger(__name__)
 
 
+MODEL_FILES = ("config.json",)  # what a Base model folder must hold before from_pretrained is tried
+
+
 class TrainingError(RuntimeError):
     """Training cannot start or continue; the message says what to fix."""
 
@@ -80,12 +83,19 @@ class TrainResult:
 def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
     """The Base model to fine-tune, in float32 (master weights; autocast supplies mixed precision), with its
     speaker encoder frozen, ATTN_IMPLEMENTATION's attention and (TORCH_COMPILE) compiled transformers, and its text
-    tokenizer. Fails before training (ExportError) when TRAIN_SPEAKERS do not fit the codec vocabulary."""
+    tokenizer. Fails before training (ExportError) when TRAIN_SPEAKERS do not fit the codec vocabulary,
+    TrainingError when the folder does not load as a Qwen3-TTS model."""
     import qwen_tts
 
-    wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
-        str(model_dir), dtype=torch.float32, attn_implementation=settings.ATTN_IMPLEMENTATION
-    )
+    try:
+        wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
+            str(model_dir), dtype=torch.float32, attn_implementation=settings.ATTN_IMPLEMENTATION
+        )
+    except Exception as error:  # missing or corrupt weights, foreign configs: transformers raises many types
+        raise TrainingError(
+            f"INIT_MODEL_PATH={model_dir} does not load as a Qwen3-TTS model ({type(error).__name__}: "
+            f"{one_line(error)}); give a 12 Hz Base model folder or Hub id"
+        ) from error
     model = wrapper.model
     if model.speaker_encoder is None:
         raise TrainingError(
@@ -146,8 +156,11 @@ def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
             f"{output_dir} holds saved training states of an earlier run ({saved_states(output_dir)[-1].name}); "
             "set RESUME_FROM=latest to continue it, or use another OUTPUT_DIR (or delete its states/ folder)"
         )
-    if accelerator.is_main_process:
+    try:  # on every process, so that all of them stop on an OUTPUT_DIR that cannot be created
         output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"OUTPUT_DIR={output_dir} cannot be created ({error.strerror}); choose another") from error
+    if accelerator.is_main_process:
         settings.save(output_dir / "training_settings.json")
     return resume_path
 
@@ -166,7 +179,8 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     check_speed_options(settings, accelerator.device)
     set_seed(settings.SEED)
     resume_path = prepare_output_dir(settings, accelerator)
-    model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=settings.HF_TOKEN or None)
+    token = settings.HF_TOKEN or None
+    model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
     speaker_embeds = compute_speaker_embeddings(model, settings)

@@ -347,7 +347,7 @@ def test_cli_exit_codes(trained, tmp_path, capsys):
     assert main(["--checkpoint", str(export), "--env-file", env_file, "--set", "EVAL_MAX_SECONDS=0"]) == 2
     assert "EVAL_MAX_SECONDS" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "missing"), "--env-file", env_file]) == 1
-    assert "is not a folder" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err
     assert main(["--checkpoint", str(export), "--env-file", env_file, "--speaker", "nobody"]) == 1
     assert "nobody" in capsys.readouterr().err
 

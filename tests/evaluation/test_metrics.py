@@ -218,6 +218,18 @@ def test_pocketsphinx_wer_lower_for_matching_text(pocketsphinx):
         pocketsphinx.transcribe(voice_clip("swahili_speaker", 1), SR, language="swahili")
 
 
+def test_pocketsphinx_scores_each_clip_from_a_fresh_state():
+    # A decoder that carries state from clip to clip hears english_speaker_009 as "while longer require" first,
+    # then as "while logged everywhere" right after itself.
+    recogniser = load_asr_backend("pocketsphinx")
+    clip = voice_clip("english_speaker", 9)
+    noise = (0.05 * np.random.default_rng(0).standard_normal(SR)).astype(np.float32)
+    transcripts = [recogniser.transcribe(clip, SR), recogniser.transcribe(clip, SR)]
+    recogniser.transcribe(noise, SR)
+    transcripts.append(recogniser.transcribe(clip, SR))
+    assert transcripts == [transcripts[0]] * 3, transcripts
+
+
 def test_asr_auto_records_why_transformers_was_skipped():
     backend = load_asr_backend("auto", model_id="openai/whisper-small")
     assert backend.name == "pocketsphinx-en-us"

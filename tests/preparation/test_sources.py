@@ -101,3 +101,30 @@ def test_unknown_format_and_bad_split_are_clear_errors(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "t", "split": "holdout"}) + "\n")
     with pytest.raises(SourceError, match="holdout"):
         list(read_source(str(tmp_path / "d.jsonl"), None, "spk"))
+
+
+def test_paths_leaving_the_source_folder_are_rejected_unless_absolute(tmp_path):
+    outside = write_wav(tmp_path / "outside.wav", speechlike(1.0))
+    write_wav(tmp_path / "src" / "in.wav", speechlike(1.0))
+    rows = [
+        {"audio": "in.wav", "text": "a"},
+        {"audio": "../outside.wav", "text": "b"},
+        {"audio": str(outside), "text": "c"},
+    ]
+    (tmp_path / "src" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    inside, leaving, absolute = read_source(str(tmp_path / "src" / "data.jsonl"), None, "spk")
+    assert inside.audio == tmp_path / "src" / "in.wav" and inside.problem is None
+    assert leaving.problem == "outside_source" and leaving.audio is None
+    assert absolute.audio == outside and absolute.problem is None
+    chat = [{"messages": [{"role": "assistant", "content": [{"type": "audio", "audio_url": "../outside.wav"}]}]}]
+    (tmp_path / "src" / "chat.json").write_text(json.dumps(chat))
+    (item,) = read_source(str(tmp_path / "src" / "chat.json"), None, "spk")
+    assert item.problem == "outside_source"
+
+
+def test_ljspeech_line_that_is_not_utf8_is_rejected_alone(tmp_path):
+    write_wav(tmp_path / "wavs" / "c1.wav", speechlike(1.0))
+    (tmp_path / "metadata.csv").write_bytes(b"c0|caf\xe9\nc1|fine\n")
+    bad, good = read_source(str(tmp_path), None, "spk")
+    assert bad.problem == "bad_encoding" and bad.origin.endswith("metadata.csv:1")
+    assert good.id == "c1" and good.text == "fine" and good.problem is None

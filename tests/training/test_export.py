@@ -1,10 +1,13 @@
-"""Export of a sharded base model: none of its own weight files reach the checkpoint, which loads in stock qwen_tts."""
+"""Export: a sharded base model's own weight files never reach the checkpoint, which loads in stock qwen_tts; weights
+a diverged run leaves behind are refused, and an earlier export survives the refusal."""
 
 import shutil
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
-from finetuning.training.export import export_checkpoint
+from finetuning.training.export import ExportError, export_checkpoint
 
 SHARDS = (
     "model-00001-of-00002.safetensors",
@@ -29,3 +32,20 @@ def test_sharded_base_weights_are_never_copied(tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "speech_tokenizer" / "model.safetensors").exists()
     loaded = qwen_tts.Qwen3TTSModel.from_pretrained(str(out), dtype=torch.float32)
     assert loaded.get_supported_speakers() == ["english_speaker"]
+
+
+def test_export_refuses_non_finite_weights_and_keeps_the_previous_export(tmp_path, tiny_model_dir):
+    state = load_file(str(tiny_model_dir / "model.safetensors"))  # the tiny Base model's real weights
+    embedding = state["talker.model.codec_embedding.weight"]  # (vocab, D)
+    speaker_embeds = torch.zeros(1, embedding.shape[1])  # (S=1, D)
+    output = tmp_path / "model"
+    export_checkpoint(None, tiny_model_dir, ["spk"], speaker_embeds, {}, output, state_dict=state)
+    exported = (output / "model.safetensors").read_bytes()
+
+    name = next(k for k, v in state.items() if v.is_floating_point() and not k.startswith("speaker_encoder."))
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("inf")
+    with pytest.raises(ExportError, match=f"NaN or infinite values \\(first: {name}\\).*LEARNING_RATE"):
+        export_checkpoint(None, tiny_model_dir, ["spk"], speaker_embeds, {}, output, state_dict=state)
+    assert (output / "model.safetensors").read_bytes() == exported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no half-written staging folder left

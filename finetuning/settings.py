@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,10 +30,12 @@ from finetuning.settings_rules import (
     BOUNDS,
     SettingsError,
     check_device,
+    check_field,
     check_repo_id,
     check_speakers,
     check_trackers,
-    parse_bool,
+    one_edit_apart,
+    parse_value,
     require,
 )
 
@@ -293,47 +294,11 @@ class Settings:
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
-def _parse_value(key: str, raw: Any) -> Any:
-    """A value from the file, the environment or a flag (a string) as the field's type; other values as given."""
-    kind = type(FIELDS[key].default)
-    if not isinstance(raw, str):
-        return raw
-    text = raw.strip()
-    if kind is bool:
-        return parse_bool(key, text)
-    if kind is tuple:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
-    try:
-        return kind(text)  # str, int or float
-    except ValueError:
-        raise SettingsError(f"{key}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
-
-
-def _allowed_range(f: dataclasses.Field) -> str:
-    """What a bounded field allows, e.g. "an integer >= 1 (utterances: ...)" or "0 <= x < 1 (fraction: ...)"."""
-    bounds = [(BOUNDS[k][1], value) for k, value in f.metadata["bounds"].items()]
-    if len(bounds) == 2:  # lower bound first: (">=", 0), ("<", 1) -> "0 <= x < 1"
-        (low, low_value), (high, high_value) = bounds
-        text = f"{low_value} {low.replace('>', '<')} x {high} {high_value}"
-    else:
-        text = f"{bounds[0][0]} {bounds[0][1]}"
-    integer = "an integer " if type(f.default) is int else ""
-    return f"{integer}{text} ({f.metadata['unit']}: {f.metadata['help']})"
-
-
 def validate(settings: Settings) -> None:
     """Check every field's choices, bounds and check, then the rules that span several fields; raise SettingsError
     naming the first bad key, its value and what is allowed."""
     for name, f in FIELDS.items():
-        value, meta = getattr(settings, name), f.metadata
-        choices, bounds, check = meta["choices"], meta["bounds"], meta["check"]
-        if choices is not None:
-            require(value in choices, name, value, f"one of {', '.join(choices)}")
-        require(not isinstance(value, float) or math.isfinite(value), name, value, "a finite number")
-        if bounds:
-            require(all(BOUNDS[k][0](value, limit) for k, limit in bounds.items()), name, value, _allowed_range(f))
-        if check is not None:
-            check(name, value)
+        check_field(f, getattr(settings, name))
     s = settings
     split_rule = f"VALIDATION_FRACTION + TEST_FRACTION < 1 (VALIDATION_FRACTION is {s.VALIDATION_FRACTION})"
     require(s.VALIDATION_FRACTION + s.TEST_FRACTION < 1.0, "TEST_FRACTION", s.TEST_FRACTION, split_rule)
@@ -352,12 +317,6 @@ def _check_unknown_keys(keys: list[str], source: str) -> None:
         if close:
             raise SettingsError(f"unknown key {key!r} in {source}: did you mean {close[0]}?")
         logger.warning("ignoring key %r in %s: not a setting of this package", key, source)
-
-
-def _one_edit_apart(a: str, b: str) -> bool:
-    """One character inserted, deleted or replaced, or two neighbours swapped (they share a one-deletion form)."""
-    forms = [{word, *(word[:i] + word[i + 1 :] for i in range(len(word)))} for word in (a, b)]
-    return a != b and bool(forms[0] & forms[1])
 
 
 def load_settings(
@@ -388,7 +347,7 @@ def load_settings(
         elif str(env_file) != DEFAULT_ENV_FILE:
             raise FileNotFoundError(f"settings file {str(path)!r} does not exist")
     env = os.environ if environ is None else environ
-    for name, key in ((n, k) for n in env if n not in FIELDS for k in FIELDS if _one_edit_apart(n, k)):
+    for name, key in ((n, k) for n in env if n not in FIELDS for k in FIELDS if one_edit_apart(n, k)):
         logger.warning("environment variable %s is not a setting and is ignored: did you mean %s?", name, key)
     values.update({k: env[k] for k in FIELDS if k in env})
     for key, value in (overrides or {}).items():
@@ -397,7 +356,7 @@ def load_settings(
             hint = f"; did you mean {close[0]}?" if close else ""
             raise SettingsError(f"unknown setting {key!r}{hint}")
         values[key] = value
-    parsed = {k: _parse_value(k, v) for k, v in values.items()}
+    parsed = {k: parse_value(k, v, type(FIELDS[k].default)) for k, v in values.items()}
     settings = Settings(**parsed)
     validate(settings)
     return settings

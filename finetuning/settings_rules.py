@@ -1,9 +1,12 @@
-"""The rules single settings are checked against: the error type, numeric bounds, and the value checks that
-``finetuning.settings`` attaches to its fields (``check=``). Each raises ``SettingsError`` naming the key, the
-value and what is allowed."""
+"""The rules single settings are checked against: the error type, parsing a raw value into a field's type, numeric
+bounds, the value checks that ``finetuning.settings`` attaches to its fields (``check=``), and the one-edit test
+behind the misspelt-variable warning. Each check raises ``SettingsError`` naming the key, the value and what is
+allowed."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
 from typing import Any
 
@@ -49,3 +52,50 @@ def parse_bool(key: str, raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"{key}={raw!r} is not a boolean; use true/false (or 1/0, yes/no)")
+
+
+def parse_value(key: str, raw: Any, kind: type) -> Any:
+    """A value from the file, the environment or a flag (a string) as ``kind`` (the field's type: bool, tuple, str,
+    int or float); other values as given."""
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip()
+    if kind is bool:
+        return parse_bool(key, text)
+    if kind is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        return kind(text)  # str, int or float
+    except ValueError:
+        raise SettingsError(f"{key}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def allowed_range(f: dataclasses.Field) -> str:
+    """What a bounded field allows, e.g. "an integer >= 1 (utterances: ...)" or "0 <= x < 1 (fraction: ...)"."""
+    bounds = [(BOUNDS[k][1], value) for k, value in f.metadata["bounds"].items()]
+    if len(bounds) == 2:  # lower bound first: (">=", 0), ("<", 1) -> "0 <= x < 1"
+        (low, low_value), (high, high_value) = bounds
+        text = f"{low_value} {low.replace('>', '<')} x {high} {high_value}"
+    else:
+        text = f"{bounds[0][0]} {bounds[0][1]}"
+    integer = "an integer " if type(f.default) is int else ""
+    return f"{integer}{text} ({f.metadata['unit']}: {f.metadata['help']})"
+
+
+def check_field(f: dataclasses.Field, value: Any) -> None:
+    """A field's own rules (``choices``, finite floats, ``bounds``, ``check``); raises SettingsError."""
+    meta = f.metadata
+    if meta["choices"] is not None:
+        require(value in meta["choices"], f.name, value, f"one of {', '.join(meta['choices'])}")
+    require(not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number")
+    if meta["bounds"]:
+        within = all(BOUNDS[k][0](value, limit) for k, limit in meta["bounds"].items())
+        require(within, f.name, value, allowed_range(f))
+    if meta["check"] is not None:
+        meta["check"](f.name, value)
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """One character inserted, deleted or replaced, or two neighbours swapped (they share a one-deletion form)."""
+    forms = [{word, *(word[:i] + word[i + 1 :] for i in range(len(word)))} for word in (a, b)]
+    return a != b and bool(forms[0] & forms[1])

@@ -22,7 +22,7 @@ from finetuning.evaluation.targets import SpeakerTargets
 from finetuning.preparation.audio import resample
 from finetuning.resources import ModelUnavailable, one_line, resolve_device, resolve_model_dir
 from finetuning.settings import Settings
-from finetuning.training.export import WEIGHT_FILES, read_info
+from finetuning.training.export import WEIGHT_FILE_PATTERNS, read_info
 
 MODEL_TYPES = ("base", "custom_voice")
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # MIXED_PRECISION -> dtype
@@ -44,8 +44,8 @@ def load_checkpoint(checkpoint: str | Path, device: str = "auto", dtype: torch.d
         folder = resolve_model_dir(checkpoint, key="checkpoint", required=CHECKPOINT_FILES)
     except ModelUnavailable as error:
         raise EvaluationError(str(error)) from error
-    if not any((folder / name).exists() for name in WEIGHT_FILES):
-        raise EvaluationError(f"checkpoint {checkpoint} has no weights ({' or '.join(WEIGHT_FILES)}); export again")
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILE_PATTERNS):
+        raise EvaluationError(f"checkpoint {checkpoint} has no weights (model.safetensors or shards); export again")
     import qwen_tts
 
     kwargs = {} if dtype is None else {"dtype": dtype}

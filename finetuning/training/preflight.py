@@ -77,6 +77,25 @@ def suggestions(shape: ModelShape, plan: TrainingPlan, gpu_bytes: float, trainab
     return found
 
 
+def lora_trainable_parameters(config: dict, settings: Settings) -> int:
+    """Parameters FINETUNE_METHOD=lora trains on the model of ``config``: the adapters of LORA_RANK on LORA_TARGETS
+    plus the LORA_FULLY_TRAINED copies, counted on a meta-device build (nothing is allocated)."""
+    from finetuning.published_models import build_on_meta
+    from finetuning.training.lora import apply_lora, trainable_summary
+
+    model = build_on_meta(config)
+    model.speaker_encoder.requires_grad_(False)
+    apply_lora(model, settings)
+    return int(trainable_summary(model)["trainable_parameters"])
+
+
+def _trainable_note(settings: Settings) -> str:
+    if settings.FINETUNE_METHOD == "lora":
+        fully = ",".join(settings.LORA_FULLY_TRAINED) or "nothing"
+        return f"LoRA rank {settings.LORA_RANK} adapters + {fully} trained fully"
+    return "speaker encoder frozen"
+
+
 def _gib(value: float) -> str:
     return f"{value / GIB:6.2f} GiB"
 
@@ -96,6 +115,8 @@ def run_preflight(
     """
     config = model_config(settings.INIT_MODEL_PATH)
     shape = model_shape(config)
+    if trainable is None and settings.FINETUNE_METHOD == "lora":
+        trainable = lora_trainable_parameters(config, settings)
     plan = training_plan(settings, num_gpus, zero_stage, gradient_checkpointing)
     estimate = estimate_memory(shape, plan, trainable)
     gpu_bytes = gpu_memory_gb * GIB if gpu_memory_gb else visible_gpu_memory_bytes()
@@ -104,7 +125,7 @@ def run_preflight(
     lines = [
         f"model           {settings.INIT_MODEL_PATH}",
         f"parameters      {shape.parameters:,}" + (f" (published: {published:,})" if published else ""),
-        f"trainable       {trained:,} (speaker encoder frozen)",
+        f"trainable       {trained:,} ({_trainable_note(settings)})",
         f"precision       {plan.precision}, AdamW (float32 master weights and states)",
         f"processes       {plan.num_processes}, ZeRO stage {plan.zero_stage}"
         + (" (FSDP full shard)" if plan.zero_stage == 3 else ""),

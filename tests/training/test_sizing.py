@@ -42,3 +42,22 @@ def test_preflight_says_fits_or_what_to_change(capsys):
     assert ": fits" in capsys.readouterr().out
     assert main(["--preflight", "--env-file", "/dev/null", "--set", "INIT_MODEL_PATH=someone/unknown"]) == 2
     assert "INIT_MODEL_PATH" in capsys.readouterr().err
+
+
+def test_preflight_counts_what_lora_trains(capsys):
+    """FINETUNE_METHOD=lora: the trainable count is the adapters plus the fully trained copies (from the real 1.7B
+    shapes), so gradients and AdamW states shrink and the run fits where the full fine-tune does not."""
+    common = ["--preflight", "--env-file", "/dev/null", "--set", f"INIT_MODEL_PATH={MODEL_1_7B}", "--gpu-memory-gb"]
+    assert main([*common, "80"]) == 1
+    full = capsys.readouterr().out
+    assert main([*common, "80", "--set", "FINETUNE_METHOD=lora"]) == 0
+    lora = capsys.readouterr().out
+    trainable = int(
+        next(line for line in lora.splitlines() if line.startswith("trainable")).split()[1].replace(",", "")
+    )
+    assert 100_000_000 < trainable < 150_000_000 and "LoRA rank 16" in lora  # 6.6 % of 1.93 B with the defaults
+
+    def optimizer_gib(text):
+        return float(next(line for line in text.splitlines() if "optimizer states" in line).split()[-2])
+
+    assert optimizer_gib(lora) < optimizer_gib(full) / 10

@@ -122,8 +122,15 @@ class Settings:
     MAX_CHARS_PER_S: float = _setting(
         35.0, "chars/second", "transcripts faster than this (non-space characters per second) are rejected"
     )
-    NORMALIZE_LOUDNESS: bool = _setting(False, "bool", "scale every kept clip to TARGET_LOUDNESS_DBFS")
-    TARGET_LOUDNESS_DBFS: float = _setting(-23.0, "dBFS", "RMS level of kept clips when NORMALIZE_LOUDNESS", lt=0)
+    NORMALIZE_LOUDNESS: bool = _setting(
+        False, "bool", "scale every kept clip to TARGET_LOUDNESS_LUFS (ITU-R BS.1770 integrated loudness)"
+    )
+    TARGET_LOUDNESS_LUFS: float = _setting(
+        -23.0, "LUFS", "integrated loudness of kept clips when NORMALIZE_LOUDNESS (EBU R128: -23)", lt=0
+    )
+    TRUE_PEAK_CEILING_DBTP: float = _setting(
+        -1.0, "dBTP", "loudness normalisation never lifts a clip's true peak above this", le=0
+    )
     ENCODE_BATCH_SIZE: int = _setting(8, "clips", "clips per speech-tokenizer batch during preparation", ge=1)
     MAX_SHARD_SIZE_MB: float = _setting(256.0, "MB", "upper bound of one parquet shard of the dataset", gt=0)
     # --- model -------------------------------------------------------------------------------------------
@@ -326,10 +333,18 @@ def validate(settings: Settings) -> None:
         _require(high_value > low_value, high, high_value, f"> {low} ({low_value})")
 
 
+# Keys of earlier versions: naming one is an error that names its successor, never a silently ignored key.
+RENAMED_KEYS = {
+    "TARGET_LOUDNESS_DBFS": "TARGET_LOUDNESS_LUFS (ITU-R BS.1770 integrated loudness; -23 LUFS is EBU R128)",
+}
+
+
 def _check_unknown_keys(keys: list[str], source: str) -> None:
     for key in keys:
         if key in FIELDS:
             continue
+        if key in RENAMED_KEYS:
+            raise SettingsError(f"{key} in {source} was renamed: set {RENAMED_KEYS[key]} instead")
         close = difflib.get_close_matches(key.upper(), FIELDS, n=1, cutoff=0.8)
         if close:
             raise SettingsError(f"unknown key {key!r} in {source}: did you mean {close[0]}?")
@@ -364,6 +379,7 @@ def load_settings(
         elif str(env_file) != DEFAULT_ENV_FILE:
             raise FileNotFoundError(f"settings file {str(path)!r} does not exist")
     env = os.environ if environ is None else environ
+    _check_unknown_keys([key for key in RENAMED_KEYS if key in env], "the environment")
     values.update({k: env[k] for k in FIELDS if k in env})
     for key, value in (overrides or {}).items():
         if key not in FIELDS:

@@ -8,6 +8,7 @@ and a new speaker is added without touching the others.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from finetuning.preparation.audio import (
 )
 from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
+from finetuning.preparation.languages import LanguageError, ModelLanguages, needs_model_table, read_model_languages
 from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source
 from finetuning.preparation.writing import make_row, write_card, write_split
 from finetuning.settings import Settings
@@ -58,6 +60,8 @@ class SpeakerReport:
     rejected: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     references: int = 0
+    languages: dict[str, int] = field(default_factory=dict)  # kept clips per resolved language
+    auto_prefix_languages: list[str] = field(default_factory=list)  # languages without a model id: train as auto
 
     def as_dict(self) -> dict:
         return {
@@ -71,6 +75,8 @@ class SpeakerReport:
             "rejected": dict(sorted(self.rejected.items())),
             "splits": self.splits,
             "references": self.references,
+            "languages": dict(sorted(self.languages.items())),
+            "auto_prefix_languages": self.auto_prefix_languages,
         }
 
 
@@ -194,9 +200,38 @@ def _gate(spec: SpeakerSpec, items: list[SourceItem], settings: Settings):
             logger.info("speaker %s: rejected %s (%s): %s", spec.name, item.id, item.origin, reason)
             continue
         if settings.NORMALIZE_LOUDNESS:
-            samples = normalize_loudness(samples, settings.TARGET_LOUDNESS_DBFS)
+            samples = normalize_loudness(samples, settings.TARGET_LOUDNESS_LUFS, settings.TRUE_PEAK_CEILING_DBTP)
         kept.append((item, samples))
     return kept, rejected
+
+
+def _label(item: SourceItem | None, spec: SpeakerSpec) -> str:
+    """The language label a row carries before resolution: the item's, else the manifest's, else auto."""
+    return str((item.language if item else None) or spec.language or schema.UNKNOWN_LANGUAGE)
+
+
+def resolve_languages(
+    spec: SpeakerSpec, items: list[SourceItem], model_languages: Callable[[], ModelLanguages]
+) -> tuple[dict[str, str], list[str]]:
+    """(label -> canonical language, the canonical languages that train with the auto prefix) for every label of
+    the speaker's items and manifest entry. The model's table is read only when a label is other than auto.
+    Raises PreparationError naming the speaker, the label and the allowed names."""
+    labels = {_label(item, spec) for item in items} | {_label(None, spec)}
+    if not needs_model_table(labels):
+        return {label: schema.UNKNOWN_LANGUAGE for label in labels}, []
+    try:
+        table = model_languages()
+        resolved = {label: table.resolve(label) for label in sorted(labels)}
+    except LanguageError as error:
+        raise PreparationError(f"speaker {spec.name}: {error}") from error
+    auto_prefix = sorted({name for name in resolved.values() if table.trains_with_auto(name)})
+    if auto_prefix:
+        logger.warning(
+            "speaker %s: %s has no language id in the model; these rows train with the auto prefix",
+            spec.name,
+            ", ".join(auto_prefix),
+        )
+    return resolved, auto_prefix
 
 
 def _unique_ids(items: list[SourceItem]) -> None:
@@ -214,10 +249,12 @@ def prepare_speaker(
     output_dir: Path,
     tokenizer_id: str,
     max_samples: int | None = None,
+    model_languages: Callable[[], ModelLanguages] | None = None,
 ) -> SpeakerReport:
     """Prepare one speaker's config under ``output_dir/<speaker>`` unless its fingerprint is unchanged.
 
     ``max_samples`` keeps only the first N source items (quick trials); it changes the fingerprint.
+    ``model_languages`` gives the Base model's language table (default: read from INIT_MODEL_PATH when needed).
     """
     try:
         items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
@@ -240,7 +277,13 @@ def prepare_speaker(
             report.rejected = summary.get("rejected", {})
             report.splits = summary.get("splits", {})
             report.references = summary.get("references", 0)
+            report.languages = summary.get("languages", {})
+            report.auto_prefix_languages = summary.get("auto_prefix_languages", [])
             return report
+
+    if model_languages is None:
+        model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
+    languages, auto_prefix = resolve_languages(spec, items, model_languages)
 
     references = _load_references(spec, items)
     if not references:
@@ -263,11 +306,11 @@ def prepare_speaker(
     splits = assign_splits([i.id for i, _ in kept], [i.split for i, _ in kept], settings, spec.name)
     rows: dict[str, list[dict]] = {name: [] for name in schema.ALL_SPLITS}
     for (item, samples), code, split in zip(kept, codes, splits, strict=True):
-        language = item.language or spec.language or schema.UNKNOWN_LANGUAGE
+        language = languages[_label(item, spec)]
         rows[split].append(make_row(spec.name, item.id, item.text.strip(), language, samples, code))
     for (ref_id, samples), code in zip(references, ref_codes, strict=True):
         rows[schema.REFERENCE_SPLIT].append(
-            make_row(spec.name, ref_id, "", spec.language or schema.UNKNOWN_LANGUAGE, samples, code)
+            make_row(spec.name, ref_id, "", languages[_label(None, spec)], samples, code)
         )
 
     report = SpeakerReport(
@@ -280,6 +323,8 @@ def prepare_speaker(
         rejected=dict(rejected),
         splits={name: len(r) for name, r in rows.items() if r},
         references=len(references),
+        languages=dict(Counter(languages[_label(item, spec)] for item, _ in kept)),
+        auto_prefix_languages=auto_prefix,
     )
     staging = output_dir / f".{spec.name}.tmp"
     if staging.exists():
@@ -318,9 +363,10 @@ def prepare_dataset(
     if encoder is None:
         encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)
     tokenizer_id = tokenizer_identity(settings.TOKENIZER_PATH)
+    model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
     reports = []
     for spec in specs:
-        result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples)
+        result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples, model_languages)
         reports.append(result)
         report(_format_report(result))
     write_card(output)
@@ -332,7 +378,9 @@ def _format_report(r: SpeakerReport) -> str:
         return f"{r.speaker}: unchanged, skipped ({r.kept} clips, {r.hours_kept * 60:.1f} min)"
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(r.rejected.items())) or "none"
     splits = ", ".join(f"{k}={v}" for k, v in r.splits.items())
+    auto_prefix = ", ".join(r.auto_prefix_languages)
+    auto_prefix = f"; trains with the auto prefix: {auto_prefix}" if auto_prefix else ""
     return (
         f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} min); "
-        f"splits: {splits}; rejected: {rejected}"
+        f"splits: {splits}; rejected: {rejected}{auto_prefix}"
     )

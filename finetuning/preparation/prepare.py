@@ -34,6 +34,7 @@ from finetuning.preparation.audio import (
 from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
 from finetuning.preparation.languages import LanguageError, ModelLanguages, needs_model_table, read_model_languages
+from finetuning.preparation.multispeaker import expand_group, group_from_entry, pick_references
 from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source
 from finetuning.preparation.writing import make_row, write_card, write_split
 from finetuning.settings import Settings
@@ -123,6 +124,31 @@ def resolve_speakers(settings: Settings, names: Sequence[str] | None = None) -> 
             )
         )
     return specs
+
+
+def plan_speakers(
+    settings: Settings, names: Sequence[str] | None = None
+) -> list[tuple[SpeakerSpec, list[SourceItem] | None]]:
+    """(spec, items) for every speaker config to prepare: a single-speaker name gives its spec (items read
+    later), a multi-speaker manifest entry (``speaker_column``) its speakers with their items, read once.
+    Raises PreparationError for an unreadable group source or two configs of one name."""
+    manifest_path = Path(settings.SPEAKERS_MANIFEST) if settings.SPEAKERS_MANIFEST else None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path and manifest_path.exists() else {}
+    plan: list[tuple[SpeakerSpec, list[SourceItem] | None]] = []
+    for name in names or settings.TRAIN_SPEAKERS:
+        try:
+            group = group_from_entry(name, manifest.get(name, {}))
+            if group is None:
+                plan.extend((spec, None) for spec in resolve_speakers(settings, [name]))
+            else:
+                plan.extend(expand_group(group, settings.HF_TOKEN)[0])
+        except (SourceError, OSError) as error:
+            raise PreparationError(f"speaker {name}: {error}") from error
+    counts = Counter(spec.name for spec, _ in plan)
+    twice = sorted(name for name, count in counts.items() if count > 1)
+    if twice:
+        raise PreparationError(f"configs {twice} come from more than one manifest entry; rename one")
+    return plan
 
 
 def assign_splits(ids: list[str], given: list[str | None], settings: Settings, speaker: str) -> list[str]:
@@ -250,16 +276,19 @@ def prepare_speaker(
     tokenizer_id: str,
     max_samples: int | None = None,
     model_languages: Callable[[], ModelLanguages] | None = None,
+    items: list[SourceItem] | None = None,
 ) -> SpeakerReport:
     """Prepare one speaker's config under ``output_dir/<speaker>`` unless its fingerprint is unchanged.
 
     ``max_samples`` keeps only the first N source items (quick trials); it changes the fingerprint.
     ``model_languages`` gives the Base model's language table (default: read from INIT_MODEL_PATH when needed).
+    ``items`` are the speaker's source items when already read (a multi-speaker source); else the source is read.
     """
-    try:
-        items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
-    except (SourceError, OSError) as error:
-        raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
+    if items is None:
+        try:
+            items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
+        except (SourceError, OSError) as error:
+            raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
     if max_samples is not None:
         items = items[:max_samples]
     _unique_ids(items)
@@ -286,7 +315,7 @@ def prepare_speaker(
     languages, auto_prefix = resolve_languages(spec, items, model_languages)
 
     references = _load_references(spec, items)
-    if not references:
+    if not references and not spec.auto_references:
         tried = ", ".join(spec.references) or "none"
         raise PreparationError(
             f"speaker {spec.name}: no usable reference clip (tried: {tried}). Put a clean clip of at least "
@@ -300,6 +329,10 @@ def prepare_speaker(
             f"speaker {spec.name}: no clip passed the quality gate ({len(items)} read; {reasons}). Check the "
             f"source {spec.source} and the gate settings (MIN/MAX_DURATION_S, MAX_SILENCE_FRACTION, ...)."
         )
+    if not references:
+        picked = pick_references([samples for _, samples in kept])
+        references = [(f"reference-{kept[i][0].id}", kept[i][1]) for i in picked]
+        logger.info("speaker %s: no reference given, picked %s", spec.name, [kept[i][0].id for i in picked])
     codes = encoder.encode([samples for _, samples in kept], desc=f"{spec.name}: encoding")
     ref_codes = encoder.encode([samples for _, samples in references], desc=f"{spec.name}: references")
 
@@ -359,14 +392,17 @@ def prepare_dataset(
     """
     output = Path(output_dir or settings.DATASET_DIR)
     output.mkdir(parents=True, exist_ok=True)
-    specs = resolve_speakers(settings, speakers)
+    plan = plan_speakers(settings, speakers)
     if encoder is None:
         encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)
     tokenizer_id = tokenizer_identity(settings.TOKENIZER_PATH)
     model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
     reports = []
-    for spec in specs:
-        result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples, model_languages)
+    configs = [spec.name for spec, _ in plan]
+    if configs != list(speakers or settings.TRAIN_SPEAKERS):
+        report(f"speaker configs: {len(configs)}; train on them with TRAIN_SPEAKERS={','.join(configs)}")
+    for spec, items in plan:
+        result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples, model_languages, items)
         reports.append(result)
         report(_format_report(result))
     write_card(output)

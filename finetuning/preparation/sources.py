@@ -1,13 +1,15 @@
 """Readers for the input formats a speaker's corpus may come in.
 
-Every reader yields ``SourceItem``s; audio stays undecoded (a path or bytes) until the quality gate.
+Every reader yields ``SourceItem``s; audio stays undecoded (a path or bytes) until the quality gate. A source
+holding many speakers is split into one speaker config each by ``finetuning.preparation.multispeaker``.
 
 Formats (``format`` in the speakers manifest, or detected from the path):
   * ``jsonl``     one JSON object per line: ``audio`` (or ``audio_path``, the seed-004 layout) and ``text``;
-                  optional ``id``, ``language``, ``split``, ``ref_audio``. Relative paths resolve against the
-                  file's folder.
-  * ``ljspeech``  a folder with ``metadata.csv``/``metadata.txt`` (``id|text[|normalised text]``) or
-                  ``metadata.tsv`` (``id<TAB>text``), audio in ``wavs/<id>.<ext>`` or ``<id>.<ext>``.
+                  optional ``id``, ``language``, ``split``, ``ref_audio``, ``speaker``. Relative paths resolve
+                  against the file's folder.
+  * ``ljspeech``  a folder with ``metadata.csv``/``metadata.txt`` (``id|text[|normalised text]``, or
+                  ``id|text|speaker`` for a multi-speaker source) or ``metadata.tsv`` (``id<TAB>text``), audio in
+                  ``wavs/<id>.<ext>`` or ``<id>.<ext>``.
   * ``chatml``    a JSON list (or JSONL) of ``{"messages": [...], "speaker": ...}`` conversations: each
                   assistant turn's text + audio becomes a sample, the user turn's audio a reference clip.
   * ``hf``        a 🤗 dataset (local folder saved with ``save_to_disk``/parquet, or a Hub id) with ``audio`` and
@@ -30,6 +32,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
 FORMATS = ("jsonl", "ljspeech", "chatml", "hf")
 GIVEN_SPLITS = ("train", "validation", "test")
 METADATA_FILES = (("metadata.csv", "|"), ("metadata.txt", "|"), ("metadata.tsv", "\t"))
+DEFAULT_SPEAKER_COLUMN = "speaker"
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
 
 
@@ -42,6 +45,7 @@ class SpeakerSpec:
     format: str | None
     language: str | None
     references: tuple[str, ...]
+    auto_references: bool = False  # no clip given: pick the cleanest kept clips (multi-speaker sources)
 
 
 class SourceError(ValueError):
@@ -58,7 +62,15 @@ class SourceItem:
     language: str | None = None
     split: str | None = None
     reference_audio: list[Path | bytes] = field(default_factory=list)
-    origin: str = ""  # for messages: where the item came from
+    origin: str = ""
+    speaker: str | None = None  # the source's speaker column, when it has one  # for messages: where the item came from
+
+
+def _speaker_value(value) -> str | None:
+    """A speaker column's value as text (LibriTTS ids are numbers); None when missing or blank."""
+    if value is None or str(value).strip() == "":
+        return None
+    return str(value).strip()
 
 
 def normalise_split(name: str | None) -> str | None:
@@ -96,7 +108,7 @@ def _resolve(base: Path, value: str) -> Path:
     return beside if beside.exists() or not candidate.exists() else candidate
 
 
-def read_jsonl(path: Path) -> Iterator[SourceItem]:
+def read_jsonl(path: Path, speaker_column: str = DEFAULT_SPEAKER_COLUMN) -> Iterator[SourceItem]:
     if path.is_dir():
         path = path / "metadata.jsonl"
     if not path.exists():
@@ -123,10 +135,13 @@ def read_jsonl(path: Path) -> Iterator[SourceItem]:
                 split=normalise_split(row.get("split")),
                 reference_audio=[_resolve(path.parent, refs)] if isinstance(refs, str) else [],
                 origin=origin,
+                speaker=_speaker_value(row.get(speaker_column)),
             )
 
 
-def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
+def read_ljspeech(folder: Path, speaker_field: int | None = None) -> Iterator[SourceItem]:
+    """``speaker_field``: 0-based index of a speaker field in each metadata line (``id|text|speaker``); the text
+    is then the second field."""
     candidates = [(folder / name, delim) for name, delim in METADATA_FILES if (folder / name).exists()]
     if not candidates:
         raise SourceError(f"{folder} has no metadata.csv, metadata.txt or metadata.tsv")
@@ -136,7 +151,12 @@ def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
             if not fields or not fields[0].strip():
                 continue
             clip_id = Path(fields[0].strip()).stem
-            text = fields[-1] if len(fields) > 2 and fields[-1].strip() else (fields[1] if len(fields) > 1 else "")
+            speaker = None
+            if speaker_field is not None:
+                speaker = _speaker_value(fields[speaker_field] if speaker_field < len(fields) else None)
+                text = fields[1] if len(fields) > 1 else ""
+            else:
+                text = fields[-1] if len(fields) > 2 and fields[-1].strip() else (fields[1] if len(fields) > 1 else "")
             audio = next(
                 (
                     candidate
@@ -146,7 +166,9 @@ def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
                 ),
                 folder / "wavs" / f"{clip_id}.wav",
             )
-            yield SourceItem(id=clip_id, text=text.strip(), audio=audio, origin=f"{metadata}:{line_no}")
+            yield SourceItem(
+                id=clip_id, text=text.strip(), audio=audio, origin=f"{metadata}:{line_no}", speaker=speaker
+            )
 
 
 def _turn_parts(message: dict) -> tuple[list[str], list[str]]:
@@ -164,7 +186,8 @@ def _turn_parts(message: dict) -> tuple[list[str], list[str]]:
     return texts, audios
 
 
-def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
+def read_chatml(path: Path, speaker: str | None) -> Iterator[SourceItem]:
+    """``speaker`` None keeps every conversation (each item then carries its conversation's speaker)."""
     if not path.exists():
         raise SourceError(f"{path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -175,7 +198,7 @@ def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
     if isinstance(conversations, dict):
         conversations = [conversations]
     for index, conversation in enumerate(conversations):
-        if conversation.get("speaker") not in (None, speaker):
+        if speaker is not None and conversation.get("speaker") not in (None, speaker):
             continue
         refs: list[Path | bytes] = []
         for message in conversation.get("messages", []):
@@ -191,10 +214,15 @@ def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
                     language=conversation.get("language"),
                     reference_audio=list(refs),
                     origin=f"{path}#{index}",
+                    speaker=_speaker_value(conversation.get("speaker")),
                 )
 
 
-def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem]:
+def read_hf(
+    source: str, speaker: str | None, token: str | None, speaker_column: str = DEFAULT_SPEAKER_COLUMN
+) -> Iterator[SourceItem]:
+    """``speaker`` None keeps every row (each item then carries its ``speaker_column`` value); otherwise rows of
+    other speakers are skipped. The audio column is read undecoded (bytes or path)."""
     import datasets
 
     path = Path(source)
@@ -214,7 +242,7 @@ def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem
             dataset = dataset.cast_column("audio", datasets.Audio(decode=False))
         given_split = normalise_split(split_name) if split_name in (*GIVEN_SPLITS, *_SPLIT_ALIASES) else None
         for index, row in enumerate(dataset):
-            if "speaker" in row and row["speaker"] not in (None, speaker):
+            if speaker is not None and row.get(speaker_column) not in (None, speaker):
                 continue
             audio = row["audio"]
             if isinstance(audio, dict):
@@ -228,18 +256,33 @@ def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem
                 language=row.get("language"),
                 split=given_split,
                 origin=f"{source}[{split_name}][{index}]",
+                speaker=_speaker_value(row.get(speaker_column)),
             )
 
 
-def read_source(source: str, fmt: str | None, speaker: str, token: str | None = None) -> Iterator[SourceItem]:
-    """Yield the items of one speaker's source; ``fmt`` None means detect it from the path."""
+def read_source(
+    source: str,
+    fmt: str | None,
+    speaker: str | None,
+    token: str | None = None,
+    speaker_column: str = DEFAULT_SPEAKER_COLUMN,
+) -> Iterator[SourceItem]:
+    """Yield the items of one speaker's source; ``fmt`` None means detect it from the path.
+
+    ``speaker`` None reads every speaker of a multi-speaker source; each item's ``speaker`` then holds the value
+    of ``speaker_column`` (a field name; for ``ljspeech`` the 0-based index of a metadata field).
+    """
     fmt = fmt or detect_format(source)
     if fmt == "jsonl":
-        return read_jsonl(Path(source))
+        return read_jsonl(Path(source), speaker_column)
     if fmt == "ljspeech":
-        return read_ljspeech(Path(source))
+        if speaker is None and not str(speaker_column).isdigit():
+            raise SourceError(
+                f"for an ljspeech source, speaker_column is a field index (e.g. 2), not {speaker_column!r}"
+            )
+        return read_ljspeech(Path(source), int(speaker_column) if speaker is None else None)
     if fmt == "chatml":
         return read_chatml(Path(source), speaker)
     if fmt == "hf":
-        return read_hf(source, speaker, token)
+        return read_hf(source, speaker, token, speaker_column)
     raise SourceError(f"unknown format {fmt!r}; use one of {FORMATS}")

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", help="local dataset folder (default: DATASET_DIR)")
     parser.add_argument("--max_samples", type=int, help="use at most N source clips per speaker (quick trials)")
+    parser.add_argument(
+        "--num_workers", type=int, help="processes that decode, gate and encode clips (default: PREPARATION_WORKERS)"
+    )
     parser.add_argument("--upload", action="store_true", help="push changed speaker configs to the Hub")
     parser.add_argument("--repo_id", help="Hub dataset repo for --upload (default: HF_DATASET_REPO)")
     visibility = parser.add_mutually_exclusive_group()
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 "HF_DATASET_REPO": args.repo_id,
                 "HF_DATASET_PRIVATE": args.private,
                 "TOKENIZER_PATH": args.tokenizer_path,
+                "PREPARATION_WORKERS": args.num_workers,
             },
         )
     except (SettingsError, FileNotFoundError) as error:

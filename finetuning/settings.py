@@ -132,6 +132,12 @@ class Settings:
         -1.0, "dBTP", "loudness normalisation never lifts a clip's true peak above this", le=0
     )
     ENCODE_BATCH_SIZE: int = _setting(8, "clips", "clips per speech-tokenizer batch during preparation", ge=1)
+    PREPARATION_WORKERS: int = _setting(
+        1,
+        "processes",
+        "processes that decode, gate and encode clips in parallel (CUDA: one per GPU); same output",
+        ge=1,
+    )
     MAX_SHARD_SIZE_MB: float = _setting(256.0, "MB", "upper bound of one parquet shard of the dataset", gt=0)
     # --- model -------------------------------------------------------------------------------------------
     INIT_MODEL_PATH: str = _setting(

@@ -147,11 +147,15 @@ def expand_group(
     return [planned[name] for name in sorted(planned)], skipped
 
 
-def pick_references(clips: list[np.ndarray], count: int = AUTO_REFERENCE_CLIPS) -> list[int]:
-    """Indices of the cleanest of a speaker's kept 24 kHz clips, by the quality gate's measures: fewest clipped
-    samples, then least silence, then longest; among clips of at least REFERENCE_MIN_S when the speaker has any
-    (a speaker embedding needs some speech)."""
-    long_enough = [i for i, clip in enumerate(clips) if len(clip) / SAMPLE_RATE >= REFERENCE_MIN_S]
-    candidates = long_enough or list(range(len(clips)))
-    measures = {i: (clipped_fraction(clips[i]), silence_fraction(clips[i]), -len(clips[i])) for i in candidates}
+def cleanliness(samples: np.ndarray) -> tuple[float, float, int]:
+    """How clean a 24 kHz clip is by the quality gate's measures, lower is cleaner: (clipped fraction,
+    silence fraction, -number of samples)."""
+    return clipped_fraction(samples), silence_fraction(samples), -len(samples)
+
+
+def pick_references(measures: list[tuple[float, float, int]], count: int = AUTO_REFERENCE_CLIPS) -> list[int]:
+    """Indices of the cleanest clips by their ``cleanliness``: fewest clipped samples, then least silence, then
+    longest; among clips of at least REFERENCE_MIN_S when the speaker has any (an embedding needs speech)."""
+    long_enough = [i for i, measure in enumerate(measures) if -measure[2] / SAMPLE_RATE >= REFERENCE_MIN_S]
+    candidates = long_enough or list(range(len(measures)))
     return sorted(candidates, key=measures.__getitem__)[:count]

@@ -19,18 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from finetuning.constants import SAMPLE_RATE
 from finetuning.preparation import schema
 from finetuning.preparation.audio import (
     AudioDecodeError,
     QualityThresholds,
+    encode_flac,
     load_mono_24k,
-    normalize_loudness,
-    quality_issue,
     rms_dbfs,
 )
+from finetuning.preparation.clips import ClipProcessor, ClipWork, log_rejections
 from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
 from finetuning.preparation.languages import LanguageError, ModelLanguages, needs_model_table, read_model_languages
@@ -204,33 +203,6 @@ def _load_references(spec: SpeakerSpec, items: list[SourceItem]) -> list[tuple[s
     return references
 
 
-def _gate(spec: SpeakerSpec, items: list[SourceItem], settings: Settings):
-    limits = quality_thresholds(settings)
-    kept, rejected = [], Counter()
-    for item in tqdm(items, desc=f"{spec.name}: quality gate", unit="clip"):
-        reason = None
-        samples = None
-        if item.audio is None:
-            reason = "missing_file"
-        else:
-            try:
-                samples = load_mono_24k(item.audio)
-            except FileNotFoundError:
-                reason = "missing_file"
-            except AudioDecodeError:
-                reason = "unreadable"
-        if reason is None:
-            reason = quality_issue(samples, item.text, limits)
-        if reason is not None:
-            rejected[reason] += 1
-            logger.info("speaker %s: rejected %s (%s): %s", spec.name, item.id, item.origin, reason)
-            continue
-        if settings.NORMALIZE_LOUDNESS:
-            samples = normalize_loudness(samples, settings.TARGET_LOUDNESS_LUFS, settings.TRUE_PEAK_CEILING_DBTP)
-        kept.append((item, samples))
-    return kept, rejected
-
-
 def _label(item: SourceItem | None, spec: SpeakerSpec) -> str:
     """The language label a row carries before resolution: the item's, else the manifest's, else auto."""
     return str((item.language if item else None) or spec.language or schema.UNKNOWN_LANGUAGE)
@@ -271,7 +243,7 @@ def _unique_ids(items: list[SourceItem]) -> None:
 def prepare_speaker(
     spec: SpeakerSpec,
     settings: Settings,
-    encoder: SpeechEncoder,
+    processor: ClipProcessor,
     output_dir: Path,
     tokenizer_id: str,
     max_samples: int | None = None,
@@ -322,28 +294,42 @@ def prepare_speaker(
             f'{MIN_REFERENCE_S:.0f} s at {Path(settings.VOICES_DIR) / (spec.name + ".wav")} or list "reference" '
             "for this speaker in SPEAKERS_MANIFEST."
         )
-    kept, rejected = _gate(spec, items, settings)
+    work = ClipWork(
+        limits=quality_thresholds(settings),
+        normalize_loudness=settings.NORMALIZE_LOUDNESS,
+        target_lufs=settings.TARGET_LOUDNESS_LUFS,
+        true_peak_ceiling_dbtp=settings.TRUE_PEAK_CEILING_DBTP,
+        measure_cleanliness=not references,
+    )
+    results = processor.run(items, work, desc=f"{spec.name}: gate and encode")
+    log_rejections(results, items, spec.name)
+    rejected = Counter(result.reason for result in results if result.reason is not None)
+    kept = [(items[result.index], result) for result in results if result.reason is None]
     if not kept:
         reasons = ", ".join(f"{k}: {v}" for k, v in rejected.most_common()) or "the source has no rows"
         raise PreparationError(
             f"speaker {spec.name}: no clip passed the quality gate ({len(items)} read; {reasons}). Check the "
             f"source {spec.source} and the gate settings (MIN/MAX_DURATION_S, MAX_SILENCE_FRACTION, ...)."
         )
-    if not references:
-        picked = pick_references([samples for _, samples in kept])
-        references = [(f"reference-{kept[i][0].id}", kept[i][1]) for i in picked]
+    if references:
+        reference_rows = [(ref_id, encode_flac(samples), len(samples)) for ref_id, samples in references]
+        ref_codes = processor.encoder.encode([samples for _, samples in references], desc=f"{spec.name}: references")
+    else:
+        picked = pick_references([result.cleanliness for _, result in kept])
+        reference_rows = [(f"reference-{kept[i][0].id}", kept[i][1].flac, kept[i][1].num_samples) for i in picked]
+        ref_codes = [kept[i][1].codes for i in picked]
         logger.info("speaker %s: no reference given, picked %s", spec.name, [kept[i][0].id for i in picked])
-    codes = encoder.encode([samples for _, samples in kept], desc=f"{spec.name}: encoding")
-    ref_codes = encoder.encode([samples for _, samples in references], desc=f"{spec.name}: references")
 
     splits = assign_splits([i.id for i, _ in kept], [i.split for i, _ in kept], settings, spec.name)
     rows: dict[str, list[dict]] = {name: [] for name in schema.ALL_SPLITS}
-    for (item, samples), code, split in zip(kept, codes, splits, strict=True):
+    for (item, clip), split in zip(kept, splits, strict=True):
         language = languages[_label(item, spec)]
-        rows[split].append(make_row(spec.name, item.id, item.text.strip(), language, samples, code))
-    for (ref_id, samples), code in zip(references, ref_codes, strict=True):
+        rows[split].append(
+            make_row(spec.name, item.id, item.text.strip(), language, clip.flac, clip.num_samples, clip.codes)
+        )
+    for (ref_id, flac, num_samples), code in zip(reference_rows, ref_codes, strict=True):
         rows[schema.REFERENCE_SPLIT].append(
-            make_row(spec.name, ref_id, "", languages[_label(None, spec)], samples, code)
+            make_row(spec.name, ref_id, "", languages[_label(None, spec)], flac, num_samples, code)
         )
 
     report = SpeakerReport(
@@ -352,10 +338,10 @@ def prepare_speaker(
         fingerprint=print_,
         clips_total=len(items),
         kept=len(kept),
-        hours_kept=round(sum(len(s) for _, s in kept) / SAMPLE_RATE / 3600.0, 6),
+        hours_kept=round(sum(clip.num_samples for _, clip in kept) / SAMPLE_RATE / 3600.0, 6),
         rejected=dict(rejected),
         splits={name: len(r) for name, r in rows.items() if r},
-        references=len(references),
+        references=len(reference_rows),
         languages=dict(Counter(languages[_label(item, spec)] for item, _ in kept)),
         auto_prefix_languages=auto_prefix,
     )
@@ -395,16 +381,22 @@ def prepare_dataset(
     plan = plan_speakers(settings, speakers)
     if encoder is None:
         encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)
+    processor = ClipProcessor(encoder, settings.PREPARATION_WORKERS)
     tokenizer_id = tokenizer_identity(settings.TOKENIZER_PATH)
     model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
     reports = []
     configs = [spec.name for spec, _ in plan]
     if configs != list(speakers or settings.TRAIN_SPEAKERS):
         report(f"speaker configs: {len(configs)}; train on them with TRAIN_SPEAKERS={','.join(configs)}")
-    for spec, items in plan:
-        result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples, model_languages, items)
-        reports.append(result)
-        report(_format_report(result))
+    try:
+        for spec, items in plan:
+            result = prepare_speaker(
+                spec, settings, processor, output, tokenizer_id, max_samples, model_languages, items
+            )
+            reports.append(result)
+            report(_format_report(result))
+    finally:
+        processor.close()
     write_card(output)
     return reports
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from finetuning.constants import NUM_CODEBOOKS, SAMPLE_RATE
 from finetuning.preparation import schema
-from finetuning.preparation.audio import encode_flac
 
 
 def write_split(rows: list[dict], folder: Path, split: str, fingerprint: str, max_shard_bytes: float) -> None:
@@ -34,14 +33,17 @@ def write_split(rows: list[dict], folder: Path, split: str, fingerprint: str, ma
         dataset.to_parquet(str(folder / schema.shard_name(split, fingerprint, index, len(shards))))
 
 
-def make_row(speaker: str, clip_id: str, text: str, language: str, samples: np.ndarray, codes: np.ndarray) -> dict:
+def make_row(
+    speaker: str, clip_id: str, text: str, language: str, flac: bytes, num_samples: int, codes: np.ndarray
+) -> dict:
+    """One dataset row; ``flac`` is the stored 24 kHz clip (``audio.encode_flac``), ``codes`` (frames, 16)."""
     return {
         "id": clip_id,
         "speaker": speaker,
         "text": text,
         "language": language,
-        "audio": {"bytes": encode_flac(samples), "path": f"{clip_id}.flac"},
-        "duration_s": len(samples) / SAMPLE_RATE,
+        "audio": {"bytes": flac, "path": f"{clip_id}.flac"},
+        "duration_s": num_samples / SAMPLE_RATE,
         "num_frames": int(codes.shape[0]),
         "audio_codes": codes.tolist(),
     }

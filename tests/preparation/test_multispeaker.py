@@ -7,7 +7,7 @@ from conftest import VOICES_DIR, make_settings, speechlike, write_wav
 
 from finetuning.preparation import schema
 from finetuning.preparation.encoder import SpeechEncoder
-from finetuning.preparation.multispeaker import pick_references, safe_config_name
+from finetuning.preparation.multispeaker import cleanliness, pick_references, safe_config_name
 from finetuning.preparation.prepare import PreparationError, prepare_dataset
 
 CLIPS = sorted((VOICES_DIR / "english_speaker" / "clips").glob("*.flac"))
@@ -64,8 +64,8 @@ def test_auto_reference_is_the_cleanest_long_enough_clip():
     gappy = speechlike(4.0, seed=2)
     gappy[: len(gappy) // 2] = 0.0  # half silence
     short = speechlike(1.0, seed=3)
-    assert pick_references([gappy, short, speech]) == [2]
-    assert pick_references([short]) == [0]  # no long clip: the best of what there is
+    assert pick_references([cleanliness(clip) for clip in (gappy, short, speech)]) == [2]
+    assert pick_references([cleanliness(short)]) == [0]  # no long clip: the best of what there is
 
 
 def test_safe_config_names():

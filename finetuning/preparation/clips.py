@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from finetuning.constants import SAMPLE_RATE
 from finetuning.preparation.audio import (
     AudioDecodeError,
     QualityThresholds,
@@ -27,6 +28,7 @@ from finetuning.preparation.audio import (
     load_mono_24k,
     normalize_loudness,
     quality_issue,
+    resample,
 )
 from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.multispeaker import cleanliness, clip_seconds
@@ -34,9 +36,12 @@ from finetuning.preparation.sources import SourceItem
 
 logger = logging.getLogger(__name__)
 
+WORKER_START_TIMEOUT_S = 600.0  # a worker that has not loaded the tokenizer by then has failed
+WARM_UP_LUFS = -23.0  # any level: the warm-up only loads the loudness meter
+
 # Worker-process state, set once by ``_start_worker`` in each spawned process (the usual pool-initializer
 # pattern): the process's own speech encoder. Never set in the parent process.
-_WORKER: dict[str, SpeechEncoder] = {}
+_WORKER: dict = {}
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,10 @@ def process_batch(batch: list[tuple[int, SourceItem]], work: ClipWork, encoder: 
     return results
 
 
-def _start_worker(tokenizer_path: str, devices: list[str], batch_size: int, token: str | None, counter) -> None:
+def _start_worker(
+    tokenizer_path: str, devices: list[str], batch_size: int, token: str | None, counter, barrier
+) -> None:
+    """Pool initializer: this worker's encoder on its device, tokenizer and audio libraries loaded up front."""
     with counter.get_lock():
         slot = counter.value
         counter.value += 1
@@ -114,7 +122,19 @@ def _start_worker(tokenizer_path: str, devices: list[str], batch_size: int, toke
     import torch
 
     torch.set_num_threads(1)  # N processes share the cores; one thread each avoids oversubscription
-    _WORKER["encoder"] = SpeechEncoder(tokenizer_path, devices[slot % len(devices)], batch_size, token)
+    encoder = SpeechEncoder(tokenizer_path, devices[slot % len(devices)], batch_size, token)
+    noise = np.random.default_rng(0).uniform(-0.1, 0.1, SAMPLE_RATE).astype(np.float32)
+    encoder.encode([noise], progress=False)
+    # First calls import librosa's lazy submodules and compile its helpers (seconds): pay it before any batch.
+    resample(noise, SAMPLE_RATE // 2)
+    cleanliness(noise)
+    normalize_loudness(noise, WARM_UP_LUFS, 0.0)
+    encoder.clips_encoded = 0
+    _WORKER.update(encoder=encoder, barrier=barrier)
+
+
+def _wait_for_all_workers(_: int) -> None:
+    _WORKER["barrier"].wait(timeout=WORKER_START_TIMEOUT_S)
 
 
 def _run_in_worker(batch: list[tuple[int, SourceItem]], work: ClipWork) -> list[ClipResult]:
@@ -144,11 +164,18 @@ class ClipProcessor:
         if self._pool is None:
             context = multiprocessing.get_context("spawn")
             counter = context.Value("i", 0)
-            init = (self.encoder.tokenizer_path, self._devices(), self.encoder.batch_size, self.encoder.token, counter)
+            barrier = context.Barrier(self.num_workers)
+            encoder = self.encoder
+            init = (encoder.tokenizer_path, self._devices(), encoder.batch_size, encoder.token, counter, barrier)
             self._pool = ProcessPoolExecutor(
                 self.num_workers, mp_context=context, initializer=_start_worker, initargs=init
             )
         return self._pool
+
+    def wait_until_ready(self) -> None:
+        """Start the workers and return once every one of them has loaded (benchmarks start their clock here)."""
+        if self.num_workers > 1:
+            list(self._pool_for_work().map(_wait_for_all_workers, range(self.num_workers)))
 
     def run(self, items: list[SourceItem], work: ClipWork, desc: str) -> list[ClipResult]:
         """One ClipResult per item, in item order."""

@@ -369,19 +369,22 @@ def prepare_dataset(
     output_dir: str | Path | None = None,
     max_samples: int | None = None,
     report: Callable[[str], None] = print,
+    processor: ClipProcessor | None = None,
 ) -> list[SpeakerReport]:
     """Prepare every requested speaker into one dataset folder; returns one report per speaker.
 
     Raises PreparationError (naming the speaker and the fix) for an unreadable source, a speaker without a
     usable reference clip, or a speaker left with no clip after the gate. Single bad clips never abort the run:
-    they are counted by reason in the summary and logged.
+    they are counted by reason in the summary and logged. ``processor`` (a caller's, left open) runs the clip
+    work; by default one is made for PREPARATION_WORKERS processes and closed at the end.
     """
     output = Path(output_dir or settings.DATASET_DIR)
     output.mkdir(parents=True, exist_ok=True)
     plan = plan_speakers(settings, speakers)
     if encoder is None:
         encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)
-    processor = ClipProcessor(encoder, settings.PREPARATION_WORKERS)
+    own_processor = processor is None
+    processor = processor or ClipProcessor(encoder, settings.PREPARATION_WORKERS)
     tokenizer_id = tokenizer_identity(settings.TOKENIZER_PATH)
     model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
     reports = []
@@ -396,7 +399,8 @@ def prepare_dataset(
             reports.append(result)
             report(_format_report(result))
     finally:
-        processor.close()
+        if own_processor:
+            processor.close()
     write_card(output)
     return reports
 

@@ -200,6 +200,9 @@ class Settings:
     DATA_STREAMING: bool = _setting(
         False, "bool", "stream the configs (reads text and codes only, never caches the audio column)"
     )
+    STREAM_SHUFFLE_BUFFER: int = _setting(
+        1000, "examples", "DATA_STREAMING: examples held in the shuffle buffer (bounds memory and randomness)", ge=1
+    )
     DATALOADER_WORKERS: int = _setting(
         2, "processes", "dataloader worker processes; 0 = load in the main process", ge=0
     )

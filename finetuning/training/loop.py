@@ -27,13 +27,20 @@ from finetuning.training.checkpointing import (
     save_training_state,
     saved_states,
 )
-from finetuning.training.data import Example, load_training_examples, make_train_loader, speaker_languages
+from finetuning.training.data import (
+    Example,
+    load_examples,
+    load_training_examples,
+    make_train_loader,
+    speaker_languages,
+)
 from finetuning.training.export import RunExports, speaker_rows
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.sampler import DurationBatchSampler
 from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
 from finetuning.training.step import TalkerStep, sequence_length
+from finetuning.training.streaming import StreamingBatches, stream_languages
 from finetuning.training.tracking import MetricsLog, MetricWindow, SampleAudit, tracker_config
 from finetuning.training.validation import validation_losses
 
@@ -129,6 +136,24 @@ def make_sampler(examples: list[Example], settings: Settings, talker_config, acc
     )
 
 
+def make_train_data(settings: Settings, tokenizer, talker_config, accelerator):
+    """(train batches, their sampler, each speaker's language, validation examples).
+
+    Map-style: every example in memory (codes int16), batches chosen by ``DurationBatchSampler`` and collated by
+    a DataLoader. ``DATA_STREAMING``: a ``StreamingBatches`` stream is both (memory bounded by its buffers)."""
+    if settings.DATA_STREAMING:
+        stream = StreamingBatches(
+            settings, tokenizer, talker_config, accelerator.num_processes, accelerator.process_index
+        )
+        validation = load_examples(settings, tokenizer, "validation")[0]
+        return stream, stream, stream_languages(settings), validation
+    train_examples, validation = load_training_examples(settings, tokenizer)
+    sampler = make_sampler(train_examples, settings, talker_config, accelerator)
+    pin_memory = accelerator.device.type == "cuda"
+    loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
+    return loader, sampler, speaker_languages(train_examples, settings.TRAIN_SPEAKERS), validation
+
+
 def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
     """The state to resume from (RESUME_FROM), or None for a new run, which must not mix with an earlier run's
     states; the run folder is created and the settings are saved in it."""
@@ -160,13 +185,10 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=settings.HF_TOKEN or None)
     model, tokenizer = load_base_model(model_dir, accelerator.device, settings.TRAIN_SPEAKERS)
     speaker_embeds = compute_speaker_embeddings(model, settings)
-    train_examples, val_examples = load_training_examples(settings, tokenizer)
-    exports = RunExports(
-        model_dir, speaker_embeds, speaker_languages(train_examples, settings.TRAIN_SPEAKERS), settings
+    train_loader, sampler, languages, val_examples = make_train_data(
+        settings, tokenizer, model.config.talker_config, accelerator
     )
-    sampler = make_sampler(train_examples, settings, model.config.talker_config, accelerator)
-    pin_memory = accelerator.device.type == "cuda"
-    train_loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
+    exports = RunExports(model_dir, speaker_embeds, languages, settings)
     step_module = TalkerStep(
         model,
         speaker_embeds,

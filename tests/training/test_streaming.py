@@ -1,0 +1,135 @@
+"""Streaming training data: same samples as map-style, deterministic per seed, sharded, exact resume, and memory
+that stays flat as the corpus grows (measured in subprocesses)."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO_ROOT, make_settings, subprocess_env
+
+from finetuning.preparation import schema
+
+MEMORY_PROBE = str(Path(__file__).with_name("stream_memory_probe.py"))
+SCALES = (10, 80)  # times the bundled corpus
+FLAT_MB = 4.0  # growth under this is noise of the allocator, not data
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_model_dir, tmp_path_factory):
+    """(settings, tokenizer, talker_config) for the bundled corpus prepared with the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    from finetuning.preparation.prepare import prepare_dataset
+
+    settings = make_settings(tmp_path_factory.mktemp("stream"), tiny_model_dir, VALIDATION_FRACTION=0.0)
+    prepare_dataset(settings, report=lambda _: None)
+    config = json.loads((tiny_model_dir / "config.json").read_text())["talker_config"]
+    return settings, AutoTokenizer.from_pretrained(str(tiny_model_dir)), type("TalkerConfig", (), config)
+
+
+def _stream(settings, tokenizer, talker_config, **overrides):
+    import dataclasses
+
+    from finetuning.training.streaming import StreamingBatches
+
+    settings = dataclasses.replace(settings, **overrides)
+    replicas = overrides.pop("num_replicas", 1) if "num_replicas" in overrides else 1
+    return StreamingBatches(settings, tokenizer, talker_config, num_replicas=replicas)
+
+
+def _ids(batches) -> list[list[str]]:
+    return [batch["id"] for batch in batches]
+
+
+def test_stream_holds_the_map_style_samples_deterministically(prepared):
+    from finetuning.training.data import load_examples
+
+    settings, tokenizer, config = prepared
+    mapped, _ = load_examples(settings, tokenizer, "train", streaming=False)
+    stream = _stream(settings, tokenizer, config, SPEAKER_MIXING="proportional", STREAM_SHUFFLE_BUFFER=8)
+    first = _ids(stream)
+    assert Counter(i for batch in first for i in batch) == Counter(e.id for e in mapped)  # each sample once
+    assert len(first) == len(stream)
+    assert _ids(_stream(settings, tokenizer, config, SPEAKER_MIXING="proportional", STREAM_SHUFFLE_BUFFER=8)) == first
+    stream.set_epoch(1)
+    assert _ids(stream) != first  # reshuffled per epoch
+    batch = next(iter(_stream(settings, tokenizer, config)))
+    assert batch["codes"][0].dtype.is_floating_point is False and batch["codes"][0].element_size() == 8  # widened
+
+
+def test_balanced_stream_shows_every_speaker_equally_often(prepared):
+    settings, tokenizer, config = prepared
+    stream = _stream(settings, tokenizer, config, SPEAKER_MIXING="balanced")
+    speakers = Counter(s for batch in stream for s in batch["speaker"].tolist())
+    assert speakers[0] == speakers[1] > 0
+
+
+def test_resumed_stream_continues_exactly(prepared):
+    settings, tokenizer, config = prepared
+    straight = _ids(_stream(settings, tokenizer, config, STREAM_SHUFFLE_BUFFER=8, MAX_BATCH_TOKENS=300))
+    first = _stream(settings, tokenizer, config, STREAM_SHUFFLE_BUFFER=8, MAX_BATCH_TOKENS=300)
+    for _ in zip(range(2), first, strict=False):
+        first.batch_done()
+    resumed = _stream(settings, tokenizer, config, STREAM_SHUFFLE_BUFFER=8, MAX_BATCH_TOKENS=300)
+    resumed.load_state_dict(first.state_dict())
+    assert len(straight) > 3 and _ids(resumed) == straight[2:]
+
+
+def _replicate(settings, copies: int, root: Path) -> Path:
+    """The prepared dataset with each speaker's train rows repeated ``copies`` times (ids made distinct), written
+    in row groups of 64 like prepared shards; the audio column is kept (streaming must never read it)."""
+    target = root / f"x{copies}"
+    for info in Path(settings.DATASET_DIR).glob(f"*/{schema.INFO_FILE}"):
+        speaker = info.parent.name
+        fingerprint = json.loads(info.read_text())["fingerprint"]
+        (target / speaker).mkdir(parents=True)
+        (target / speaker / schema.INFO_FILE).write_text(info.read_text())
+        table = pa.concat_tables([pq.read_table(p) for p in sorted(info.parent.glob("train-*.parquet"))])
+        copies_ = [
+            table.set_column(0, "id", pa.array([f"{c}-{i}" for i in table.column("id").to_pylist()]))
+            for c in range(copies)
+        ]
+        path = target / speaker / schema.shard_name("train", fingerprint, 0, 1)
+        pq.write_table(pa.concat_tables(copies_), path, row_group_size=64)
+    return target
+
+
+def _probe(settings, dataset: Path) -> dict:
+    env_file = dataset / "probe.env"
+    env_file.write_text(
+        f"DATASET_DIR={dataset}\nINIT_MODEL_PATH={settings.INIT_MODEL_PATH}\nSTREAM_SHUFFLE_BUFFER=64\n"
+        f"VALIDATION_FRACTION=0\nDEVICE=cpu\n"
+    )
+    run = subprocess.run(
+        [sys.executable, MEMORY_PROBE, str(env_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory reset needs Linux /proc")
+def test_streaming_memory_stays_flat_as_the_corpus_grows(prepared, tmp_path):
+    settings, _, _ = prepared
+    results = {copies: _probe(settings, _replicate(settings, copies, tmp_path)) for copies in SCALES}
+    for copies, result in results.items():
+        print(
+            f"{copies}x bundled corpus ({len(result['map']['ids'])} samples): peak memory while loading one epoch: "
+            f"map-style +{result['map']['peak_mb']:.1f} MB, streaming +{result['stream']['peak_mb']:.1f} MB"
+        )
+        assert sorted(result["map"]["ids"]) == sorted(result["stream"]["ids"])  # the same samples
+    small, large = (results[copies] for copies in SCALES)
+    stream_growth = large["stream"]["peak_mb"] - small["stream"]["peak_mb"]
+    map_growth = large["map"]["peak_mb"] - small["map"]["peak_mb"]
+    print(f"growth {SCALES[0]}x -> {SCALES[1]}x: map-style {map_growth:+.1f} MB, streaming {stream_growth:+.1f} MB")
+    assert stream_growth < FLAT_MB  # flat: the buffers, not the corpus
+    assert map_growth > stream_growth + FLAT_MB  # while holding every example grows with the corpus

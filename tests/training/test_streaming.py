@@ -133,3 +133,24 @@ def test_streaming_memory_stays_flat_as_the_corpus_grows(prepared, tmp_path):
     print(f"growth {SCALES[0]}x -> {SCALES[1]}x: map-style {map_growth:+.1f} MB, streaming {stream_growth:+.1f} MB")
     assert stream_growth < FLAT_MB  # flat: the buffers, not the corpus
     assert map_growth > stream_growth + FLAT_MB  # while holding every example grows with the corpus
+
+
+def test_training_runs_from_the_stream(prepared, tmp_path):
+    import dataclasses
+
+    from finetuning.training.loop import train
+
+    settings, _, _ = prepared
+    settings = dataclasses.replace(
+        settings,
+        DATA_STREAMING=True,
+        OUTPUT_DIR=str(tmp_path / "run"),
+        MAX_STEPS=2,
+        GRADIENT_ACCUMULATION_STEPS=1,
+        MAX_BATCH_TOKENS=300,
+        SAVE_STEPS=0,
+        REPORT_TO=("none",),
+        EVAL_STEPS=0,
+    )
+    result = train(settings)
+    assert result.optimizer_steps == 2 and (result.export_dir / "model.safetensors").exists()

@@ -261,6 +261,16 @@ def prepare_speaker(
             items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
         except (SourceError, OSError) as error:
             raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
+    named = sorted({item.speaker for item in items if item.speaker})
+    if len(named) > 1:
+        logger.warning(
+            "speaker %s: its source names %d speakers (%s); all rows are used as %s. To split them, declare "
+            '"speaker_column" for this source in SPEAKERS_MANIFEST',
+            spec.name,
+            len(named),
+            ", ".join(named[:5]),
+            spec.name,
+        )
     if max_samples is not None:
         items = items[:max_samples]
     _unique_ids(items)

@@ -24,6 +24,7 @@ import numpy as np
 
 from finetuning.settings import Settings
 from finetuning.training.data import TRAIN_COLUMNS, Example, collate, example_from_row, load_split
+from finetuning.training.sampler import DataPosition, bucket_edges
 from finetuning.training.step import sequence_length
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def bucket_batches(
             yield open_batches[bucket][0]
 
 
-class StreamingBatches:
+class StreamingBatches(DataPosition):
     """Collated training batches of this process, read as a stream; also its own batch sampler for the loop
     (``epoch``, ``set_epoch``, ``batch_done``, ``state_dict``/``load_state_dict``, ``len``)."""
 
@@ -76,8 +77,7 @@ class StreamingBatches:
         lengths = [length for _, length in self._lengths(0, rank)]
         if not lengths:
             raise ValueError("the training stream is empty; re-run data preparation")
-        quantiles = np.linspace(0, 1, max(settings.NUM_BUCKETS, 1) + 1)[1:-1]
-        self.edges = np.unique(np.quantile(lengths, quantiles)) if len(quantiles) else np.array([])
+        self.edges = bucket_edges(lengths, settings.NUM_BUCKETS)
         self._counts: dict[int, int] = {}
 
     def _stream(self, epoch: int, rank: int, columns: list[str]):
@@ -137,22 +137,6 @@ class StreamingBatches:
                 return
             if index >= self.batches_done:
                 yield collate(batch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.batches_done = 0
-
-    def batch_done(self) -> None:
-        self.batches_done += 1
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state``'s position. Raises ValueError when it comes from a run with another seed."""
-        if state["seed"] != self.seed:
-            raise ValueError(f"resuming with SEED={self.seed}, but the saved run used {state['seed']}")
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
 
 def stream_languages(settings: Settings) -> dict[str, str]:

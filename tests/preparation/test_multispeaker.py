@@ -83,3 +83,20 @@ def test_two_values_with_one_safe_name_are_refused(tmp_path, tiny_model_dir):
     settings = make_settings(tmp_path, tiny_model_dir, TRAIN_SPEAKERS="g", SPEAKERS_MANIFEST=tmp_path / "m.json")
     with pytest.raises(PreparationError, match="'Ann Lee' and 'ann_lee' both become config 'g_ann_lee'"):
         prepare_dataset(settings, encoder=SpeechEncoder(settings.TOKENIZER_PATH, "cpu"), report=lambda _: None)
+
+
+def test_min_minutes_filter_and_single_speaker_warning(tmp_path, tiny_model_dir, caplog):
+    from finetuning.preparation.multispeaker import expand_group, group_from_entry
+
+    source, _ = _corpus(tmp_path)
+    entry = {"source": str(source), "speaker_column": "speaker", "min_minutes": 0.05}  # 3 s of audio
+    planned, skipped = expand_group(group_from_entry("c", entry))
+    assert [spec.name for spec, _ in planned] == ["c_1034", "c_ann_lee", "c_p225"]  # about 5 s each
+    assert list(skipped) == ["Lone Voice"] and "min_minutes 0.05" in skipped["Lone Voice"]
+    assert all(spec.auto_references for spec, _ in planned)
+    manifest = tmp_path / "one.json"
+    manifest.write_text(json.dumps({"everyone": {"source": str(source), "reference": [str(CLIPS[0])]}}))
+    settings = make_settings(tmp_path, tiny_model_dir, TRAIN_SPEAKERS="everyone", SPEAKERS_MANIFEST=manifest)
+    with caplog.at_level(logging.WARNING):
+        prepare_dataset(settings, encoder=SpeechEncoder(settings.TOKENIZER_PATH, "cpu"), max_samples=1)
+    assert "its source names 4 speakers" in caplog.text and "speaker_column" in caplog.text

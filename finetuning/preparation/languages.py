@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 DIALECT_MARKER = "dialect"
@@ -114,6 +117,20 @@ def read_model_languages(model_source: str, token: str | None = None) -> ModelLa
     return ModelLanguages(ids=table, source=f"INIT_MODEL_PATH={model_source}")
 
 
-def needs_model_table(labels: Iterable[str | None]) -> bool:
-    """True when any label is other than auto/empty, so the model's table must be read to check it."""
-    return any(label and str(label).strip().lower() != AUTO for label in labels)
+def resolve_labels(
+    labels: set[str], model_languages: Callable[[], ModelLanguages], speaker: str
+) -> tuple[dict[str, str], list[str]]:
+    """(label -> canonical language, the canonical languages that train with the auto prefix, logged as a warning
+    naming ``speaker``). The model's table is read only when a label is other than auto. Raises LanguageError."""
+    if not any(label.strip().lower() != AUTO for label in labels):
+        return {label: AUTO for label in labels}, []
+    table = model_languages()
+    resolved = {label: table.resolve(label) for label in sorted(labels)}
+    auto_prefix = sorted({name for name in resolved.values() if table.trains_with_auto(name)})
+    if auto_prefix:
+        logger.warning(
+            "speaker %s: %s has no language id in the model; these rows train with the auto prefix",
+            speaker,
+            ", ".join(auto_prefix),
+        )
+    return resolved, auto_prefix

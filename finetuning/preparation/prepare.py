@@ -32,7 +32,7 @@ from finetuning.preparation.audio import (
 from finetuning.preparation.clips import ClipProcessor, ClipWork, log_rejections
 from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
-from finetuning.preparation.languages import LanguageError, ModelLanguages, needs_model_table, read_model_languages
+from finetuning.preparation.languages import LanguageError, ModelLanguages, read_model_languages, resolve_labels
 from finetuning.preparation.multispeaker import expand_group, group_from_entry, pick_references
 from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source
 from finetuning.preparation.writing import make_row, write_card, write_split
@@ -211,25 +211,12 @@ def _label(item: SourceItem | None, spec: SpeakerSpec) -> str:
 def resolve_languages(
     spec: SpeakerSpec, items: list[SourceItem], model_languages: Callable[[], ModelLanguages]
 ) -> tuple[dict[str, str], list[str]]:
-    """(label -> canonical language, the canonical languages that train with the auto prefix) for every label of
-    the speaker's items and manifest entry. The model's table is read only when a label is other than auto.
-    Raises PreparationError naming the speaker, the label and the allowed names."""
-    labels = {_label(item, spec) for item in items} | {_label(None, spec)}
-    if not needs_model_table(labels):
-        return {label: schema.UNKNOWN_LANGUAGE for label in labels}, []
+    """``languages.resolve_labels`` for every label of the speaker's items and manifest entry; a refused label
+    raises PreparationError naming the speaker, the label and the allowed names."""
     try:
-        table = model_languages()
-        resolved = {label: table.resolve(label) for label in sorted(labels)}
+        return resolve_labels({_label(item, spec) for item in items} | {_label(None, spec)}, model_languages, spec.name)
     except LanguageError as error:
         raise PreparationError(f"speaker {spec.name}: {error}") from error
-    auto_prefix = sorted({name for name in resolved.values() if table.trains_with_auto(name)})
-    if auto_prefix:
-        logger.warning(
-            "speaker %s: %s has no language id in the model; these rows train with the auto prefix",
-            spec.name,
-            ", ".join(auto_prefix),
-        )
-    return resolved, auto_prefix
 
 
 def _unique_ids(items: list[SourceItem]) -> None:

@@ -122,22 +122,11 @@ class Settings:
     MAX_CHARS_PER_S: float = _setting(
         35.0, "chars/second", "transcripts faster than this (non-space characters per second) are rejected"
     )
-    NORMALIZE_LOUDNESS: bool = _setting(
-        False, "bool", "scale every kept clip to TARGET_LOUDNESS_LUFS (ITU-R BS.1770 integrated loudness)"
-    )
-    TARGET_LOUDNESS_LUFS: float = _setting(
-        -23.0, "LUFS", "integrated loudness of kept clips when NORMALIZE_LOUDNESS (EBU R128: -23)", lt=0
-    )
-    TRUE_PEAK_CEILING_DBTP: float = _setting(
-        -1.0, "dBTP", "loudness normalisation never lifts a clip's true peak above this", le=0
-    )
+    NORMALIZE_LOUDNESS: bool = _setting(False, "bool", "scale kept clips to TARGET_LOUDNESS_LUFS (ITU-R BS.1770)")
+    TARGET_LOUDNESS_LUFS: float = _setting(-23.0, "LUFS", "integrated loudness when NORMALIZE_LOUDNESS", lt=0)
+    TRUE_PEAK_CEILING_DBTP: float = _setting(-1.0, "dBTP", "normalisation keeps true peaks under this", le=0)
     ENCODE_BATCH_SIZE: int = _setting(8, "clips", "clips per speech-tokenizer batch during preparation", ge=1)
-    PREPARATION_WORKERS: int = _setting(
-        1,
-        "processes",
-        "processes that decode, gate and encode clips in parallel (CUDA: one per GPU); same output",
-        ge=1,
-    )
+    PREPARATION_WORKERS: int = _setting(1, "processes", "parallel clip processes (CUDA: 1 per GPU); same output", ge=1)
     MAX_SHARD_SIZE_MB: float = _setting(256.0, "MB", "upper bound of one parquet shard of the dataset", gt=0)
     # --- model -------------------------------------------------------------------------------------------
     INIT_MODEL_PATH: str = _setting(
@@ -200,9 +189,7 @@ class Settings:
     DATA_STREAMING: bool = _setting(
         False, "bool", "stream the configs (reads text and codes only, never caches the audio column)"
     )
-    STREAM_SHUFFLE_BUFFER: int = _setting(
-        1000, "examples", "DATA_STREAMING: examples held in the shuffle buffer (bounds memory and randomness)", ge=1
-    )
+    STREAM_SHUFFLE_BUFFER: int = _setting(1000, "examples", "shuffle buffer of DATA_STREAMING (bounds memory)", ge=1)
     DATALOADER_WORKERS: int = _setting(
         2, "processes", "dataloader worker processes; 0 = load in the main process", ge=0
     )
@@ -343,9 +330,7 @@ def validate(settings: Settings) -> None:
 
 
 # Keys of earlier versions: naming one is an error that names its successor, never a silently ignored key.
-RENAMED_KEYS = {
-    "TARGET_LOUDNESS_DBFS": "TARGET_LOUDNESS_LUFS (ITU-R BS.1770 integrated loudness; -23 LUFS is EBU R128)",
-}
+RENAMED_KEYS = {"TARGET_LOUDNESS_DBFS": "TARGET_LOUDNESS_LUFS (ITU-R BS.1770 integrated loudness, EBU R128: -23)"}
 
 
 def _check_unknown_keys(keys: list[str], source: str) -> None:

@@ -1,11 +1,12 @@
 """Subprocess of the streaming memory test: load one epoch of training data both ways; print the peak resident
 memory each way added (JSON).
 
-    python stream_memory_probe.py ENV_FILE
+    python stream_memory_probe.py ENV_FILE map|stream
 
 Linux only: the peak (VmHWM) is reset through /proc/self/clear_refs before each measurement, so each number is
 what that way of loading the data costs above the process as it was (imports and tokenizer already loaded).
-Streaming runs first and keeps only batch ids; map-style then holds every example, as training does.
+One way per process, so neither reuses memory the other freed. Streaming runs once to warm up, then is measured,
+keeping only batch ids; map-style holds every example, as training does.
 """
 
 import gc
@@ -57,10 +58,10 @@ def main() -> None:
         held.extend(load_examples(settings, tokenizer, "train", streaming=False)[0])
         return [e.id for e in held]
 
-    measure(stream)  # warm-up: first-use allocations of the libraries are not the data's
-    stream_ids, stream_mb = measure(stream)
-    map_ids, map_mb = measure(map_style)
-    print(json.dumps({"stream": {"ids": stream_ids, "peak_mb": stream_mb}, "map": {"ids": map_ids, "peak_mb": map_mb}}))
+    if sys.argv[2] == "stream":
+        measure(stream)  # warm-up: first-use allocations of the libraries are not the data's
+    ids, peak_mb = measure(stream if sys.argv[2] == "stream" else map_style)
+    print(json.dumps({"ids": ids, "peak_mb": peak_mb}))
 
 
 if __name__ == "__main__":

@@ -106,14 +106,14 @@ def _replicate(settings, copies: int, root: Path) -> Path:
     return target
 
 
-def _probe(settings, dataset: Path) -> dict:
+def _probe(settings, dataset: Path, mode: str) -> dict:
     env_file = dataset / "probe.env"
     env_file.write_text(
         f"DATASET_DIR={dataset}\nINIT_MODEL_PATH={settings.INIT_MODEL_PATH}\nSTREAM_SHUFFLE_BUFFER=64\n"
         f"VALIDATION_FRACTION=0\nDEVICE=cpu\n"
     )
     run = subprocess.run(
-        [sys.executable, MEMORY_PROBE, str(env_file)],
+        [sys.executable, MEMORY_PROBE, str(env_file), mode],
         capture_output=True,
         text=True,
         env={**subprocess_env(), "ARROW_DEFAULT_MEMORY_POOL": "system"},
@@ -127,7 +127,10 @@ def _probe(settings, dataset: Path) -> dict:
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory reset needs Linux /proc")
 def test_streaming_memory_stays_flat_as_the_corpus_grows(prepared, tmp_path):
     settings, _, _ = prepared
-    results = {copies: _probe(settings, _replicate(settings, copies, tmp_path)) for copies in SCALES}
+    results = {}
+    for copies in SCALES:
+        dataset = _replicate(settings, copies, tmp_path)
+        results[copies] = {mode: _probe(settings, dataset, mode) for mode in ("map", "stream")}
     for copies, result in results.items():
         print(
             f"{copies}x bundled corpus ({len(result['map']['ids'])} samples): peak memory while loading one epoch: "

@@ -3,6 +3,7 @@
 Reads each speaker's source, applies the quality gate, resamples to 24 kHz mono, precomputes speech-tokenizer
 codes and writes one dataset config per speaker to DATASET_DIR (or ``--output_dir``). ``--upload`` then pushes
 changed configs to the Hub dataset repo. Re-running with nothing changed prepares and uploads nothing.
+``--num_workers N`` splits the clip work over N processes (the output is the same as with one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 
 from finetuning.preparation.prepare import PreparationError, prepare_dataset  # noqa: E402
 from finetuning.preparation.upload import HubRemote, sync_dataset  # noqa: E402
@@ -24,6 +26,7 @@ from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
 
 ALL_SPEAKERS = ("all", "both")
+LAUNCHER_WORLD_SIZE = "WORLD_SIZE"  # several processes of one launch would write the same folders
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", help="local dataset folder (default: DATASET_DIR)")
     parser.add_argument("--max_samples", type=int, help="use at most N source clips per speaker (quick trials)")
+    parser.add_argument(
+        "--num_workers", type=int, help="processes that decode, gate and encode clips (default: PREPARATION_WORKERS)"
+    )
     parser.add_argument("--upload", action="store_true", help="push changed speaker configs to the Hub")
     parser.add_argument("--repo_id", help="Hub dataset repo for --upload (default: HF_DATASET_REPO)")
     visibility = parser.add_mutually_exclusive_group()
@@ -48,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if int(os.environ.get(LAUNCHER_WORLD_SIZE, "1")) > 1:  # set by accelerate launch / torchrun, not a setting
+        print("error: run data preparation as one command and use --num_workers N for parallel work", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         settings = settings_from_args(
@@ -57,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 "HF_DATASET_REPO": args.repo_id,
                 "HF_DATASET_PRIVATE": args.private,
                 "TOKENIZER_PATH": args.tokenizer_path,
+                "PREPARATION_WORKERS": args.num_workers,
             },
         )
     except (SettingsError, FileNotFoundError) as error:

@@ -102,9 +102,11 @@ class Settings:
     MAX_CHARS_PER_S: float = _setting(
         35.0, "chars/second", "transcripts faster than this (non-space characters per second) are rejected"
     )
-    NORMALIZE_LOUDNESS: bool = _setting(False, "bool", "scale every kept clip to TARGET_LOUDNESS_DBFS")
-    TARGET_LOUDNESS_DBFS: float = _setting(-23.0, "dBFS", "RMS level of kept clips when NORMALIZE_LOUDNESS", lt=0)
+    NORMALIZE_LOUDNESS: bool = _setting(False, "bool", "scale kept clips to TARGET_LOUDNESS_LUFS (ITU-R BS.1770)")
+    TARGET_LOUDNESS_LUFS: float = _setting(-23.0, "LUFS", "integrated loudness when NORMALIZE_LOUDNESS", lt=0)
+    TRUE_PEAK_CEILING_DBTP: float = _setting(-1.0, "dBTP", "normalisation keeps true peaks under this", le=0)
     ENCODE_BATCH_SIZE: int = _setting(8, "clips", "clips per speech-tokenizer batch during preparation", ge=1)
+    PREPARATION_WORKERS: int = _setting(1, "processes", "parallel clip processes (CUDA: 1 per GPU); same output", ge=1)
     MAX_SHARD_SIZE_MB: float = _setting(256.0, "MB", "upper bound of one parquet shard of the dataset", gt=0)
     # --- model -------------------------------------------------------------------------------------------
     INIT_MODEL_PATH: str = _setting(
@@ -202,6 +204,7 @@ class Settings:
     DATA_STREAMING: bool = _setting(
         False, "bool", "stream the configs (reads text and codes only, never caches the audio column)"
     )
+    STREAM_SHUFFLE_BUFFER: int = _setting(1000, "examples", "shuffle buffer of DATA_STREAMING (bounds memory)", ge=1)
     DATALOADER_WORKERS: int = _setting(
         2, "processes", "dataloader worker processes; 0 = load in the main process", ge=0
     )
@@ -311,8 +314,14 @@ def validate(settings: Settings) -> None:
     require(not (s.FUSED_CROSS_ENTROPY and s.USE_AUXILIARY_LOSSES), "FUSED_CROSS_ENTROPY", True, fused_rule)
 
 
+# Keys of earlier versions: naming one is an error that names its successor, never a silently ignored key.
+RENAMED_KEYS = {"TARGET_LOUDNESS_DBFS": "TARGET_LOUDNESS_LUFS (ITU-R BS.1770 integrated loudness, EBU R128: -23)"}
+
+
 def _check_unknown_keys(keys: list[str], source: str) -> None:
     for key in (k for k in keys if k not in FIELDS):
+        if key in RENAMED_KEYS:
+            raise SettingsError(f"{key} in {source} was renamed: set {RENAMED_KEYS[key]} instead")
         close = difflib.get_close_matches(key.upper(), FIELDS, n=1, cutoff=0.8)
         if close:
             raise SettingsError(f"unknown key {key!r} in {source}: did you mean {close[0]}?")
@@ -349,6 +358,7 @@ def load_settings(
     env = os.environ if environ is None else environ
     for name, key in ((n, k) for n in env if n not in FIELDS for k in FIELDS if one_edit_apart(n, k)):
         logger.warning("environment variable %s is not a setting and is ignored: did you mean %s?", name, key)
+    _check_unknown_keys([key for key in RENAMED_KEYS if key in env], "the environment")
     values.update({k: env[k] for k in FIELDS if k in env})
     for key, value in (overrides or {}).items():
         if key not in FIELDS:

@@ -31,6 +31,7 @@ def test_command_prepares_then_skips_and_never_shows_the_token(tmp_path, tiny_mo
     shutil.copytree(VOICES_DIR, tmp_path / "voices")
     (tmp_path / ".env").write_text(
         f"HF_TOKEN={TOKEN}\nTOKENIZER_PATH={tiny_model_dir / 'speech_tokenizer'}\nDEVICE=cpu\n"
+        f"INIT_MODEL_PATH={tiny_model_dir}\n"
     )
     first = run_cli(tmp_path, "--speaker", "english_speaker", "--max_samples", "3", "--output_dir", "ds")
     assert first.returncode == 0, first.stderr

@@ -81,6 +81,15 @@ def test_misspelt_key_is_an_error_with_suggestion(tmp_path):
         load_settings(env, environ={})
 
 
+def test_renamed_key_names_its_successor(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text("TARGET_LOUDNESS_DBFS=-20\n")
+    with pytest.raises(SettingsError, match="TARGET_LOUDNESS_DBFS .* was renamed: set TARGET_LOUDNESS_LUFS"):
+        load_settings(path, environ={})
+    with pytest.raises(SettingsError, match="the environment was renamed"):
+        load_settings(None, environ={"TARGET_LOUDNESS_DBFS": "-20"})
+
+
 def test_unrelated_key_is_a_warning(tmp_path, caplog):
     env = write_env(tmp_path, "WANDB_API_KEY=abc\nBATCH_SIZE=3\n")
     with caplog.at_level(logging.WARNING):

@@ -16,7 +16,8 @@ from finetuning.constants import SAMPLE_RATE
 RESAMPLE_QUALITY = "soxr_hq"  # band-limited resampler from libsoxr, via librosa
 CLIP_LEVEL = 0.999  # |sample| at or above this counts as clipped
 SILENCE_TOP_DB = 40.0  # frames quieter than (peak - 40 dB) count as silence
-PEAK_CEILING = 0.99  # loudness normalisation never pushes a peak above this
+TRUE_PEAK_OVERSAMPLING = 4  # ITU-R BS.1770 annex 2: 4x oversampling at 48 kHz and below
+LOUDNESS_BLOCK_S = 0.4  # ITU-R BS.1770 gating block
 
 
 class AudioDecodeError(Exception):
@@ -70,16 +71,37 @@ def rms_dbfs(samples: np.ndarray) -> float:
     return 20.0 * np.log10(rms) if rms > 0 else float("-inf")
 
 
-def normalize_loudness(samples: np.ndarray, target_dbfs: float) -> np.ndarray:
-    """Scale to an RMS level of ``target_dbfs``, never letting the peak exceed PEAK_CEILING."""
-    level = rms_dbfs(samples)
-    if not np.isfinite(level):
+def true_peak_dbtp(samples: np.ndarray) -> float:
+    """True-peak level in dBTP (ITU-R BS.1770 annex 2): the peak of the signal oversampled TRUE_PEAK_OVERSAMPLING
+    times, so peaks between samples count; -inf for digital silence."""
+    from scipy.signal import resample_poly
+
+    peak = float(np.max(np.abs(resample_poly(samples.astype(np.float64), TRUE_PEAK_OVERSAMPLING, 1))))
+    return 20.0 * np.log10(peak) if peak > 0 else float("-inf")
+
+
+def integrated_loudness_lufs(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """ITU-R BS.1770-4 integrated loudness in LUFS (K-weighted, gated; pyloudnorm). -inf when every 400 ms
+    block is gated out (silence); clips shorter than one block are measured as one zero-padded block."""
+    import pyloudnorm
+
+    block_samples = int(LOUDNESS_BLOCK_S * sample_rate)
+    if len(samples) < block_samples:
+        samples = np.pad(samples, (0, block_samples - len(samples)))
+    meter = pyloudnorm.Meter(sample_rate, block_size=LOUDNESS_BLOCK_S)
+    return float(meter.integrated_loudness(samples.astype(np.float64)))
+
+
+def normalize_loudness(samples: np.ndarray, target_lufs: float, true_peak_ceiling_dbtp: float) -> np.ndarray:
+    """Scale to an integrated loudness of ``target_lufs`` (ITU-R BS.1770), lowering the gain where needed so the
+    true peak stays at or under ``true_peak_ceiling_dbtp``. Silent clips are returned unchanged."""
+    loudness = integrated_loudness_lufs(samples)
+    if not np.isfinite(loudness):
         return samples
-    gain = 10.0 ** ((target_dbfs - level) / 20.0)
-    peak = float(np.max(np.abs(samples))) * gain
-    if peak > PEAK_CEILING:
-        gain *= PEAK_CEILING / peak
-    return (samples * gain).astype(np.float32)
+    gain_db = target_lufs - loudness
+    headroom_db = true_peak_ceiling_dbtp - (true_peak_dbtp(samples) + gain_db)
+    gain_db += min(0.0, headroom_db)
+    return (samples * 10.0 ** (gain_db / 20.0)).astype(np.float32)
 
 
 def silence_fraction(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:

@@ -52,13 +52,13 @@ class SpeechEncoder:
         tokenizer.device = torch.device(device)
         return tokenizer
 
-    def encode(self, clips: list[np.ndarray], desc: str = "encoding") -> list[np.ndarray]:
+    def encode(self, clips: list[np.ndarray], desc: str = "encoding", progress: bool = True) -> list[np.ndarray]:
         """24 kHz mono clips -> codes, each (frames, 16) int16. Batches sorted by length to limit padding."""
         if self._tokenizer is None:
             self._tokenizer = self._load()
         order = sorted(range(len(clips)), key=lambda i: len(clips[i]))
         codes: list[np.ndarray | None] = [None] * len(clips)
-        with tqdm(total=len(clips), desc=desc, unit="clip") as bar:
+        with tqdm(total=len(clips), desc=desc, unit="clip", disable=not progress) as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
                 encoded = self._tokenizer.encode([clips[i] for i in batch], sr=SAMPLE_RATE)

@@ -14,7 +14,7 @@ from finetuning.preparation import schema
 from finetuning.preparation.sources import SourceItem, SpeakerSpec
 from finetuning.settings import Settings
 
-PROCESSING_VERSION = 1
+PROCESSING_VERSION = 2  # 2: language labels resolved against the model (ISO codes mapped)
 
 
 def hash_audio(audio: Path | bytes | None) -> str:
@@ -54,7 +54,8 @@ def processing_settings(settings: Settings) -> dict:
         "MIN_CHARS_PER_S",
         "MAX_CHARS_PER_S",
         "NORMALIZE_LOUDNESS",
-        "TARGET_LOUDNESS_DBFS",
+        "TARGET_LOUDNESS_LUFS",
+        "TRUE_PEAK_CEILING_DBTP",
         "MAX_SHARD_SIZE_MB",
         "SEED",
     )

@@ -8,32 +8,33 @@ and a new speaker is added without touching the others.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from finetuning.constants import SAMPLE_RATE
 from finetuning.preparation import schema
 from finetuning.preparation.audio import (
     AudioDecodeError,
     QualityThresholds,
+    encode_flac,
     load_mono_24k,
-    normalize_loudness,
-    quality_issue,
     rms_dbfs,
 )
+from finetuning.preparation.clips import ClipProcessor, ClipWork, log_rejections
 from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
-from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source
-from finetuning.preparation.writing import make_row, write_card, write_split
+from finetuning.preparation.languages import LanguageError, ModelLanguages, read_model_languages, resolve_labels
+from finetuning.preparation.multispeaker import expand_group, group_from_entry, pick_references
+from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source, unique_ids
+from finetuning.preparation.writing import SpeakerReport, make_row, write_card, write_split
 from finetuning.resources import is_hub_id
 from finetuning.settings import Settings
 
@@ -44,37 +45,6 @@ MIN_REFERENCE_S = 1.0
 
 class PreparationError(RuntimeError):
     """Preparation cannot continue for a speaker; the message names the speaker and what to fix."""
-
-
-@dataclass
-class SpeakerReport:
-    """What happened to one speaker in one run (JSON-serialisable via ``as_dict``)."""
-
-    speaker: str
-    prepared: bool
-    fingerprint: str
-    clips_total: int = 0
-    kept: int = 0
-    hours_kept: float = 0.0
-    rejected: dict[str, int] = field(default_factory=dict)
-    splits: dict[str, int] = field(default_factory=dict)
-    references: int = 0
-    duplicate_ids: int = 0  # rows whose id repeated an earlier one and got a "-2", "-3", ... suffix
-
-    def as_dict(self) -> dict:
-        return {
-            "speaker": self.speaker,
-            "prepared_this_run": self.prepared,
-            "fingerprint": self.fingerprint,
-            "clips_total": self.clips_total,
-            "kept": self.kept,
-            "hours_kept": self.hours_kept,
-            "rejected_total": sum(self.rejected.values()),
-            "rejected": dict(sorted(self.rejected.items())),
-            "splits": self.splits,
-            "references": self.references,
-            "duplicate_ids": self.duplicate_ids,
-        }
 
 
 def quality_thresholds(settings: Settings) -> QualityThresholds:
@@ -146,6 +116,31 @@ def resolve_speakers(settings: Settings, names: Sequence[str] | None = None) -> 
     return specs
 
 
+def plan_speakers(
+    settings: Settings, names: Sequence[str] | None = None
+) -> list[tuple[SpeakerSpec, list[SourceItem] | None]]:
+    """(spec, items) for every speaker config to prepare: a single-speaker name gives its spec (items read
+    later), a multi-speaker manifest entry (``speaker_column``) its speakers with their items, read once.
+    Raises PreparationError for an unreadable group source or two configs of one name."""
+    manifest_path = Path(settings.SPEAKERS_MANIFEST) if settings.SPEAKERS_MANIFEST else None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path and manifest_path.exists() else {}
+    plan: list[tuple[SpeakerSpec, list[SourceItem] | None]] = []
+    for name in names or settings.TRAIN_SPEAKERS:
+        try:
+            group = group_from_entry(name, manifest.get(name, {}))
+            if group is None:
+                plan.extend((spec, None) for spec in resolve_speakers(settings, [name]))
+            else:
+                plan.extend(expand_group(group, settings.HF_TOKEN)[0])
+        except (SourceError, OSError) as error:
+            raise PreparationError(f"speaker {name}: {error}") from error
+    counts = Counter(spec.name for spec, _ in plan)
+    twice = sorted(name for name, count in counts.items() if count > 1)
+    if twice:
+        raise PreparationError(f"configs {twice} come from more than one manifest entry; rename one")
+    return plan
+
+
 def assign_splits(ids: list[str], given: list[str | None], settings: Settings, speaker: str) -> list[str]:
     """Keep splits the source gives; otherwise a deterministic seeded split per speaker.
 
@@ -199,66 +194,56 @@ def _load_references(spec: SpeakerSpec, items: list[SourceItem]) -> list[tuple[s
     return references
 
 
-def _gate(spec: SpeakerSpec, items: list[SourceItem], settings: Settings):
-    limits = quality_thresholds(settings)
-    kept, rejected = [], Counter()
-    for item in tqdm(items, desc=f"{spec.name}: quality gate", unit="clip"):
-        reason = item.problem
-        samples = None
-        if reason is None and item.audio is None:
-            reason = "missing_file"
-        elif reason is None:
-            try:
-                samples = load_mono_24k(item.audio)
-            except FileNotFoundError:
-                reason = "missing_file"
-            except AudioDecodeError:
-                reason = "unreadable"
-        if reason is None:
-            reason = quality_issue(samples, item.text, limits)
-        if reason is not None:
-            rejected[reason] += 1
-            logger.info("speaker %s: rejected %s (%s): %s", spec.name, item.id, item.origin, reason)
-            continue
-        if settings.NORMALIZE_LOUDNESS:
-            samples = normalize_loudness(samples, settings.TARGET_LOUDNESS_DBFS)
-        kept.append((item, samples))
-    return kept, rejected
+def _label(item: SourceItem | None, spec: SpeakerSpec) -> str:
+    """The language label a row carries before resolution: the item's, else the manifest's, else auto."""
+    return str((item.language if item else None) or spec.language or schema.UNKNOWN_LANGUAGE)
 
 
-def _unique_ids(speaker: str, items: list[SourceItem]) -> int:
-    """Give repeated ids a "-2", "-3", ... suffix (ids are unique within a config); returns how many were renamed."""
-    seen: Counter = Counter()
-    renamed = []
-    for item in items:
-        seen[item.id] += 1
-        if seen[item.id] > 1:
-            renamed.append(f"{item.id!r} -> {item.id}-{seen[item.id]} ({item.origin})")
-            item.id = f"{item.id}-{seen[item.id]}"
-    if renamed:
-        logger.warning("speaker %s: %d duplicate id(s) renamed, e.g. %s", speaker, len(renamed), renamed[0])
-    return len(renamed)
+def resolve_languages(
+    spec: SpeakerSpec, items: list[SourceItem], model_languages: Callable[[], ModelLanguages]
+) -> tuple[dict[str, str], list[str]]:
+    """``languages.resolve_labels`` for every label of the speaker's items and manifest entry; a refused label
+    raises PreparationError naming the speaker, the label and the allowed names."""
+    try:
+        return resolve_labels({_label(item, spec) for item in items} | {_label(None, spec)}, model_languages, spec.name)
+    except LanguageError as error:
+        raise PreparationError(f"speaker {spec.name}: {error}") from error
 
 
 def prepare_speaker(
     spec: SpeakerSpec,
     settings: Settings,
-    encoder: SpeechEncoder,
+    processor: ClipProcessor,
     output_dir: Path,
     tokenizer_id: str,
     max_samples: int | None = None,
+    model_languages: Callable[[], ModelLanguages] | None = None,
+    items: list[SourceItem] | None = None,
 ) -> SpeakerReport:
     """Prepare one speaker's config under ``output_dir/<speaker>`` unless its fingerprint is unchanged.
 
     ``max_samples`` keeps only the first N source items (quick trials); it changes the fingerprint.
+    ``model_languages`` gives the Base model's language table (default: read from INIT_MODEL_PATH when needed).
+    ``items`` are the speaker's source items when already read (a multi-speaker source); else the source is read.
     """
-    try:
-        items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
-    except (SourceError, OSError) as error:
-        raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
+    if items is None:
+        try:
+            items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
+        except (SourceError, OSError) as error:
+            raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
+    named = sorted({item.speaker for item in items if item.speaker})
+    if len(named) > 1:
+        logger.warning(
+            "speaker %s: its source names %d speakers (%s); all rows are used as %s. To split them, declare "
+            '"speaker_column" for this source in SPEAKERS_MANIFEST',
+            spec.name,
+            len(named),
+            ", ".join(named[:5]),
+            spec.name,
+        )
     if max_samples is not None:
         items = items[:max_samples]
-    duplicate_ids = _unique_ids(spec.name, items)
+    duplicate_ids = unique_ids(spec.name, items)
     print_ = fingerprint(spec, items, settings, tokenizer_id)
     info_path = output_dir / spec.name / schema.INFO_FILE
     if info_path.exists():
@@ -274,10 +259,16 @@ def prepare_speaker(
             report.splits = summary.get("splits", {})
             report.references = summary.get("references", 0)
             report.duplicate_ids = summary.get("duplicate_ids", 0)
+            report.languages = summary.get("languages", {})
+            report.auto_prefix_languages = summary.get("auto_prefix_languages", [])
             return report
 
+    if model_languages is None:
+        model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
+    languages, auto_prefix = resolve_languages(spec, items, model_languages)
+
     references = _load_references(spec, items)
-    if not references:
+    if not references and not spec.auto_references:
         tried = ", ".join(spec.references) or "none"
         default = spec.references == (_default_reference(settings, spec.name),)
         fix = f"put one at {spec.references[0]} or list" if default else "fix the"
@@ -285,24 +276,42 @@ def prepare_speaker(
             f"speaker {spec.name}: no usable reference clip of at least {MIN_REFERENCE_S:.0f} s (tried: {tried}); "
             f'{fix} "reference" paths of this speaker in SPEAKERS_MANIFEST'
         )
-    kept, rejected = _gate(spec, items, settings)
+    work = ClipWork(
+        limits=quality_thresholds(settings),
+        normalize_loudness=settings.NORMALIZE_LOUDNESS,
+        target_lufs=settings.TARGET_LOUDNESS_LUFS,
+        true_peak_ceiling_dbtp=settings.TRUE_PEAK_CEILING_DBTP,
+        measure_cleanliness=not references,
+    )
+    results = processor.run(items, work, desc=f"{spec.name}: gate and encode")
+    log_rejections(results, items, spec.name)
+    rejected = Counter(result.reason for result in results if result.reason is not None)
+    kept = [(items[result.index], result) for result in results if result.reason is None]
     if not kept:
         reasons = ", ".join(f"{k}: {v}" for k, v in rejected.most_common()) or "the source has no rows"
         raise PreparationError(
             f"speaker {spec.name}: no clip passed the quality gate ({len(items)} read; {reasons}). Check the "
             f"source {spec.source} and the gate settings (MIN/MAX_DURATION_S, MAX_SILENCE_FRACTION, ...)."
         )
-    codes = encoder.encode([samples for _, samples in kept], desc=f"{spec.name}: encoding")
-    ref_codes = encoder.encode([samples for _, samples in references], desc=f"{spec.name}: references")
+    if references:
+        reference_rows = [(ref_id, encode_flac(samples), len(samples)) for ref_id, samples in references]
+        ref_codes = processor.encoder.encode([samples for _, samples in references], desc=f"{spec.name}: references")
+    else:
+        picked = pick_references([result.cleanliness for _, result in kept])
+        reference_rows = [(f"reference-{kept[i][0].id}", kept[i][1].flac, kept[i][1].num_samples) for i in picked]
+        ref_codes = [kept[i][1].codes for i in picked]
+        logger.info("speaker %s: no reference given, picked %s", spec.name, [kept[i][0].id for i in picked])
 
     splits = assign_splits([i.id for i, _ in kept], [i.split for i, _ in kept], settings, spec.name)
     rows: dict[str, list[dict]] = {name: [] for name in schema.ALL_SPLITS}
-    for (item, samples), code, split in zip(kept, codes, splits, strict=True):
-        language = item.language or spec.language or schema.UNKNOWN_LANGUAGE
-        rows[split].append(make_row(spec.name, item.id, item.text.strip(), language, samples, code))
-    for (ref_id, samples), code in zip(references, ref_codes, strict=True):
+    for (item, clip), split in zip(kept, splits, strict=True):
+        language = languages[_label(item, spec)]
+        rows[split].append(
+            make_row(spec.name, item.id, item.text.strip(), language, clip.flac, clip.num_samples, clip.codes)
+        )
+    for (ref_id, flac, num_samples), code in zip(reference_rows, ref_codes, strict=True):
         rows[schema.REFERENCE_SPLIT].append(
-            make_row(spec.name, ref_id, "", spec.language or schema.UNKNOWN_LANGUAGE, samples, code)
+            make_row(spec.name, ref_id, "", languages[_label(None, spec)], flac, num_samples, code)
         )
 
     report = SpeakerReport(
@@ -311,11 +320,13 @@ def prepare_speaker(
         fingerprint=print_,
         clips_total=len(items),
         kept=len(kept),
-        hours_kept=round(sum(len(s) for _, s in kept) / SAMPLE_RATE / 3600.0, 6),
+        hours_kept=round(sum(clip.num_samples for _, clip in kept) / SAMPLE_RATE / 3600.0, 6),
         rejected=dict(rejected),
         splits={name: len(r) for name, r in rows.items() if r},
-        references=len(references),
+        references=len(reference_rows),
         duplicate_ids=duplicate_ids,
+        languages=dict(Counter(languages[_label(item, spec)] for item, _ in kept)),
+        auto_prefix_languages=auto_prefix,
     )
     staging = output_dir / f".{spec.name}.tmp"
     if staging.exists():
@@ -343,36 +354,50 @@ def prepare_dataset(
     output_dir: str | Path | None = None,
     max_samples: int | None = None,
     report: Callable[[str], None] = print,
+    processor: ClipProcessor | None = None,
 ) -> list[SpeakerReport]:
     """Prepare every requested speaker into one dataset folder; returns one report per speaker.
 
     The dataset card and ``preparation_summary.json`` are rewritten (atomically) as each speaker finishes, so
     the configs prepared so far stay loadable whatever happens next. A speaker that fails (unreadable source, no
-    usable reference clip, no clip left after the gate) does not stop the others: once they are done,
-    PreparationError names every failed speaker and its fix. Single bad clips never fail a speaker: they are
-    counted by reason in the summary and logged.
+    usable reference clip, no clip left after the gate, a refused language) does not stop the others: once they
+    are done, PreparationError names every failed speaker and its fix. Single bad clips never fail a speaker:
+    they are counted by reason in the summary and logged. ``processor`` (a caller's, left open) runs the clip
+    work; by default one is made for PREPARATION_WORKERS processes and closed at the end.
     """
     output = Path(output_dir or settings.DATASET_DIR)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PreparationError(f"DATASET_DIR={output} cannot be created ({error.strerror}); choose another") from error
-    specs = resolve_speakers(settings, speakers)
+    plan = plan_speakers(settings, speakers)
     if encoder is None:
         encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)
     if not is_hub_id(encoder.tokenizer_path):
         encoder.folder()  # a wrong local TOKENIZER_PATH fails before any speaker is read
+    own_processor = processor is None
+    processor = processor or ClipProcessor(encoder, settings.PREPARATION_WORKERS)
     tokenizer_id = tokenizer_identity(settings.TOKENIZER_PATH)
+    model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
     reports, failures = [], []
-    for spec in specs:
-        try:
-            result = prepare_speaker(spec, settings, encoder, output, tokenizer_id, max_samples)
-        except PreparationError as error:
-            failures.append(str(error))
-            continue
-        reports.append(result)
-        write_card(output)
-        report(_format_report(result))
+    configs = [spec.name for spec, _ in plan]
+    if configs != list(speakers or settings.TRAIN_SPEAKERS):
+        report(f"speaker configs: {len(configs)}; train on them with TRAIN_SPEAKERS={','.join(configs)}")
+    try:
+        for spec, items in plan:
+            try:
+                result = prepare_speaker(
+                    spec, settings, processor, output, tokenizer_id, max_samples, model_languages, items
+                )
+            except PreparationError as error:
+                failures.append(str(error))
+                continue
+            reports.append(result)
+            write_card(output)
+            report(_format_report(result))
+    finally:
+        if own_processor:
+            processor.close()
     if failures:
         done = f"; prepared: {', '.join(r.speaker for r in reports)}" if reports else ""
         raise PreparationError(" | ".join(failures) + done)
@@ -385,7 +410,9 @@ def _format_report(r: SpeakerReport) -> str:
         return f"{r.speaker}: unchanged, skipped ({r.kept} clips, {r.hours_kept * 60:.1f} min)"
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(r.rejected.items())) or "none"
     splits = ", ".join(f"{k}={v}" for k, v in r.splits.items())
+    auto_prefix = ", ".join(r.auto_prefix_languages)
+    auto_prefix = f"; trains with the auto prefix: {auto_prefix}" if auto_prefix else ""
     return (
         f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} min); "
-        f"splits: {splits}; rejected: {rejected}"
+        f"splits: {splits}; rejected: {rejected}{auto_prefix}"
     )

@@ -1,13 +1,16 @@
 """Readers for the input formats a speaker's corpus may come in.
 
-Every reader yields ``SourceItem``s; audio stays undecoded (a path or bytes) until the quality gate.
+Every reader yields ``SourceItem``s; audio stays undecoded (a path or bytes) until the quality gate. A source
+holding many speakers is split into one speaker config each by ``finetuning.preparation.multispeaker``.
 
 Formats (``format`` in the speakers manifest, or detected from the path):
   * ``jsonl``     one JSON object per line: ``audio`` (or ``audio_path``, the seed-004 layout) and ``text``;
-                  optional ``id``, ``language``, ``split``, ``ref_audio``. A line that is not valid UTF-8 or not a
-                  JSON object becomes a rejected item (``bad_encoding``, ``not_json``) naming ``file:line``.
-  * ``ljspeech``  a folder with ``metadata.csv``/``metadata.txt`` (``id|text[|normalised text]``) or
-                  ``metadata.tsv`` (``id<TAB>text``), audio in ``wavs/<id>.<ext>`` or ``<id>.<ext>``.
+                  optional ``id``, ``language``, ``split``, ``ref_audio``, ``speaker``. A line that is not valid
+                  UTF-8 or not a JSON object becomes a rejected item (``bad_encoding``, ``not_json``) naming
+                  ``file:line``.
+  * ``ljspeech``  a folder with ``metadata.csv``/``metadata.txt`` (``id|text[|normalised text]``, or
+                  ``id|text|speaker`` for a multi-speaker source) or ``metadata.tsv`` (``id<TAB>text``), audio in
+                  ``wavs/<id>.<ext>`` or ``<id>.<ext>``.
   * ``chatml``    a JSON list (or JSONL) of ``{"messages": [...], "speaker": ...}`` conversations: each
                   assistant turn's text + audio becomes a sample, the user turn's audio a reference clip.
   * ``hf``        a 🤗 dataset (local folder saved with ``save_to_disk``/parquet, or a Hub id) with ``audio`` and
@@ -24,6 +27,7 @@ import csv
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +38,7 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
 FORMATS = ("jsonl", "ljspeech", "chatml", "hf")
 GIVEN_SPLITS = ("train", "validation", "test")
 METADATA_FILES = (("metadata.csv", "|"), ("metadata.txt", "|"), ("metadata.tsv", "\t"))
+DEFAULT_SPEAKER_COLUMN = "speaker"
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
 
 
@@ -46,6 +51,7 @@ class SpeakerSpec:
     format: str | None
     language: str | None
     references: tuple[str, ...]
+    auto_references: bool = False  # no clip given: pick the cleanest kept clips (multi-speaker sources)
 
 
 class SourceError(ValueError):
@@ -72,6 +78,14 @@ class SourceItem:
     reference_audio: list[Path | bytes] = field(default_factory=list)
     origin: str = ""  # for messages: where the item came from
     problem: str | None = None  # a rejection reason found while reading (bad_encoding, not_json, outside_source)
+    speaker: str | None = None  # the source's speaker column, when it has one
+
+
+def _speaker_value(value) -> str | None:
+    """A speaker column's value as text (LibriTTS ids are numbers); None when missing or blank."""
+    if value is None or str(value).strip() == "":
+        return None
+    return str(value).strip()
 
 
 def rejected_item(item_id: str, origin: str, error: RowError) -> SourceItem:
@@ -123,7 +137,7 @@ def _resolve(base: Path, value: str) -> Path:
     return base / candidate
 
 
-def _jsonl_item(path: Path, line: str, line_no: int, origin: str) -> SourceItem:
+def _jsonl_item(path: Path, line: str, line_no: int, origin: str, speaker_column: str) -> SourceItem:
     if _undecodable(line):
         raise RowError("bad_encoding", "the line is not valid UTF-8")
     try:
@@ -143,10 +157,11 @@ def _jsonl_item(path: Path, line: str, line_no: int, origin: str) -> SourceItem:
         split=normalise_split(row.get("split")),
         reference_audio=[_resolve(path.parent, refs)] if isinstance(refs, str) else [],
         origin=origin,
+        speaker=_speaker_value(row.get(speaker_column)),
     )
 
 
-def read_jsonl(path: Path) -> Iterator[SourceItem]:
+def read_jsonl(path: Path, speaker_column: str = DEFAULT_SPEAKER_COLUMN) -> Iterator[SourceItem]:
     if path.is_dir():
         path = path / "metadata.jsonl"
     if not path.exists():
@@ -157,12 +172,14 @@ def read_jsonl(path: Path) -> Iterator[SourceItem]:
                 continue
             origin = f"{path}:{line_no}"
             try:
-                yield _jsonl_item(path, line, line_no, origin)
+                yield _jsonl_item(path, line, line_no, origin, speaker_column)
             except RowError as error:
                 yield rejected_item(f"line{line_no:06d}", origin, error)
 
 
-def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
+def read_ljspeech(folder: Path, speaker_field: int | None = None) -> Iterator[SourceItem]:
+    """``speaker_field``: 0-based index of a speaker field in each metadata line (``id|text|speaker``); the text
+    is then the second field."""
     candidates = [(folder / name, delim) for name, delim in METADATA_FILES if (folder / name).exists()]
     if not candidates:
         raise SourceError(f"{folder} has no metadata.csv, metadata.txt or metadata.tsv")
@@ -176,7 +193,12 @@ def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
                 yield rejected_item(f"line{line_no:06d}", f"{metadata}:{line_no}", bad)
                 continue
             clip_id = Path(fields[0].strip()).stem
-            text = fields[-1] if len(fields) > 2 and fields[-1].strip() else (fields[1] if len(fields) > 1 else "")
+            speaker = None
+            if speaker_field is not None:
+                speaker = _speaker_value(fields[speaker_field] if speaker_field < len(fields) else None)
+                text = fields[1] if len(fields) > 1 else ""
+            else:
+                text = fields[-1] if len(fields) > 2 and fields[-1].strip() else (fields[1] if len(fields) > 1 else "")
             audio = next(
                 (
                     candidate
@@ -186,7 +208,9 @@ def read_ljspeech(folder: Path) -> Iterator[SourceItem]:
                 ),
                 folder / "wavs" / f"{clip_id}.wav",
             )
-            yield SourceItem(id=clip_id, text=text.strip(), audio=audio, origin=f"{metadata}:{line_no}")
+            yield SourceItem(
+                id=clip_id, text=text.strip(), audio=audio, origin=f"{metadata}:{line_no}", speaker=speaker
+            )
 
 
 def _turn_parts(message: dict) -> tuple[list[str], list[str]]:
@@ -221,12 +245,14 @@ def _conversation_items(conversation: dict, index: int, path: Path) -> list[Sour
                     language=conversation.get("language"),
                     reference_audio=list(refs),
                     origin=f"{path}#{index}",
+                    speaker=_speaker_value(conversation.get("speaker")),
                 )
             )
     return items
 
 
-def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
+def read_chatml(path: Path, speaker: str | None) -> Iterator[SourceItem]:
+    """``speaker`` None keeps every conversation (each item then carries its conversation's speaker)."""
     if not path.exists():
         raise SourceError(f"{path} does not exist")
     try:
@@ -240,7 +266,7 @@ def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
     if isinstance(conversations, dict):
         conversations = [conversations]
     for index, conversation in enumerate(conversations):
-        if conversation.get("speaker") not in (None, speaker):
+        if speaker is not None and conversation.get("speaker") not in (None, speaker):
             continue
         try:
             yield from _conversation_items(conversation, index, path)
@@ -248,7 +274,11 @@ def read_chatml(path: Path, speaker: str) -> Iterator[SourceItem]:
             yield rejected_item(f"{path.stem}-{index:06d}", f"{path}#{index}", error)
 
 
-def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem]:
+def read_hf(
+    source: str, speaker: str | None, token: str | None, speaker_column: str = DEFAULT_SPEAKER_COLUMN
+) -> Iterator[SourceItem]:
+    """``speaker`` None keeps every row (each item then carries its ``speaker_column`` value); otherwise rows of
+    other speakers are skipped. The audio column is read undecoded (bytes or path)."""
     import datasets
 
     path = Path(source)
@@ -268,7 +298,7 @@ def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem
             dataset = dataset.cast_column("audio", datasets.Audio(decode=False))
         given_split = normalise_split(split_name) if split_name in (*GIVEN_SPLITS, *_SPLIT_ALIASES) else None
         for index, row in enumerate(dataset):
-            if "speaker" in row and row["speaker"] not in (None, speaker):
+            if speaker is not None and row.get(speaker_column) not in (None, speaker):
                 continue
             audio = row["audio"]
             if isinstance(audio, dict):
@@ -286,18 +316,47 @@ def read_hf(source: str, speaker: str, token: str | None) -> Iterator[SourceItem
                 language=row.get("language"),
                 split=given_split,
                 origin=f"{source}[{split_name}][{index}]",
+                speaker=_speaker_value(row.get(speaker_column)),
             )
 
 
-def read_source(source: str, fmt: str | None, speaker: str, token: str | None = None) -> Iterator[SourceItem]:
-    """Yield the items of one speaker's source; ``fmt`` None means detect it from the path."""
+def read_source(
+    source: str,
+    fmt: str | None,
+    speaker: str | None,
+    token: str | None = None,
+    speaker_column: str = DEFAULT_SPEAKER_COLUMN,
+) -> Iterator[SourceItem]:
+    """Yield the items of one speaker's source; ``fmt`` None means detect it from the path.
+
+    ``speaker`` None reads every speaker of a multi-speaker source; each item's ``speaker`` then holds the value
+    of ``speaker_column`` (a field name; for ``ljspeech`` the 0-based index of a metadata field).
+    """
     fmt = fmt or detect_format(source)
     if fmt == "jsonl":
-        return read_jsonl(Path(source))
+        return read_jsonl(Path(source), speaker_column)
     if fmt == "ljspeech":
-        return read_ljspeech(Path(source))
+        if speaker is None and not str(speaker_column).isdigit():
+            raise SourceError(
+                f"for an ljspeech source, speaker_column is a field index (e.g. 2), not {speaker_column!r}"
+            )
+        return read_ljspeech(Path(source), int(speaker_column) if speaker is None else None)
     if fmt == "chatml":
         return read_chatml(Path(source), speaker)
     if fmt == "hf":
-        return read_hf(source, speaker, token)
+        return read_hf(source, speaker, token, speaker_column)
     raise SourceError(f"unknown format {fmt!r}; use one of {FORMATS}")
+
+
+def unique_ids(speaker: str, items: list[SourceItem]) -> int:
+    """Give repeated ids a "-2", "-3", ... suffix (ids are unique within a config); returns how many were renamed."""
+    seen: Counter = Counter()
+    renamed = []
+    for item in items:
+        seen[item.id] += 1
+        if seen[item.id] > 1:
+            renamed.append(f"{item.id!r} -> {item.id}-{seen[item.id]} ({item.origin})")
+            item.id = f"{item.id}-{seen[item.id]}"
+    if renamed:
+        logger.warning("speaker %s: %d duplicate id(s) renamed, e.g. %s", speaker, len(renamed), renamed[0])
+    return len(renamed)

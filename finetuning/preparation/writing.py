@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from finetuning.constants import NUM_CODEBOOKS, SAMPLE_RATE
 from finetuning.preparation import schema
-from finetuning.preparation.audio import encode_flac
 
 
 def write_split(rows: list[dict], folder: Path, split: str, fingerprint: str, max_shard_bytes: float) -> None:
@@ -35,14 +35,17 @@ def write_split(rows: list[dict], folder: Path, split: str, fingerprint: str, ma
         dataset.to_parquet(str(folder / schema.shard_name(split, fingerprint, index, len(shards))))
 
 
-def make_row(speaker: str, clip_id: str, text: str, language: str, samples: np.ndarray, codes: np.ndarray) -> dict:
+def make_row(
+    speaker: str, clip_id: str, text: str, language: str, flac: bytes, num_samples: int, codes: np.ndarray
+) -> dict:
+    """One dataset row; ``flac`` is the stored 24 kHz clip (``audio.encode_flac``), ``codes`` (frames, 16)."""
     return {
         "id": clip_id,
         "speaker": speaker,
         "text": text,
         "language": language,
-        "audio": {"bytes": encode_flac(samples), "path": f"{clip_id}.flac"},
-        "duration_s": len(samples) / SAMPLE_RATE,
+        "audio": {"bytes": flac, "path": f"{clip_id}.flac"},
+        "duration_s": num_samples / SAMPLE_RATE,
         "num_frames": int(codes.shape[0]),
         "audio_codes": codes.tolist(),
     }
@@ -71,3 +74,38 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+@dataclass
+class SpeakerReport:
+    """What happened to one speaker in one run (JSON-serialisable via ``as_dict``)."""
+
+    speaker: str
+    prepared: bool
+    fingerprint: str
+    clips_total: int = 0
+    kept: int = 0
+    hours_kept: float = 0.0
+    rejected: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    references: int = 0
+    duplicate_ids: int = 0  # rows whose id repeated an earlier one and got a "-2", "-3", ... suffix
+    languages: dict[str, int] = field(default_factory=dict)  # kept clips per resolved language
+    auto_prefix_languages: list[str] = field(default_factory=list)  # languages without a model id: train as auto
+
+    def as_dict(self) -> dict:
+        return {
+            "speaker": self.speaker,
+            "prepared_this_run": self.prepared,
+            "fingerprint": self.fingerprint,
+            "clips_total": self.clips_total,
+            "kept": self.kept,
+            "hours_kept": self.hours_kept,
+            "rejected_total": sum(self.rejected.values()),
+            "rejected": dict(sorted(self.rejected.items())),
+            "splits": self.splits,
+            "references": self.references,
+            "duplicate_ids": self.duplicate_ids,
+            "languages": dict(sorted(self.languages.items())),
+            "auto_prefix_languages": self.auto_prefix_languages,
+        }

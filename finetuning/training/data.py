@@ -28,9 +28,17 @@ class DataError(ValueError):
     """The prepared data cannot be used for training; the message names the speaker/split and the fix."""
 
 
-def load_split(settings: Settings, speaker: str, split: str, columns: list[str] | None = None, streaming: bool = False):
+def load_split(
+    settings: Settings,
+    speaker: str,
+    split: str,
+    columns: list[str] | None = None,
+    streaming: bool = False,
+    read_rows: int | None = None,
+):
     """One speaker's split as a 🤗 ``Dataset`` (``IterableDataset`` when ``streaming``); None when the config has
-    no such split.
+    no such split. ``columns`` are projected at load: other columns (the audio) are never read; a stream decodes
+    ``read_rows`` parquet rows at a time (default: one row group).
 
     Local folders are read from the shards of the config's current fingerprint (``prepare_info.json``), so a
     re-prepared speaker is never served from a stale cache.
@@ -39,18 +47,20 @@ def load_split(settings: Settings, speaker: str, split: str, columns: list[str] 
 
     if settings.HF_DATASET_REPO:
         try:
+            projection = {"columns": columns, "batch_size": read_rows} if streaming and columns else {}
             ds = datasets.load_dataset(
                 settings.HF_DATASET_REPO,
                 name=speaker,
                 split=split,
                 streaming=streaming,
                 token=settings.HF_TOKEN or None,
+                **projection,
             )
         except ValueError as error:  # unknown split
             if "split" in str(error).lower():
                 return None
             raise
-        return ds.select_columns(columns) if columns else ds
+        return ds if streaming or not columns else ds.select_columns(columns)
     root = Path(settings.DATASET_DIR)
     info_path = root / speaker / schema.INFO_FILE
     if not info_path.exists():
@@ -63,8 +73,14 @@ def load_split(settings: Settings, speaker: str, split: str, columns: list[str] 
     if not files:
         return None
     if streaming:
-        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
-        return ds.select_columns(columns) if columns else ds
+        return datasets.load_dataset(
+            "parquet",
+            data_files=[str(f) for f in files],
+            split="train",
+            streaming=True,
+            columns=columns,
+            batch_size=read_rows,
+        )
     quiet = not datasets.utils.are_progress_bars_disabled()
     if quiet:  # one bar per tiny shard read is noise, not progress
         datasets.utils.disable_progress_bars()
@@ -90,7 +106,8 @@ def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
 
 @dataclass
 class Example:
-    """One utterance ready for the step: text_ids (Lt,), codes (T, 16)."""
+    """One utterance ready for the step: text_ids (Lt,) long, codes (T, 16) int16 (codes are < 2048; ``collate``
+    widens them), a quarter of the memory of int64."""
 
     id: str
     speaker: int
@@ -99,25 +116,27 @@ class Example:
     codes: torch.Tensor
 
 
+def example_from_row(row: dict, speaker_index: int, tokenizer) -> Example | None:
+    """One dataset row (training columns) as an Example; None for a row with no text or no (T, 16) codes."""
+    codes = np.asarray(row["audio_codes"], dtype=np.int16)
+    if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != NUM_CODEBOOKS or not row["text"]:
+        return None
+    ids = tokenizer(assistant_text(row["text"]), return_tensors="pt")["input_ids"][0]
+    return Example(
+        id=row["id"], speaker=speaker_index, language=row["language"], text_ids=ids, codes=torch.from_numpy(codes)
+    )
+
+
 def build_examples(dataset, speaker_index: int, tokenizer, speaker: str, split: str) -> tuple[list[Example], int]:
     """Tokenize rows; rows with no codes or no text are skipped, counted and logged. Returns (examples, skipped)."""
     examples, skipped = [], 0
     for row in dataset:
-        codes = np.asarray(row["audio_codes"], dtype=np.int64)
-        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != NUM_CODEBOOKS or not row["text"]:
+        example = example_from_row(row, speaker_index, tokenizer)
+        if example is None:
             skipped += 1
             logger.warning("speaker %s/%s: skipping row %s (empty text or codes)", speaker, split, row["id"])
             continue
-        ids = tokenizer(assistant_text(row["text"]), return_tensors="pt")["input_ids"][0]
-        examples.append(
-            Example(
-                id=row["id"],
-                speaker=speaker_index,
-                language=row["language"],
-                text_ids=ids,
-                codes=torch.from_numpy(codes),
-            )
-        )
+        examples.append(example)
     return examples, skipped
 
 
@@ -127,8 +146,8 @@ def load_examples(
     """Examples of every TRAIN_SPEAKERS config for ``split``, in dataset order.
 
     ``streaming`` (default DATA_STREAMING) reads the rows as a stream of the training columns only; map-style
-    loading goes through the 🤗 cache. Both give the same examples. Raises DataError for a speaker with no
-    usable rows in train.
+    loading goes through the 🤗 cache. Both give the same examples (training itself streams through
+    ``streaming.StreamingBatches`` instead). Raises DataError for a speaker with no usable rows in train.
     """
     streaming = settings.DATA_STREAMING if streaming is None else streaming
     examples, skipped = [], {}
@@ -166,7 +185,7 @@ def collate(examples: list[Example]) -> dict:
 
     id         list[str]
     text_ids   list[(Lt_b,) long]
-    codes      list[(T_b, 16) long]
+    codes      list[(T_b, 16) long]  widened from the examples' int16
     speaker    (B,) long      index into TRAIN_SPEAKERS
     language   list[str]
     num_frames (B,) long
@@ -174,7 +193,7 @@ def collate(examples: list[Example]) -> dict:
     return {
         "id": [e.id for e in examples],
         "text_ids": [e.text_ids for e in examples],
-        "codes": [e.codes for e in examples],
+        "codes": [e.codes.long() for e in examples],
         "speaker": torch.tensor([e.speaker for e in examples], dtype=torch.long),
         "language": [e.language for e in examples],
         "num_frames": torch.tensor([e.codes.shape[0] for e in examples], dtype=torch.long),

@@ -29,7 +29,13 @@ from finetuning.training.checkpointing import (
     save_training_state,
     saved_states,
 )
-from finetuning.training.data import Example, load_training_examples, make_train_loader, speaker_languages
+from finetuning.training.data import (
+    Example,
+    load_examples,
+    load_training_examples,
+    make_train_loader,
+    speaker_languages,
+)
 from finetuning.training.export import RunExports, speaker_rows
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
@@ -44,6 +50,7 @@ from finetuning.training.speed import (
     peak_flops,
 )
 from finetuning.training.step import TalkerStep, sequence_length
+from finetuning.training.streaming import StreamingBatches, stream_languages
 from finetuning.training.tracking import MetricsLog, MetricWindow, SampleAudit, tracker_config
 from finetuning.training.validation import validation_losses
 
@@ -146,6 +153,24 @@ def make_sampler(examples: list[Example], settings: Settings, talker_config, acc
     )
 
 
+def make_train_data(settings: Settings, tokenizer, talker_config, accelerator):
+    """(train batches, their sampler, each speaker's language, validation examples).
+
+    Map-style: every example in memory (codes int16), batches chosen by ``DurationBatchSampler`` and collated by
+    a DataLoader. ``DATA_STREAMING``: a ``StreamingBatches`` stream is both (memory bounded by its buffers)."""
+    if settings.DATA_STREAMING:
+        stream = StreamingBatches(
+            settings, tokenizer, talker_config, accelerator.num_processes, accelerator.process_index
+        )
+        validation = load_examples(settings, tokenizer, "validation")[0]
+        return stream, stream, stream_languages(settings), validation
+    train_examples, validation = load_training_examples(settings, tokenizer)
+    sampler = make_sampler(train_examples, settings, talker_config, accelerator)
+    pin_memory = accelerator.device.type == "cuda"
+    loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
+    return loader, sampler, speaker_languages(train_examples, settings.TRAIN_SPEAKERS), validation
+
+
 def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
     """The state to resume from (RESUME_FROM), or None for a new run, which must not mix with an earlier run's
     states; the run folder is created and the settings are saved in it."""
@@ -185,13 +210,12 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
     speaker_embeds = compute_speaker_embeddings(model, settings)
     lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
-    train_examples, val_examples = load_training_examples(settings, tokenizer)
-    languages = speaker_languages(train_examples, settings.TRAIN_SPEAKERS)
+    train_loader, sampler, languages, val_examples = make_train_data(
+        settings, tokenizer, model.config.talker_config, accelerator
+    )
     exports = RunExports(model_dir, speaker_embeds, languages, settings, lora=lora)
-    sampler = make_sampler(train_examples, settings, model.config.talker_config, accelerator)
-    engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
-    pin_memory = accelerator.device.type == "cuda"
-    train_loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
+    if not settings.DATA_STREAMING:  # a stream's batches are formed as it is read
+        engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)
     engines.share_main_process_weights(accelerator, speaker_embeds, aux_losses)
     step_module = TalkerStep(

@@ -30,7 +30,39 @@ import numpy as np
 MIXING = ("balanced", "proportional")
 
 
-class DurationBatchSampler:
+def bucket_edges(lengths: Sequence[int], num_buckets: int) -> np.ndarray:
+    """The ``num_buckets - 1`` length quantiles that split ``lengths`` into buckets (duplicates merged)."""
+    quantiles = np.linspace(0, 1, max(num_buckets, 1) + 1)[1:-1]
+    return np.unique(np.quantile(np.asarray(lengths), quantiles)) if len(quantiles) else np.array([])
+
+
+class DataPosition:
+    """Where training is in the data, saved with every training state: the epoch, this process's batches of it
+    already trained on, and the seed that planned it. The loop calls ``batch_done()`` after each batch it trained
+    on (a loader fetches ahead, so yielding a batch does not mean training on it)."""
+
+    seed: int
+    epoch: int = 0
+    batches_done: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batches_done = 0
+
+    def batch_done(self) -> None:
+        self.batches_done += 1
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``'s position. Raises ValueError when it comes from a run with another seed."""
+        if state["seed"] != self.seed:
+            raise ValueError(f"resuming with SEED={self.seed}, but the saved run used {state['seed']}")
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+
+class DurationBatchSampler(DataPosition):
     """Yields lists of example indices for one process. ``lengths[i]`` is example i's padded-cost length (talker
     positions) and ``speakers[i]`` its speaker index.
 
@@ -73,24 +105,7 @@ class DurationBatchSampler:
         self.rank = rank
         self.epoch = 0
         self.batches_done = 0  # this process's batches of the current epoch already trained on
-        quantiles = np.linspace(0, 1, max(num_buckets, 1) + 1)[1:-1]
-        self.bucket_edges = np.unique(np.quantile(self.lengths, quantiles)) if len(quantiles) else np.array([])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.batches_done = 0
-
-    def batch_done(self) -> None:
-        self.batches_done += 1
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state``'s position. Raises ValueError when it comes from a run with another seed."""
-        if state["seed"] != self.seed:
-            raise ValueError(f"resuming with SEED={self.seed}, but the saved run used {state['seed']}")
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.bucket_edges = bucket_edges(self.lengths, num_buckets)
 
     def examples_per_speaker(self) -> list[int]:
         """Training examples of each speaker index 0..max (0 for a speaker index without examples)."""

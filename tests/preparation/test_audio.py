@@ -7,10 +7,11 @@ from finetuning.preparation.audio import (
     AudioDecodeError,
     QualityThresholds,
     decode_audio,
+    integrated_loudness_lufs,
     load_mono_24k,
     normalize_loudness,
     quality_issue,
-    rms_dbfs,
+    true_peak_dbtp,
 )
 
 LIMITS = QualityThresholds(
@@ -85,10 +86,14 @@ def test_corrupt_and_missing_files_raise_clear_errors(tmp_path):
         decode_audio(tmp_path / "nope.wav")
 
 
-def test_loudness_normalisation_hits_target_without_clipping():
+def test_loudness_normalisation_hits_the_lufs_target_under_the_true_peak_ceiling():
     quiet = speechlike(2.0, level=0.01)
-    out = normalize_loudness(quiet, -23.0)
-    assert rms_dbfs(out) == pytest.approx(-23.0, abs=0.1)
-    loud_peaky = np.zeros(24000, "float32")
-    loud_peaky[100] = 0.5
-    assert np.max(np.abs(normalize_loudness(loud_peaky, -3.0))) <= 0.99 + 1e-6
+    out = normalize_loudness(quiet, -23.0, -1.0)
+    assert integrated_loudness_lufs(out) == pytest.approx(-23.0, abs=0.05)
+    assert true_peak_dbtp(out) <= -1.0
+    loud = normalize_loudness(speechlike(2.0, level=0.1), -6.0, -1.0)  # the ceiling wins over the target
+    assert true_peak_dbtp(loud) == pytest.approx(-1.0, abs=0.01) and integrated_loudness_lufs(loud) < -6.0
+    quarter_rate = np.sin(np.pi / 2 * np.arange(2400) + np.pi / 4).astype("float32")  # samples at ±0.707 only
+    assert true_peak_dbtp(quarter_rate) == pytest.approx(0.0, abs=0.2)  # the peak between samples: +3 dB
+    silent = np.zeros(24000, "float32")
+    assert np.array_equal(normalize_loudness(silent, -23.0, -1.0), silent)

@@ -52,7 +52,7 @@ def test_sequence_length_matches_the_built_sequence(bundled, tiny_model_dir):
                 embeds, _ = build_sequence(
                     model,
                     example.text_ids,
-                    example.codes,
+                    example.codes.long(),  # examples keep int16 codes; collate widens them
                     torch.zeros(tcfg.hidden_size),
                     language_id_for(tcfg, example.language),
                     layout,

@@ -1,0 +1,156 @@
+"""Training data as a stream (``DATA_STREAMING=true``): memory bounded by buffers, not by the corpus.
+
+Each speaker's train split is read as a 🤗 ``IterableDataset`` of parquet shards with column projection at load
+(``columns=``: the audio column is never read, locally or from the Hub), in row batches of STREAM_READ_ROWS.
+The speakers are combined (``balanced``: interleaved until every speaker is exhausted, smaller speakers
+repeating; ``proportional``: concatenated), shared between processes with ``split_dataset_by_node``, and
+shuffled through a bounded buffer of STREAM_SHUFFLE_BUFFER examples, reseeded every epoch. Examples then go
+through a bucketing buffer (at most one open batch per duration bucket) that closes a batch when one more
+example would take ``batch size × longest length`` over MAX_BATCH_TOKENS, exactly as the map-style sampler
+does; bucket edges are length quantiles from a metadata pass (text and ``num_frames`` only).
+
+The same metadata pass gives the epoch's batch count of every process; all processes stop at the smallest, so
+they take the same number of steps. The position (epoch, batches trained on, seed) is saved with every training
+state; a resumed run replays the epoch's deterministic stream and skips the batches already trained on, so
+resume is exact. Codes stay int16 until ``collate`` widens them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+
+from finetuning.settings import Settings
+from finetuning.training.data import TRAIN_COLUMNS, Example, collate, example_from_row, load_split
+from finetuning.training.sampler import DataPosition, bucket_edges
+from finetuning.training.step import sequence_length
+
+logger = logging.getLogger(__name__)
+
+STREAM_READ_ROWS = 64  # parquet rows decoded at a time per stream
+LENGTH_COLUMNS = ["id", "text", "language", "num_frames"]  # what the metadata pass reads
+
+
+def bucket_batches(
+    entries: Iterator[tuple[object, int]], edges: np.ndarray, batch_size: int, max_batch_tokens: int
+) -> Iterator[list[object]]:
+    """Group ``(item, length)`` pairs into batches: with a budget, at most one open batch per bucket of
+    ``edges`` (a batch closes when one more item would take ``size × longest`` over ``max_batch_tokens``; an
+    item over the budget alone is a batch of one); without one, ``batch_size`` consecutive items. The rest is
+    flushed at the end in bucket order."""
+    open_batches: dict[int, tuple[list[object], int]] = {}
+    for item, length in entries:
+        bucket = int(np.searchsorted(edges, length, side="right")) if max_batch_tokens > 0 else 0
+        members, longest = open_batches.get(bucket, ([], 0))
+        longest_with = max(longest, length)
+        full = (
+            len(members) >= batch_size
+            if max_batch_tokens <= 0
+            else (len(members) + 1) * longest_with > max_batch_tokens
+        )
+        if members and full:
+            yield members
+            members, longest_with = [], length
+        members.append(item)
+        open_batches[bucket] = (members, longest_with)
+    for bucket in sorted(open_batches):
+        if open_batches[bucket][0]:
+            yield open_batches[bucket][0]
+
+
+class StreamingBatches(DataPosition):
+    """Collated training batches of this process, read as a stream; also its own batch sampler for the loop
+    (``epoch``, ``set_epoch``, ``batch_done``, ``state_dict``/``load_state_dict``, ``len``)."""
+
+    def __init__(self, settings: Settings, tokenizer, talker_config, num_replicas: int = 1, rank: int = 0):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.talker_config = talker_config
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = settings.SEED
+        self.epoch = 0
+        self.batches_done = 0
+        self.skipped = 0
+        lengths = [length for _, length in self._lengths(0, rank)]
+        if not lengths:
+            raise ValueError("the training stream is empty; re-run data preparation")
+        self.edges = bucket_edges(lengths, settings.NUM_BUCKETS)
+        self._counts: dict[int, int] = {}
+
+    def examples_per_speaker(self) -> list[int]:
+        """Training rows of each speaker in TRAIN_SPEAKERS order (part of the run identity checked on resume)."""
+        counts = []
+        for speaker in self.settings.TRAIN_SPEAKERS:
+            ids = load_split(self.settings, speaker, "train", ["id"], streaming=True, read_rows=STREAM_READ_ROWS)
+            counts.append(sum(1 for _ in ids))
+        return counts
+
+    def _stream(self, epoch: int, rank: int, columns: list[str]):
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        streams = []
+        for index, speaker in enumerate(self.settings.TRAIN_SPEAKERS):
+            stream = load_split(self.settings, speaker, "train", columns, streaming=True, read_rows=STREAM_READ_ROWS)
+            streams.append(stream.map(lambda row, i=index: {"speaker_index": i}))
+        if self.settings.SPEAKER_MIXING == "balanced" and len(streams) > 1:
+            combined = datasets.interleave_datasets(streams, seed=self.seed, stopping_strategy="all_exhausted")
+        else:
+            combined = datasets.concatenate_datasets(streams)
+        shard = split_dataset_by_node(combined, rank=rank, world_size=self.num_replicas)
+        shuffled = shard.shuffle(seed=self.seed, buffer_size=self.settings.STREAM_SHUFFLE_BUFFER)
+        shuffled.set_epoch(epoch)
+        return shuffled
+
+    def _length(self, num_text_tokens: int, num_frames: int, language: str) -> int:
+        return sequence_length(self.talker_config, num_text_tokens, num_frames, language, self.settings.TRAINING_LAYOUT)
+
+    def _lengths(self, epoch: int, rank: int) -> Iterator[tuple[str, int]]:
+        from finetuning.training.step import assistant_text
+
+        for row in self._stream(epoch, rank, LENGTH_COLUMNS):
+            if not row["text"] or not row["num_frames"]:
+                continue
+            tokens = len(self.tokenizer(assistant_text(row["text"]))["input_ids"])
+            yield row["id"], self._length(tokens, row["num_frames"], row["language"])
+
+    def _batches(self, entries) -> Iterator[list]:
+        settings = self.settings
+        return bucket_batches(entries, self.edges, settings.BATCH_SIZE, settings.MAX_BATCH_TOKENS)
+
+    def __len__(self) -> int:
+        """Batches every process takes this epoch: the smallest count over the processes."""
+        if self.epoch not in self._counts:
+            counts = [sum(1 for _ in self._batches(self._lengths(self.epoch, r))) for r in range(self.num_replicas)]
+            self._counts[self.epoch] = min(counts)
+        return self._counts[self.epoch]
+
+    def _examples(self) -> Iterator[tuple[Example, int]]:
+        for row in self._stream(self.epoch, self.rank, TRAIN_COLUMNS):
+            example = example_from_row(row, row["speaker_index"], self.tokenizer)
+            if example is None:
+                self.skipped += 1
+                logger.warning("speaker %s: skipping row %s (empty text or codes)", row["speaker"], row["id"])
+                continue
+            yield example, self._length(example.text_ids.numel(), example.codes.shape[0], example.language)
+
+    def __iter__(self) -> Iterator[dict]:
+        """Collated batches (see ``data.collate``) from the first batch not yet trained on."""
+        total = len(self)
+        for index, batch in enumerate(self._batches(self._examples())):
+            if index >= total:
+                return
+            if index >= self.batches_done:
+                yield collate(batch)
+
+
+def stream_languages(settings: Settings) -> dict[str, str]:
+    """Each speaker's language, from the first row of its train stream (the language column alone)."""
+    languages = {}
+    for speaker in settings.TRAIN_SPEAKERS:
+        stream = load_split(settings, speaker, "train", ["language"], streaming=True, read_rows=STREAM_READ_ROWS)
+        languages[speaker] = next(iter(stream))["language"]
+    return languages

@@ -208,7 +208,7 @@ def held_out_perplexity(model, text_ids, codes, speaker_embed, language: str, la
         )
         out = talker_forward(model, inputs)
         values = {
-            "perplexity_codec0": metrics.perplexity(out.codec0_logits, inputs.labels),
+            "perplexity_codec0": metrics.perplexity(out.label_logits, out.label_targets),
             "perplexity_sub_talker": metrics.perplexity(out.sub_talker_logits, out.frame_codes[:, 1:]),
         }
     return values, {"perplexity_codec0": out.codec0_tokens, "perplexity_sub_talker": out.sub_talker_tokens}

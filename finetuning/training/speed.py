@@ -82,19 +82,18 @@ def compile_transformers(model, backend: str = "inductor") -> None:
 class ModelFlops:
     """Training FLOPs of one step from what it processed: 6 x the weights each token passes through.
 
-    Talker positions pass through the talker's decoder, text projection and codec head; each frame runs the code
-    predictor on 16 positions, each of which uses one of its 15 heads at most. Embedding lookups cost no FLOPs.
+    Talker positions pass through the talker's decoder and text projection; the codec head scores only labelled
+    positions (one per frame, and each utterance's EOS, left out); each frame runs the code predictor on 16
+    positions, each of which uses one of its 15 heads at most. Embedding lookups cost no FLOPs.
     """
 
     def __init__(self, model):
         talker, predictor = model.talker, model.talker.code_predictor
         linear = _linear_parameters
-        self.per_position = TRAINING_FLOPS_PER_PARAMETER * (
-            linear(talker.model) + linear(talker.text_projection) + linear(talker.codec_head)
-        )
+        self.per_position = TRAINING_FLOPS_PER_PARAMETER * (linear(talker.model) + linear(talker.text_projection))
         heads = list(predictor.lm_head)
         per_frame = 16 * (linear(predictor.model) + linear(predictor.small_to_mtp_projection))
-        per_frame += len(heads) * linear(heads[0])
+        per_frame += len(heads) * linear(heads[0]) + linear(talker.codec_head)
         self.per_frame = TRAINING_FLOPS_PER_PARAMETER * per_frame
 
     def of(self, positions: float, frames: float) -> float:

@@ -288,7 +288,8 @@ class StepOutput:
     codec0_tokens: int
     sub_talker_tokens: int
     hidden_states: torch.Tensor  # (B, L, D) talker last hidden states
-    codec0_logits: torch.Tensor | None  # (B, L, V); None with a fused cross-entropy
+    label_logits: torch.Tensor | None  # (N + B, V) codebook-0 logits at the labelled positions; None when fused
+    label_targets: torch.Tensor  # (N + B,) their targets: the N frames' first codes, then each utterance's EOS
     sub_talker_logits: torch.Tensor | None  # (N, 15, V_cp) frame n's logits for codebooks 2..16; None when fused
     frame_codec0_logits: torch.Tensor | None  # (N, V) the logits that predicted frame n's first code; None when fused
     frame_batch: torch.Tensor  # (N,) batch row of frame n
@@ -306,20 +307,32 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
     The batch is right-padded and attention is causal, so a real position only attends to real positions before
     it: the model's own causal mask and positions 0..L-1 give every real position exactly what generate computes
     for it (``get_rope_index`` also numbers real positions 0..len-1), without building a padding mask per step.
+    The codec head scores only the N + B labelled positions (``label_logits``), never the text prefix.
     Padded positions see garbage and are never scored.
     """
     talker = model.talker
-    hidden = talker.model(inputs_embeds=inputs.inputs_embeds, use_cache=False).last_hidden_state  # (B, L, D)
-    head, labels = talker.codec_head, inputs.labels.flatten()
-    logits = None
+    embeds = inputs.inputs_embeds
+    # An all-ones padding mask says "no padding" to transformers. Without one, the talker's position ids make it
+    # look for packed sequences and build a (B, 1, L, L) mask every step, which also keeps SDPA and
+    # FlashAttention off their is_causal kernels.
+    no_padding = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    hidden = talker.model(inputs_embeds=embeds, attention_mask=no_padding, use_cache=False).last_hidden_state
+    # Codebook 0 is scored only where there is a target: each frame's predicting position, then each utterance's
+    # EOS right after its last frame (frames are contiguous, in batch order). Text positions never reach the head.
+    rows = torch.arange(embeds.shape[0], device=embeds.device)
+    last_frame = torch.searchsorted(inputs.frame_batch, rows, right=True) - 1  # (B,)
+    label_batch = torch.cat([inputs.frame_batch, rows])  # (N + B,)
+    label_position = torch.cat([inputs.frame_position, inputs.frame_position[last_frame] + 1])
+    label_hidden = hidden[label_batch, label_position]  # (N + B, D)
+    label_targets = inputs.labels[label_batch, label_position]  # (N + B,)
+    head, logits = talker.codec_head, None
     if fused_cross_entropy is None:
-        logits = head(hidden)  # (B, L, V)
-        # Mean over real targets; ignore_index instead of boolean indexing keeps the step free of host syncs.
-        codec0_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX)
+        logits = head(label_hidden)  # (N + B, V)
+        codec0_loss = F.cross_entropy(logits.float(), label_targets)
     else:
-        codec0_loss = fused_cross_entropy(head.weight, hidden.flatten(0, 1), labels, head.bias)
+        codec0_loss = fused_cross_entropy(head.weight, label_hidden, label_targets, head.bias)
 
-    frame_hidden = hidden[inputs.frame_batch, inputs.frame_position]  # (N, D)
+    frame_hidden = label_hidden[: inputs.frame_batch.shape[0]]  # (N, D)
     codes = inputs.frame_codes  # (N, 16)
     predictor = talker.code_predictor
     # [hidden that predicted code_j0, C(code_j0), emb_1(code_j1), ..., emb_14(code_j14)]
@@ -342,9 +355,10 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
         codec0_tokens=inputs.num_labels,
         sub_talker_tokens=int(codes[:, 1:].numel()),
         hidden_states=hidden,
-        codec0_logits=logits,
+        label_logits=logits,
+        label_targets=label_targets,
         sub_talker_logits=sub_logits,
-        frame_codec0_logits=None if logits is None else logits[inputs.frame_batch, inputs.frame_position],
+        frame_codec0_logits=None if logits is None else logits[: frame_hidden.shape[0]],
         frame_batch=inputs.frame_batch,
         frame_codes=codes,
         attention_mask=inputs.attention_mask,

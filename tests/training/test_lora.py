@@ -96,7 +96,7 @@ def _logits(model, tokenizer, row, speaker_embed, layout):
             layout=layout,
         )
         out = talker_forward(model, inputs)
-    return out.codec0_logits, out.sub_talker_logits
+    return out.label_logits, out.sub_talker_logits
 
 
 def test_merged_export_equals_the_adapter_model(lora_runs):

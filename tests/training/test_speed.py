@@ -57,7 +57,7 @@ def test_fused_cross_entropy_path_gives_the_same_losses_and_gradients_without_lo
     torch.testing.assert_close(fused.codec0_loss, plain.codec0_loss)
     torch.testing.assert_close(fused.sub_talker_loss, plain.sub_talker_loss)
     torch.testing.assert_close(fused_grad, plain_grad)
-    assert fused.codec0_logits is None and fused.sub_talker_logits is None and fused.frame_codec0_logits is None
+    assert fused.label_logits is None and fused.sub_talker_logits is None and fused.frame_codec0_logits is None
     model.zero_grad()
 
 

@@ -149,9 +149,8 @@ def teacher_forced_margins(model, tokenizer, row, layout: str) -> tuple[torch.Te
             model, [text_ids], [codes], speaker[None], [language_id_for(tcfg, row["language"])], layout=layout
         )
         out = talker_forward(model, inputs)
-    positions = (inputs.labels[0] != -100).nonzero().flatten()
-    targets = inputs.labels[0, positions]  # (T + 1,) codes then EOS
-    logits = out.codec0_logits[0, positions].clone()  # (T + 1, V)
+    targets = out.label_targets  # (T + 1,) codes then EOS
+    logits = out.label_logits.clone()  # (T + 1, V)
     control = torch.arange(tcfg.vocab_size - 1024, tcfg.vocab_size)
     logits[:, control[control != tcfg.codec_eos_token_id]] = float("-inf")
     for j in range(1, len(targets)):

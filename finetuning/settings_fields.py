@@ -96,7 +96,7 @@ class Settings:
     )
     VAD_THRESHOLD: float = _setting(0.5, "probability", "recordings: silero-vad speech probability", gt=0, lt=1)
     MIN_SPEAKER_SIMILARITY: float = _setting(
-        0.75,
+        0.6,
         "cosine",
         "recordings: clips less similar to the speaker's reference (resemblyzer GE2E) are rejected; 0 = off",
         ge=0,

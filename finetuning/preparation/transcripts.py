@@ -49,7 +49,9 @@ def read_sidecar(path: Path) -> list[Segment]:
     for caption in captions:
         text = " ".join(_MARKUP.sub("", caption.raw_text).split())
         if text:
-            segments.append(Segment(caption.start_in_seconds, caption.end_in_seconds, text))
+            # start_in_seconds is whole seconds; the timestamps keep the milliseconds
+            start_s, end_s = caption.start_time.in_milliseconds() / 1000, caption.end_time.in_milliseconds() / 1000
+            segments.append(Segment(start_s, end_s, text))
     return segments
 
 

@@ -299,3 +299,21 @@ def test_vtt_sidecar_keeps_milliseconds_and_drops_markup(tmp_path):
         (1.25, 3.04, "Good morning, how are you?"),
         (65.0, 67.125, "The coffee is too hot."),
     ]
+
+
+def test_demo_sessions_become_both_speakers_configs_without_the_interviewer(tmp_path, tiny_model_dir):
+    from finetuning.demo import write_demo_recordings
+    from finetuning.settings import BUNDLED_SPEAKERS
+
+    manifest = write_demo_recordings(tmp_path / "recordings", VOICES_DIR)
+    settings = make_settings(tmp_path, tiny_model_dir, SPEAKERS_MANIFEST=manifest, ASR_MODEL="")
+    reports = prepare_dataset(settings, report=lambda _: None)
+    for report, speaker in zip(reports, BUNDLED_SPEAKERS, strict=True):
+        corpus = [
+            json.loads(line)["text"] for line in (VOICES_DIR / speaker / "metadata.jsonl").read_text().splitlines()
+        ]
+        assert report.rejected == {"other_speaker": 1} and report.kept == len(corpus)
+        kept = datasets.concatenate_datasets(
+            [datasets.load_dataset(settings.DATASET_DIR, name=speaker, split=s) for s in ("train", "validation")]
+        )
+        assert sorted(kept["text"]) == sorted(corpus)

@@ -127,8 +127,11 @@ class Transcriber:
         import torch
 
         inputs = self._processor(batch, sampling_rate=self._sample_rate, return_tensors="pt", padding=True)
+        mask = inputs.get("attention_mask")  # models with layer-norm features (MMS) take one; group-norm ones not
         with torch.inference_mode():
-            logits = self._model(inputs.input_values.to(self.device)).logits.float()  # (batch, frames, vocab)
+            logits = self._model(
+                inputs.input_values.to(self.device), attention_mask=None if mask is None else mask.to(self.device)
+            ).logits.float()  # (batch, frames, vocab)
         log_probs = torch.log_softmax(logits, dim=-1)
         best_log_probs, best = log_probs.max(dim=-1)  # (batch, frames)
         blank = self._processor.tokenizer.pad_token_id

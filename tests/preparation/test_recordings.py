@@ -317,3 +317,58 @@ def test_demo_sessions_become_both_speakers_configs_without_the_interviewer(tmp_
             [datasets.load_dataset(settings.DATASET_DIR, name=speaker, split=s) for s in ("train", "validation")]
         )
         assert sorted(kept["text"]) == sorted(corpus)
+
+
+def build_tiny_ctc(folder: Path) -> Path:
+    """A randomly initialised wav2vec2 CTC model with a character vocabulary (the MMS / wav2vec2 family)."""
+    import torch
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"))
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True)
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(config).save_pretrained(folder)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["whisper", "ctc"])
+def test_transcriber_gives_text_and_a_probability_per_clip_in_batches(tmp_path, family):
+    from finetuning.preparation.sources import SourceError
+    from finetuning.preparation.transcripts import Transcriber
+
+    folder = (build_tiny_whisper if family == "whisper" else build_tiny_ctc)(tmp_path / family)
+    clips = [clip for clip, _ in _sentences("english_speaker", range(3))]
+    transcriber = Transcriber(str(folder), "cpu", batch_size=2)
+    results = transcriber.transcribe(clips, "english")
+    assert len(results) == len(clips)
+    for text, confidence in results:
+        assert isinstance(text, str) and 0.0 <= confidence <= 1.0
+    # a random model spreads its probability over the whole vocabulary: far below the default threshold
+    assert max(confidence for _, confidence in results) < 0.35
+    if family == "whisper":
+        with pytest.raises(SourceError, match="klingon"):
+            transcriber.transcribe(clips[:1], "klingon")

@@ -372,3 +372,49 @@ def test_transcriber_gives_text_and_a_probability_per_clip_in_batches(tmp_path, 
     if family == "whisper":
         with pytest.raises(SourceError, match="klingon"):
             transcriber.transcribe(clips[:1], "klingon")
+
+
+def test_command_counts_an_undecodable_recording_and_names_bad_subtitles_and_missing_folders(
+    tmp_path, tiny_model_dir, capsys, caplog
+):
+    """Through the command's own ``main`` (in this process: a subprocess would spend most of its time importing):
+    a file FFmpeg cannot decode is one counted ``unreadable`` rejection beside a good recording; subtitles that
+    are not SubRip, and a source folder that does not exist, each stop only their speaker, in one error line."""
+    from conftest import speechlike, write_wav
+
+    from finetuning.data_preparation import main
+
+    data = tmp_path / "data"
+    write_wav(data / "good" / "talk.wav", speechlike(3.0, seed=1))
+    (data / "good" / "talk.srt").write_text("1\n00:00:00,200 --> 00:00:02,600\nA sentence spoken here.\n")
+    (data / "good" / "phone.mp4").write_bytes(b"\x00\x00\x00 not a video")
+    write_wav(data / "subtitled" / "talk.wav", speechlike(3.0, seed=2))
+    (data / "subtitled" / "talk.srt").write_text("these are not subtitles\n")
+    reference = [str(VOICES_DIR / "english_speaker.wav")]
+    manifest = {
+        name: {"source": name, "format": "recordings", "language": "english", "reference": reference}
+        for name in ("good", "subtitled", "ghost")
+    }
+    (data / "speakers.json").write_text(json.dumps(manifest))
+    settings = {
+        "SPEAKERS_MANIFEST": data / "speakers.json",
+        "TRAIN_SPEAKERS": "good,subtitled,ghost",
+        "DATASET_DIR": tmp_path / "dataset",
+        "TOKENIZER_PATH": tiny_model_dir / "speech_tokenizer",
+        "INIT_MODEL_PATH": tiny_model_dir,
+        "DEVICE": "cpu",
+        "MIN_SPEAKER_SIMILARITY": 0,
+        "ASR_MODEL": "",
+    }
+    env = tmp_path / "recordings.env"
+    env.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+
+    assert main(["--env-file", str(env)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in errors[0]
+    for name in ("speaker subtitled", str(data / "subtitled" / "talk.srt"), "speaker ghost", str(data / "ghost")):
+        assert name in errors[0]
+    assert errors[0].endswith("prepared: good")
+    summary = json.loads((tmp_path / "dataset" / "preparation_summary.json").read_text())
+    assert summary["good"]["kept"] == 1 and summary["good"]["rejected"] == {"unreadable": 1}
+    assert f"{data / 'good' / 'phone.mp4'}: unreadable" in caplog.text

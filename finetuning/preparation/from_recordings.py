@@ -152,13 +152,20 @@ def _segment(recording: Path, sidecar: Path | None, folder: Path, models: _Model
     duration_s = len(samples) / SAMPLE_RATE
     confidences: list[float | None]
     if sidecar is not None:
-        segments = [s for s in read_sidecar(sidecar) if s.start_s < duration_s and s.end_s > s.start_s]
+        cues = read_sidecar(sidecar)
+        segments = [Segment(s.start_s, min(s.end_s, duration_s), s.text) for s in cues if s.start_s < duration_s]
+        if len(segments) < len(cues):
+            logger.warning(
+                "%s: %d cues start after the recording's end and are left out", sidecar, len(cues) - len(segments)
+            )
         confidences = [None] * len(segments)
     else:
         rules = segment_rules(models.settings)
         with tqdm(total=100.0, desc=f"{recording.name}: find speech", unit="%") as bar:
             regions = speech_regions(samples, rules, progress=lambda done: bar.update(done - bar.n))
         segments = plan_segments(regions, samples, rules)
+        if not segments:
+            logger.warning("%s: no speech found (VAD_THRESHOLD %s)", recording, rules.vad_threshold)
         clips = [cut(samples, s) for s in segments]
         transcribed = models.transcriber(recording).transcribe(
             clips, models.spec.language, desc=f"{recording.name}: transcribe"

@@ -80,7 +80,8 @@ class SourceItem:
     split: str | None = None
     reference_audio: list[Path | bytes] = field(default_factory=list)
     origin: str = ""  # for messages: where the item came from
-    problem: str | None = None  # a rejection reason found while reading (bad_encoding, not_json, outside_source)
+    problem: str | None = None  # a rejection found before the gate: bad_encoding, not_json, outside_source;
+    # for recordings also unreadable, low_asr_confidence, other_speaker
     speaker: str | None = None  # the source's speaker column, when it has one
 
 

@@ -3,10 +3,11 @@
 * Sidecars: ``talk.srt`` or ``talk.vtt`` beside ``talk.mp4`` (read with webvtt-py). Each cue is one candidate
   clip, cut at the cue's own timestamps, its text exactly the cue's (lines joined by a space, markup removed).
 * ASR (``ASR_MODEL``): a Whisper model (``generate`` with the manifest's language forced, batched, on the
-  preparation device) or a CTC model (wav2vec2 / MMS; greedy decoding). Each clip gets its text and a
-  confidence in [0, 1]: the geometric mean of the probabilities of the chosen tokens (Whisper: every generated
-  token up to end-of-text; CTC: every frame not decoded as blank). Clips below ``MIN_ASR_CONFIDENCE`` are
-  rejected as ``low_asr_confidence`` by the caller.
+  preparation device) or a CTC model (wav2vec2 / MMS; greedy decoding; an MMS model with per-language adapters
+  switches to the manifest language's adapter and vocabulary, by the label or its ISO 639-3 code). Each clip
+  gets its text and a confidence in [0, 1]: the geometric mean of the probabilities of the chosen tokens
+  (Whisper: every generated token up to end-of-text; CTC: every frame not decoded as blank). Clips below
+  ``MIN_ASR_CONFIDENCE`` are rejected as ``low_asr_confidence`` by the caller.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Transcriber:
         except (OSError, ValueError) as error:
             raise SourceError(f"ASR_MODEL={self.model_id} cannot be loaded: {error}") from error
         self._sample_rate = int(self._processor.feature_extractor.sampling_rate)
+        self._adapter: str | None = None  # the language adapter an MMS-style model has loaded
 
     def transcribe(self, clips: list[np.ndarray], language: str | None, desc: str = "") -> list[tuple[str, float]]:
         """(text, confidence) for each 24 kHz mono clip, in order, ``batch_size`` clips per model call.
@@ -88,7 +90,7 @@ class Transcriber:
                 batch = [
                     resample(clip, SAMPLE_RATE, self._sample_rate) for clip in clips[start : start + self.batch_size]
                 ]
-                results.extend(self._whisper(batch, language) if self._is_whisper else self._ctc(batch))
+                results.extend(self._whisper(batch, language) if self._is_whisper else self._ctc(batch, language))
                 bar.update(len(batch))
         return results
 
@@ -123,9 +125,38 @@ class Transcriber:
             results.append((" ".join(text.split()), confidence))
         return results
 
-    def _ctc(self, batch: list[np.ndarray]) -> list[tuple[str, float]]:
+    def _use_adapter(self, language: str | None) -> None:
+        """MMS-style CTC models carry one adapter and vocabulary per language (ISO 639-3): switch to the label's,
+        tried as written, then as its ISO 639-3 code (``english`` -> ``eng``). Models without adapters, and
+        ``auto``, keep what they have. Raises SourceError when no candidate loads."""
+        if not getattr(self._model.config, "adapter_attn_dim", None) or (language or "").lower() in NO_LANGUAGE:
+            return
+        import pycountry
+
+        try:
+            iso = pycountry.languages.lookup(language).alpha_3
+        except LookupError:
+            iso = None
+        candidates = list(dict.fromkeys(c for c in (language.lower(), iso) if c))
+        if self._adapter in candidates:
+            return
+        for code in candidates:
+            try:
+                self._processor.tokenizer.set_target_lang(code)
+                self._model.load_adapter(code)
+            except (OSError, ValueError):
+                continue
+            self._adapter = code
+            return
+        raise SourceError(
+            f"ASR_MODEL={self.model_id} has no adapter for language {language!r} (tried {candidates}); write the "
+            "model's ISO 639-3 code as the speaker's \"language\""
+        )
+
+    def _ctc(self, batch: list[np.ndarray], language: str | None) -> list[tuple[str, float]]:
         import torch
 
+        self._use_adapter(language)
         inputs = self._processor(batch, sampling_rate=self._sample_rate, return_tensors="pt", padding=True)
         mask = inputs.get("attention_mask")  # models with layer-norm features (MMS) take one; group-norm ones not
         with torch.inference_mode():

@@ -86,7 +86,11 @@ class Settings:
         1.0, "seconds", "recordings: speech shorter than this joins its nearer neighbour (gap <= 1 s) if it fits", gt=0
     )
     SEGMENT_MAX_S: float = _setting(
-        15.0, "seconds", "recordings: longer speech is split at its quietest point (>= 2 x SEGMENT_MIN_S)", gt=0
+        15.0,
+        "seconds",
+        "recordings: longer speech is split at its quietest point (>= 2 x SEGMENT_MIN_S; Whisper hears 30 s)",
+        gt=0,
+        le=30,
     )
     SEGMENT_MIN_PAUSE_S: float = _setting(
         0.3, "seconds", "recordings: a pause at least this long ends a clip (shorter ones stay inside)", gt=0

@@ -173,8 +173,11 @@ def test_containers_decode_to_the_same_speech(tmp_path, recording, suffix, codec
     assert len(plan_segments(speech_regions(decoded, RULES), decoded, RULES)) == len(speech)
 
 
-def test_a_file_without_audio_is_unreadable(tmp_path):
+def test_a_file_without_audio_is_unreadable_and_a_single_file_is_a_recordings_source(tmp_path):
     from finetuning.preparation.audio import AudioDecodeError
+    from finetuning.preparation.sources import detect_format
+
+    assert detect_format(str(tmp_path / "interview.MKV")) == "recordings"
 
     (tmp_path / "notes.mp4").write_bytes(b"not a video at all")
     with pytest.raises(AudioDecodeError, match="notes.mp4"):

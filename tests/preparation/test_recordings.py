@@ -28,7 +28,7 @@ PAUSES_S = (0.8, 0.6, 0.9, 0.7)  # between the five sentences; every one longer 
 LEAD_S, TAIL_S = 0.5, 0.6
 OTHER_VOICE_AT = 2  # the third sentence is the Swahili (female) voice: the "interviewer"
 BOUNDARY_TOLERANCE_S = 0.15
-SPEECH_TOP_DB = 35.0  # what counts as speech inside a bundled clip when finding its true edges
+SPEECH_TOP_DB = 40.0  # speech edges inside a bundled clip: as the quality gate counts silence (40 dB under peak)
 RULES = SegmentRules(min_s=1.0, max_s=15.0, min_pause_s=0.3, pad_s=0.1, vad_threshold=0.5)
 
 

@@ -164,7 +164,9 @@ def test_long_speech_splits_at_its_quietest_point_and_short_speech_joins_its_nei
     assert segments[2].start_s == pytest.approx(21.0 - RULES.pad_s) and segments[2].end_s == pytest.approx(24.1)
 
 
-@pytest.mark.parametrize(("suffix", "codec"), [("flac", "flac"), ("mp3", "libmp3lame"), ("mp4", "aac")])
+@pytest.mark.parametrize(
+    ("suffix", "codec"), [("flac", "flac"), ("mp3", "libmp3lame"), ("mp4", "aac"), ("webm", "libopus")]
+)
 def test_containers_decode_to_the_same_speech(tmp_path, recording, suffix, codec):
     samples, speech, _ = recording
     path = write_container(tmp_path / f"talk.{suffix}", samples, codec)

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 CACHE_DIR = ".recordings"  # under DATASET_DIR; one folder per speaker, one entry per recording
 CACHE_VERSION = 1
 ENTRY_FILE = "segments.json"
+HASH_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -133,12 +134,21 @@ def _reference_audio(spec: SpeakerSpec) -> list[np.ndarray]:
     return references
 
 
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file read in chunks (a video may be larger than the memory one wants to spend on it)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _cache_key(recording: Path, sidecar: Path | None, spec: SpeakerSpec, settings: Settings) -> str:
     filtered = settings.MIN_SPEAKER_SIMILARITY > 0
     what = {
         "version": CACHE_VERSION,
-        "recording": hash_audio(recording),
-        "sidecar": hash_audio(sidecar) if sidecar else None,
+        "recording": _file_digest(recording),
+        "sidecar": _file_digest(sidecar) if sidecar else None,
         "rules": segment_rules(settings).__dict__ if sidecar is None else None,
         "asr": [settings.ASR_MODEL, spec.language] if sidecar is None else None,
         "speaker_filter": [ENCODER_NAME, [hash_audio(Path(r)) for r in spec.references]] if filtered else None,
@@ -227,15 +237,15 @@ def read_recordings(spec: SpeakerSpec, settings: Settings, cache_root: Path) -> 
     read, keys = RecordingsRead(), set()
     for recording in recordings:
         sidecar = find_sidecar(recording)
-        key = _cache_key(recording, sidecar, spec, settings)
-        folder = cache_root / key
-        if not (folder / ENTRY_FILE).exists():
-            try:
+        try:
+            key = _cache_key(recording, sidecar, spec, settings)
+            folder = cache_root / key
+            if not (folder / ENTRY_FILE).exists():
                 _segment(recording, sidecar, folder, models)
-            except (FileNotFoundError, AudioDecodeError) as error:
-                read.items.append(rejected_item(recording.stem, str(recording), RowError("unreadable", str(error))))
-                continue
-            read.segmented.append(str(recording))
+                read.segmented.append(str(recording))
+        except (FileNotFoundError, PermissionError, AudioDecodeError) as error:
+            read.items.append(rejected_item(recording.stem, str(recording), RowError("unreadable", str(error))))
+            continue
         keys.add(key)
         entry = json.loads((folder / ENTRY_FILE).read_text())
         read.seconds_in += entry["duration_s"]

@@ -1,10 +1,10 @@
 """Speaker filter for recordings: how similar each candidate clip's voice is to the speaker's reference clips.
 
 The encoder is resemblyzer's GE2E (256-d, 16 kHz; its weights ship inside the wheel, so it runs offline), the
-offline speaker-similarity model evaluation uses too. Against the bundled English reference clip, each of the
-14 bundled English sentences (1-4 s) measures 0.72-0.92 and the Swahili voice's sentences 0.46-0.53, so the
-default ``MIN_SPEAKER_SIMILARITY`` 0.6 drops an interviewer or an audience member of another voice while
-keeping short clips of the speaker. Clips below it are rejected as ``other_speaker``.
+offline speaker-similarity model evaluation uses too. Each bundled speaker's 14 sentences (1-4 s) measure
+0.72-0.95 against that speaker's reference clip and the other voice's 0.36-0.53, so the default
+``MIN_SPEAKER_SIMILARITY`` 0.6 drops an interviewer or an audience member of another voice while keeping
+short clips of the speaker. Clips below it are rejected as ``other_speaker``.
 """
 
 from __future__ import annotations

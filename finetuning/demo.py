@@ -5,6 +5,11 @@ and speaks one sentence per speaker through stock ``generate_custom_voice``. Not
 model is a tiny, randomly initialised Qwen3-TTS of the real architecture (``finetuning/tiny_model.py``) with a
 random speech codec, so the audio it produces is noise-like by design; the pipeline and the files are real.
 The demo ignores your ``.env`` so that it always runs the same way; pass ``--output_dir`` to put files elsewhere.
+
+``--recordings`` starts from long recordings instead of clips: each bundled speaker's sentences are joined, with
+pauses, into one session file with one sentence of the other voice in the middle (an interviewer) and an
+``.srt`` of every sentence; preparation cuts the sessions at the subtitles, drops the other voice with the
+speaker filter and writes the same two configs.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 
+import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
+from finetuning.constants import SAMPLE_RATE  # noqa: E402
 from finetuning.evaluation.speech import load_checkpoint, synthesize  # noqa: E402
+from finetuning.preparation.audio import load_mono_24k  # noqa: E402
 from finetuning.preparation.prepare import prepare_dataset  # noqa: E402
 from finetuning.settings import BUNDLED_SPEAKERS, load_settings  # noqa: E402
 from finetuning.tiny_model import build_tiny_model  # noqa: E402
@@ -28,8 +37,48 @@ from finetuning.training.data import load_split  # noqa: E402
 from finetuning.training.loop import train  # noqa: E402
 
 DEMO_STEPS = 400
+SESSION_PAUSES_S = (0.6, 0.9, 0.7, 1.2)  # pauses between the sentences of a demo session, in turn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _srt_time(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+
+def write_demo_recordings(folder: Path, voices: Path, speakers=BUNDLED_SPEAKERS) -> Path:
+    """One session per speaker under ``folder/<speaker>/session.wav`` with its ``session.srt``: the speaker's
+    bundled sentences joined with SESSION_PAUSES_S, and the next speaker's first sentence in the middle. Returns
+    the SPEAKERS_MANIFEST (format ``recordings``) naming them."""
+    corpora = {
+        name: [json.loads(line) for line in (voices / name / "metadata.jsonl").read_text().splitlines()]
+        for name in speakers
+    }
+    manifest = {}
+    for number, name in enumerate(speakers):
+        rows = [(name, row) for row in corpora[name]]
+        other = speakers[(number + 1) % len(speakers)]
+        rows.insert(len(rows) // 2, (other, corpora[other][0]))
+        pieces, cues, position = [], [], 0
+        for index, (owner, row) in enumerate(rows):
+            clip = load_mono_24k(voices / owner / row["audio"])
+            cues.append(f"{index + 1}\n{_srt_time(position / SAMPLE_RATE)} --> ")
+            cues[-1] += f"{_srt_time((position + len(clip)) / SAMPLE_RATE)}\n{row['text']}\n"
+            pause = np.zeros(round(SESSION_PAUSES_S[index % len(SESSION_PAUSES_S)] * SAMPLE_RATE), np.float32)
+            pieces += [clip, pause]
+            position += len(clip) + len(pause)
+        session = folder / name / "session.wav"
+        session.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(session, np.concatenate(pieces), SAMPLE_RATE)
+        session.with_suffix(".srt").write_text("\n".join(cues), encoding="utf-8")
+        language = corpora[name][0].get("language", "auto")
+        reference = str(voices / f"{name}.wav")
+        manifest[name] = {"source": str(session.parent), "format": "recordings", "language": language}
+        manifest[name]["reference"] = [reference]
+    path = folder / "speakers.json"
+    path.write_text(json.dumps(manifest, indent=2))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="outputs/demo", help="where the demo writes (default: outputs/demo)")
     parser.add_argument("--layout", default="equal", choices=("equal", "wide_text"), help="tiny model layout")
     parser.add_argument("--max_steps", type=int, default=DEMO_STEPS, help=f"optimizer steps (default {DEMO_STEPS})")
+    parser.add_argument("--recordings", action="store_true", help="start from long recordings with subtitles")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     out = Path(args.output_dir)
 
+    voices = REPO_ROOT / "voices"
     print("[1/4] building a tiny random Qwen3-TTS Base model (offline) ...")
     base = build_tiny_model(out / "tiny_base", layout=args.layout, seed=0)
     settings = load_settings(
@@ -48,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         environ={},
         overrides={
             "TRAIN_SPEAKERS": ",".join(BUNDLED_SPEAKERS),
-            "VOICES_DIR": str(REPO_ROOT / "voices"),
+            "VOICES_DIR": str(voices),
             "DATASET_DIR": str(out / "dataset"),
             "INIT_MODEL_PATH": str(base),
             "TOKENIZER_PATH": str(base / "speech_tokenizer"),
@@ -66,11 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             "LOGGING_STEPS": 25,
             "EVAL_STEPS": 50,
             "SAVE_STEPS": 0,  # a demo run is short: nothing to resume
+            "SPEAKERS_MANIFEST": str(write_demo_recordings(out / "recordings", voices)) if args.recordings else "",
+            "ASR_MODEL": "",  # offline: the demo sessions carry subtitles
         },
     )
     print(f"      model: {base}")
 
-    print("[2/4] preparing the bundled speakers (quality gate, 24 kHz, codes) ...")
+    if args.recordings:
+        print(f"[2/4] cutting the sessions in {out / 'recordings'} into clips, then preparing them ...")
+    else:
+        print("[2/4] preparing the bundled speakers (quality gate, 24 kHz, codes) ...")
     prepare_dataset(settings)
     print(f"      dataset: {Path(settings.DATASET_DIR).resolve()} (summary: preparation_summary.json)")
 

@@ -47,6 +47,8 @@ def validate(settings: Settings) -> None:
     for low, high in (("MIN_CHARS_PER_S", "MAX_CHARS_PER_S"), ("MIN_DURATION_S", "MAX_DURATION_S")):
         low_value, high_value = getattr(s, low), getattr(s, high)
         require(high_value > low_value, high, high_value, f"> {low} ({low_value})")
+    segment_rule = f">= 2 x SEGMENT_MIN_S ({s.SEGMENT_MIN_S}): an over-long clip splits into two that fit"
+    require(s.SEGMENT_MAX_S >= 2 * s.SEGMENT_MIN_S, "SEGMENT_MAX_S", s.SEGMENT_MAX_S, segment_rule)
     repeat = s.SPEAKER_MAX_REPEAT
     require(repeat == 0 or repeat >= 1, "SPEAKER_MAX_REPEAT", repeat, "0 (no cap) or >= 1")
     fused_rule = "false with USE_AUXILIARY_LOSSES=true (the auxiliary losses read the logits it never builds)"

@@ -81,6 +81,39 @@ class Settings:
     ENCODE_BATCH_SIZE: int = _setting(8, "clips", "clips per speech-tokenizer batch during preparation", ge=1)
     PREPARATION_WORKERS: int = _setting(1, "processes", "parallel clip processes (CUDA: 1 per GPU); same output", ge=1)
     MAX_SHARD_SIZE_MB: float = _setting(256.0, "MB", "upper bound of one parquet shard of the dataset", gt=0)
+    # --- recordings (format "recordings": long files cut into clips) ------------------------------------------
+    SEGMENT_MIN_S: float = _setting(
+        1.0, "seconds", "recordings: speech shorter than this joins its nearer neighbour (gap <= 1 s) if it fits", gt=0
+    )
+    SEGMENT_MAX_S: float = _setting(
+        15.0,
+        "seconds",
+        "recordings: longer speech is split at its quietest point (>= 2 x SEGMENT_MIN_S; Whisper hears 30 s)",
+        gt=0,
+        le=30,
+    )
+    SEGMENT_MIN_PAUSE_S: float = _setting(
+        0.3, "seconds", "recordings: a pause at least this long ends a clip (shorter ones stay inside)", gt=0
+    )
+    SEGMENT_PAD_S: float = _setting(
+        0.1, "seconds", "recordings: silence kept before and after the speech (at most half the pause)", ge=0
+    )
+    VAD_THRESHOLD: float = _setting(0.5, "probability", "recordings: silero-vad speech probability", gt=0, lt=1)
+    MIN_SPEAKER_SIMILARITY: float = _setting(
+        0.6,
+        "cosine",
+        "recordings: clips less similar to the speaker's reference (resemblyzer GE2E) are rejected; 0 = off",
+        ge=0,
+        le=1,
+    )
+    MIN_ASR_CONFIDENCE: float = _setting(
+        0.35,
+        "probability",
+        "recordings transcribed by ASR_MODEL: clips whose mean token probability is lower are rejected",
+        ge=0,
+        le=1,
+    )
+    ASR_BATCH_SIZE: int = _setting(8, "clips", "recordings: clips per ASR_MODEL batch when transcribing", ge=1)
     # --- model -------------------------------------------------------------------------------------------
     INIT_MODEL_PATH: str = _setting(
         "Qwen/Qwen3-TTS-12Hz-1.7B-Base", "Hub id or path", "Base model to fine-tune (12 Hz, 0.6B or 1.7B)"
@@ -236,7 +269,11 @@ class Settings:
         "recogniser for WER/CER: auto = transformers ASR_MODEL if it loads, else pocketsphinx (English)",
         choices=("auto", "transformers", "pocketsphinx"),
     )
-    ASR_MODEL: str = _setting("openai/whisper-small", "Hub id or path", "transformers ASR model; empty = none")
+    ASR_MODEL: str = _setting(
+        "openai/whisper-small",
+        "Hub id or path",
+        "transformers ASR model (Whisper or CTC) for WER and for recordings without subtitles; empty = none",
+    )
     SCORER_ALLOW_DOWNLOAD: bool = _setting(
         False, "bool", "let evaluation scorers download weights; off = local folders and the HF cache only"
     )

@@ -77,5 +77,7 @@ def fingerprint(spec: SpeakerSpec, items: list[SourceItem], settings: Settings, 
     for item in items:
         row = [item.id, item.text, item.language, item.split, hash_audio(item.audio)]
         row += [hash_audio(r) for r in item.reference_audio]
+        if item.problem is not None:  # a reason found before the gate (recordings: one that thresholds decide)
+            row.append(item.problem)
         digest.update(json.dumps(row).encode())
     return digest.hexdigest()

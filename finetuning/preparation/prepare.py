@@ -31,9 +31,19 @@ from finetuning.preparation.audio import (
 from finetuning.preparation.clips import ClipProcessor, ClipWork, log_rejections
 from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
+from finetuning.preparation.from_recordings import CACHE_DIR as RECORDINGS_CACHE
+from finetuning.preparation.from_recordings import read_recordings
 from finetuning.preparation.languages import LanguageError, ModelLanguages, read_model_languages, resolve_labels
-from finetuning.preparation.multispeaker import expand_group, group_from_entry, pick_references
-from finetuning.preparation.sources import FORMATS, SourceError, SourceItem, SpeakerSpec, read_source, unique_ids
+from finetuning.preparation.multispeaker import clip_seconds, expand_group, group_from_entry, pick_references
+from finetuning.preparation.sources import (
+    FORMATS,
+    SourceError,
+    SourceItem,
+    SpeakerSpec,
+    detect_format,
+    read_source,
+    unique_ids,
+)
 from finetuning.preparation.writing import SpeakerReport, make_row, write_card, write_split
 from finetuning.resources import is_hub_id
 from finetuning.settings import Settings
@@ -226,9 +236,14 @@ def prepare_speaker(
     ``model_languages`` gives the Base model's language table (default: read from INIT_MODEL_PATH when needed).
     ``items`` are the speaker's source items when already read (a multi-speaker source); else the source is read.
     """
+    seconds_in = None  # known up front for recordings; measured from the clips' headers otherwise
     if items is None:
         try:
-            items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
+            if (spec.format or detect_format(spec.source)) == "recordings":
+                recorded = read_recordings(spec, settings, output_dir / RECORDINGS_CACHE / spec.name)
+                items, seconds_in = recorded.items, recorded.seconds_in
+            else:
+                items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
         except (SourceError, OSError) as error:
             raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
     named = sorted({item.speaker for item in items if item.speaker})
@@ -255,6 +270,7 @@ def prepare_speaker(
             report.clips_total = summary.get("clips_total", 0)
             report.kept = summary.get("kept", 0)
             report.hours_kept = summary.get("hours_kept", 0.0)
+            report.hours_in = summary.get("hours_in", 0.0)
             report.rejected = summary.get("rejected", {})
             report.splits = summary.get("splits", {})
             report.references = summary.get("references", 0)
@@ -320,6 +336,7 @@ def prepare_speaker(
         fingerprint=print_,
         clips_total=len(items),
         kept=len(kept),
+        hours_in=round((seconds_in or sum(clip_seconds(item.audio) for item in items)) / 3600.0, 6),
         hours_kept=round(sum(clip.num_samples for _, clip in kept) / SAMPLE_RATE / 3600.0, 6),
         rejected=dict(rejected),
         splits={name: len(r) for name, r in rows.items() if r},
@@ -413,6 +430,6 @@ def _format_report(r: SpeakerReport) -> str:
     auto_prefix = ", ".join(r.auto_prefix_languages)
     auto_prefix = f"; trains with the auto prefix: {auto_prefix}" if auto_prefix else ""
     return (
-        f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} min); "
+        f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} of {r.hours_in * 60:.2f} min); "
         f"splits: {splits}; rejected: {rejected}{auto_prefix}"
     )

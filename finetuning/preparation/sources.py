@@ -16,6 +16,8 @@ Formats (``format`` in the speakers manifest, or detected from the path):
   * ``hf``        a 🤗 dataset (local folder saved with ``save_to_disk``/parquet, or a Hub id) with ``audio`` and
                   ``text`` columns, optional ``speaker`` (rows of other speakers are skipped), ``language``,
                   ``id``; its splits are kept.
+  * ``recordings`` long files (a file or a folder of them) cut into clips with text by
+                  ``finetuning.preparation.from_recordings``; not read here.
 
 Relative audio paths resolve against the source's folder and must stay inside it: one that leaves it (``..``) is
 rejected as ``outside_source``; an absolute path is taken as given on purpose.
@@ -35,7 +37,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus")
-FORMATS = ("jsonl", "ljspeech", "chatml", "hf")
+RECORDING_EXTENSIONS = (*AUDIO_EXTENSIONS, ".m4a", ".aac", ".mp4", ".mkv", ".webm", ".mov")
+FORMATS = ("jsonl", "ljspeech", "chatml", "hf", "recordings")
 GIVEN_SPLITS = ("train", "validation", "test")
 METADATA_FILES = (("metadata.csv", "|"), ("metadata.txt", "|"), ("metadata.tsv", "\t"))
 DEFAULT_SPEAKER_COLUMN = "speaker"
@@ -77,7 +80,8 @@ class SourceItem:
     split: str | None = None
     reference_audio: list[Path | bytes] = field(default_factory=list)
     origin: str = ""  # for messages: where the item came from
-    problem: str | None = None  # a rejection reason found while reading (bad_encoding, not_json, outside_source)
+    problem: str | None = None  # a rejection found before the gate: bad_encoding, not_json, outside_source;
+    # for recordings also unreadable, low_asr_confidence, other_speaker
     speaker: str | None = None  # the source's speaker column, when it has one
 
 
@@ -121,6 +125,8 @@ def detect_format(source: str) -> str:
         return "jsonl"
     if path.suffix == ".json":
         return "chatml"
+    if path.suffix.lower() in RECORDING_EXTENSIONS:
+        return "recordings"
     if not path.exists() and source.count("/") == 1:
         return "hf"
     raise SourceError(f'cannot tell the format of {source!r}; set "format" to one of {FORMATS}')
@@ -345,6 +351,8 @@ def read_source(
         return read_chatml(Path(source), speaker)
     if fmt == "hf":
         return read_hf(source, speaker, token, speaker_column)
+    if fmt == "recordings":
+        raise SourceError("a recordings source holds one speaker: it cannot have a speaker_column")
     raise SourceError(f"unknown format {fmt!r}; use one of {FORMATS}")
 
 

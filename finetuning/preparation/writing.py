@@ -85,6 +85,7 @@ class SpeakerReport:
     fingerprint: str
     clips_total: int = 0
     kept: int = 0
+    hours_in: float = 0.0  # source audio read: every clip, or the whole recordings of a recordings source
     hours_kept: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
@@ -100,6 +101,7 @@ class SpeakerReport:
             "fingerprint": self.fingerprint,
             "clips_total": self.clips_total,
             "kept": self.kept,
+            "hours_in": self.hours_in,
             "hours_kept": self.hours_kept,
             "rejected_total": sum(self.rejected.values()),
             "rejected": dict(sorted(self.rejected.items())),

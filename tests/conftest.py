@@ -138,7 +138,8 @@ def shift_labels_once_more(inputs):
     """The official recipe's double label shift (upstream issue #179), for tests that show it fails: first-codebook
     labels moved one more position left, so each position learns the code one frame further ahead.
 
-    ``inputs`` is a ``finetuning.training.step.TalkerInputs``; returns a copy with shifted (B, L) labels.
+    ``inputs`` is a ``finetuning.training.step.TalkerInputs``; returns a copy with shifted (B, L) labels and
+    labelled positions.
     """
     import dataclasses
 
@@ -146,7 +147,7 @@ def shift_labels_once_more(inputs):
 
     labels = inputs.labels
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    return dataclasses.replace(inputs, labels=shifted)
+    return dataclasses.replace(inputs, labels=shifted, label_position=inputs.label_position - 1)
 
 
 _MARGINS: dict[str, dict[str, float]] = {}

@@ -55,6 +55,8 @@ class TalkerInputs:
     inputs_embeds   (B, L, D) float   talker input, right-padded with zeros
     attention_mask  (B, L)    long    1 for real positions
     labels          (B, L)    long    first-codebook targets (codes + EOS), IGNORE_INDEX elsewhere
+    label_batch     (N + B,)  long    batch row of each labelled position: the N frames, then each utterance's EOS
+    label_position  (N + B,)  long    the labelled positions, the only ones the codec head scores
     frame_batch     (N,)      long    batch row of each frame
     frame_position  (N,)      long    position whose hidden state predicted that frame's first code
     frame_codes     (N, 16)   long    the frame's codes
@@ -65,6 +67,8 @@ class TalkerInputs:
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    label_batch: torch.Tensor
+    label_position: torch.Tensor
     frame_batch: torch.Tensor
     frame_position: torch.Tensor
     frame_codes: torch.Tensor
@@ -178,10 +182,15 @@ def build_talker_inputs(
 
     labels = torch.where(grid.label_index >= 0, first_codes[grid.label_index.clamp(min=0)], IGNORE_INDEX)
     labels = torch.where(grid.label_index == EOS_LABEL, tcfg.codec_eos_token_id, labels)  # (B, L)
+    # Frames are contiguous and in batch order; each utterance's EOS target sits right after its last frame.
+    rows = torch.arange(len(codes), device=device)
+    last_frame = torch.searchsorted(grid.frame_batch, rows, right=True) - 1  # (B,)
     return TalkerInputs(
         inputs_embeds=codec + text,
         attention_mask=grid.attention_mask,
         labels=labels,
+        label_batch=torch.cat([grid.frame_batch, rows]),
+        label_position=torch.cat([grid.frame_position, grid.frame_position[last_frame] + 1]),
         frame_batch=grid.frame_batch,
         frame_position=grid.frame_position,
         frame_codes=all_codes,
@@ -317,14 +326,9 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
     # FlashAttention off their is_causal kernels.
     no_padding = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     hidden = talker.model(inputs_embeds=embeds, attention_mask=no_padding, use_cache=False).last_hidden_state
-    # Codebook 0 is scored only where there is a target: each frame's predicting position, then each utterance's
-    # EOS right after its last frame (frames are contiguous, in batch order). Text positions never reach the head.
-    rows = torch.arange(embeds.shape[0], device=embeds.device)
-    last_frame = torch.searchsorted(inputs.frame_batch, rows, right=True) - 1  # (B,)
-    label_batch = torch.cat([inputs.frame_batch, rows])  # (N + B,)
-    label_position = torch.cat([inputs.frame_position, inputs.frame_position[last_frame] + 1])
-    label_hidden = hidden[label_batch, label_position]  # (N + B, D)
-    label_targets = inputs.labels[label_batch, label_position]  # (N + B,)
+    # Codebook 0 is scored only where there is a target; text positions never reach the 3072-way head.
+    label_hidden = hidden[inputs.label_batch, inputs.label_position]  # (N + B, D)
+    label_targets = inputs.labels[inputs.label_batch, inputs.label_position]  # (N + B,)
     head, logits = talker.codec_head, None
     if fused_cross_entropy is None:
         logits = head(label_hidden)  # (N + B, V)
@@ -332,7 +336,7 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
     else:
         codec0_loss = fused_cross_entropy(head.weight, label_hidden, label_targets, head.bias)
 
-    frame_hidden = label_hidden[: inputs.frame_batch.shape[0]]  # (N, D)
+    frame_hidden = hidden[inputs.frame_batch, inputs.frame_position]  # (N, D)
     codes = inputs.frame_codes  # (N, 16)
     predictor = talker.code_predictor
     # [hidden that predicted code_j0, C(code_j0), emb_1(code_j1), ..., emb_14(code_j14)]
@@ -358,7 +362,7 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
         label_logits=logits,
         label_targets=label_targets,
         sub_talker_logits=sub_logits,
-        frame_codec0_logits=None if logits is None else logits[: frame_hidden.shape[0]],
+        frame_codec0_logits=None if logits is None else logits[: frame_hidden.shape[0]],  # label rows 0..N-1
         frame_batch=inputs.frame_batch,
         frame_codes=codes,
         attention_mask=inputs.attention_mask,

@@ -80,8 +80,9 @@ def clone_run(tiny_model_dirs, tmp_path_factory):
         metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
     model_dir = _discriminative_copy(tiny_model_dirs["equal"], voices, tmp_path / "model")
     # ENCODE_BATCH_SIZE=1: each clip's codes as stock create_voice_clone_prompt encodes a reference, alone (in a
-    # padded batch the tokenizer's last frame of a shorter clip can differ). SUB_TALKER_LOSS_WEIGHT=1: each
-    # frame's sub-talker input comes in two modes here; at 0.3 its margins end near 0.5 logits after 300 steps.
+    # padded batch the tokenizer's last frame of a shorter clip can differ). SUB_TALKER_LOSS_WEIGHT=1: every
+    # frame's sub-talker input comes in two modes here; at the default 0.3 the smallest sub-talker margin after
+    # 300 steps was 3.8 logits with AVX-512 kernels but -0.3 with AVX2 ones (>= 5.0 with all three kernel sets at 1).
     settings = _overfit_settings(
         tmp_path,
         model_dir,

@@ -143,3 +143,51 @@ def test_a_batch_mixing_modes_equals_each_utterance_alone(wrappers):
             torch.testing.assert_close(batch.frame_codebook_embeds[rows], alone.frame_codebook_embeds, rtol=0, atol=0)
     with pytest.raises(ValueError, match="both its transcript ids and its codes"):
         build_talker_inputs(model, text_ids[:1], codes[:1], speakers[:1], [None], "streaming", ref_text_ids[:1], None)
+
+
+def test_the_step_conditions_each_sample_on_its_reference_with_one_lookup_per_table(wrappers):
+    """``TalkerStep`` on a voice-clone batch: the speaker slot holds the x-vector row the batch names (not the
+    speaker's), ICL references go through the same builder, and every embedding table is still called once."""
+    from finetuning.training.step import TalkerStep, talker_forward
+
+    wrapper = wrappers["wide_text"]
+    model, tokenizer = wrapper.model, wrapper.processor.tokenizer
+    gen = torch.Generator().manual_seed(9)
+    text_ids = [tokenizer(assistant_text(t), return_tensors="pt")["input_ids"][0] for t in ("Habari.", "Yes, yes.")]
+    codes = [torch.randint(0, 2048, (n, 16), generator=gen) for n in (5, 4)]
+    xvectors = torch.randn(6, model.config.talker_config.hidden_size, generator=gen)  # one row per clip
+    batch = {
+        "text_ids": text_ids,
+        "codes": codes,
+        "speaker": torch.tensor([0, 1]),
+        "language": ["auto", "english"],
+        "xvector_row": torch.tensor([4, 2]),
+        "ref_text_ids": [reference_content_ids(tokenizer, "Karibu."), None],
+        "ref_codes": [torch.randint(0, 2048, (3, 16), generator=gen), None],
+    }
+    calls: dict[str, int] = {}
+    tables = {name: m for name, m in model.talker.named_modules() if isinstance(m, torch.nn.Embedding)}
+    handles = [
+        m.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        for name, m in tables.items()
+    ]
+    step = TalkerStep(model, xvectors, layout="streaming")
+    try:
+        with torch.no_grad():
+            loss, _ = step(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {name: 1 for name in tables}
+    languages = [None, language_id_for(model.config.talker_config, "english")]
+    with torch.no_grad():
+        expected = build_talker_inputs(
+            model, text_ids, codes, xvectors[[4, 2]], languages, "streaming", batch["ref_text_ids"], batch["ref_codes"]
+        )
+        out = talker_forward(model, expected)
+        wrong_rows = build_talker_inputs(
+            model, text_ids, codes, xvectors[[0, 1]], languages, "streaming", batch["ref_text_ids"], batch["ref_codes"]
+        )
+        wrong = talker_forward(model, wrong_rows)
+    torch.testing.assert_close(loss, out.codec0_loss + 0.3 * out.sub_talker_loss, rtol=0, atol=0)
+    assert not torch.equal(loss, wrong.codec0_loss + 0.3 * wrong.sub_talker_loss)

@@ -1,4 +1,4 @@
-"""The training loop: prepared speaker configs -> fine-tuned talker -> exported custom-voice checkpoint.
+"""The training loop: prepared speaker configs -> fine-tuned talker -> exported custom-voice or voice-clone checkpoint.
 
 Reads top to bottom like accelerate's examples: settings -> model and speaker embeddings -> dataloader ->
 ``accelerator.prepare`` -> loop (accumulate, clip, step, log, validate, save) -> export. Run it through

@@ -1,8 +1,11 @@
 """Speak with an exported checkpoint: ``uv run python finetuning/generate.py --checkpoint DIR --speaker NAME
---text "..." [--language L] [--output out.wav]``.
+--text "..." [--language L] [--output out.wav]``, or clone a voice with a voice-clone (base) checkpoint:
+``--checkpoint DIR --ref_audio F.wav [--ref_text "its transcript"] --text "..."``.
 
-Uses stock ``qwen_tts.Qwen3TTSModel.generate_custom_voice``. The language defaults to the one the speaker was
-trained with (recorded in the checkpoint's ``finetune_info.json``); ``--greedy`` decodes deterministically.
+Uses stock ``qwen_tts.Qwen3TTSModel.generate_custom_voice`` (``--speaker``) or ``generate_voice_clone``
+(``--ref_audio``: ICL mode with ``--ref_text``, x-vector mode without). The language defaults to the one the
+speaker (or the voice-clone run) was trained with (recorded in the checkpoint's ``finetune_info.json``);
+``--greedy`` decodes deterministically.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import argparse  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="exported checkpoint folder (or Hub id)")
-    parser.add_argument("--speaker", required=True, help="trained speaker name")
+    voice = parser.add_mutually_exclusive_group(required=True)
+    voice.add_argument("--speaker", help="trained speaker name (custom-voice checkpoint)")
+    voice.add_argument("--ref_audio", help="reference clip to clone (voice-clone or Base checkpoint)")
+    parser.add_argument("--ref_text", help="transcript of --ref_audio (ICL cloning); without it: x-vector only")
     parser.add_argument("--text", required=True, help="text to speak")
     parser.add_argument("--language", help="language name, or 'auto' (default: the speaker's training language)")
     parser.add_argument("--output", default="generated.wav", help="wav file to write (default: generated.wav)")
@@ -30,15 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     import soundfile as sf
 
     # torch and qwen_tts load only now: --help answers at once
-    from finetuning.evaluation.speech import EvaluationError, load_checkpoint, require_text, synthesize
+    from finetuning.evaluation.speech import EvaluationError, clone, load_checkpoint, require_text, synthesize
     from finetuning.resources import one_line
 
     try:
         require_text(args.text)
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError("--max_new_tokens must be >= 1")
+        if args.ref_text is not None and args.ref_audio is None:
+            raise ValueError("--ref_text goes with --ref_audio (the clip it transcribes)")
         model = load_checkpoint(args.checkpoint, args.device)
-        wav, sample_rate = synthesize(model, args.speaker, args.text, args.language, args.greedy, args.max_new_tokens)
+        if args.ref_audio is not None:
+            wav, sample_rate = clone(
+                model, args.ref_audio, args.ref_text, args.text, args.language, args.greedy, args.max_new_tokens
+            )
+        else:
+            wav, sample_rate = synthesize(
+                model, args.speaker, args.text, args.language, args.greedy, args.max_new_tokens
+            )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

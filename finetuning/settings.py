@@ -53,6 +53,8 @@ def validate(settings: Settings) -> None:
     require(repeat == 0 or repeat >= 1, "SPEAKER_MAX_REPEAT", repeat, "0 (no cap) or >= 1")
     fused_rule = "false with USE_AUXILIARY_LOSSES=true (the auxiliary losses read the logits it never builds)"
     require(not (s.FUSED_CROSS_ENTROPY and s.USE_AUXILIARY_LOSSES), "FUSED_CROSS_ENTROPY", True, fused_rule)
+    clone_rule = "false with TRAINING_MODE=voice_clone (references are drawn from every clip of a speaker in memory)"
+    require(not (s.DATA_STREAMING and s.TRAINING_MODE == "voice_clone"), "DATA_STREAMING", True, clone_rule)
 
 
 # Keys of earlier versions: naming one is an error that names its successor, never a silently ignored key.

@@ -147,6 +147,21 @@ class Settings:
         "streaming = generate(non_streaming_mode=False)",
         choices=("non_streaming", "streaming"),
     )
+    TRAINING_MODE: str = _setting(
+        "custom_voice",
+        "mode",
+        "custom_voice = the trained speakers by name (generate_custom_voice); voice_clone = a Base model that "
+        "clones any voice from a reference clip (generate_voice_clone), trained on many speakers",
+        choices=("custom_voice", "voice_clone"),
+    )
+    CLONE_ICL_FRACTION: float = _setting(
+        0.5,
+        "fraction",
+        "voice_clone: share of samples conditioned in ICL mode (reference transcript + codes + x-vector); the "
+        "rest in x-vector mode (x_vector_only_mode=True)",
+        ge=0,
+        le=1,
+    )
     SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss", ge=0)
     WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay", ge=0)
     WARMUP_STEPS: int = _setting(10, "optimizer steps", "linear learning-rate warmup", ge=0)
@@ -165,7 +180,7 @@ class Settings:
     SPEAKER_EMBEDDING_CLIPS: int = _setting(
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips", ge=0
     )
-    EXPORT_DIR: str = _setting("", "path", "where the custom_voice checkpoint is written; empty = OUTPUT_DIR/model")
+    EXPORT_DIR: str = _setting("", "path", "where the exported checkpoint is written; empty = OUTPUT_DIR/model")
     # --- speed (GPU levers; defaults are safe on every machine) ---------------------------------------------
     TORCH_COMPILE: bool = _setting(False, "bool", "torch.compile the talker and code predictor (slow first steps)")
     ATTN_IMPLEMENTATION: str = _setting(

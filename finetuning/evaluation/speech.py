@@ -1,6 +1,7 @@
 """Speech from a model: load a checkpoint through the stock API and let it speak as one speaker.
 
-``synthesize`` speaks with an exported custom-voice checkpoint as a user would (``finetuning/generate.py``).
+``synthesize`` speaks with an exported custom-voice checkpoint as a user would (``finetuning/generate.py``), and
+``clone`` clones a reference clip with a voice-clone (base) checkpoint.
 For evaluation, ``make_voice`` decides how a model speaks as a speaker: a ``custom_voice`` checkpoint (exported by
 this package) through stock ``generate_custom_voice(speaker=...)`` with its own speaker row; a ``base`` model as a
 zero-shot clone through stock ``generate_voice_clone`` in x-vector-only mode from the speaker's first reference
@@ -85,6 +86,8 @@ def synthesize(
     Raises ValueError for an empty text or a speaker the checkpoint does not have (listing the ones it has).
     """
     require_text(text)
+    if model.model.tts_model_type == "base":
+        raise ValueError("this checkpoint is a base (voice-clone) model: clone a voice with --ref_audio F.wav")
     supported = model.get_supported_speakers() or []
     if speaker.lower() not in [s.lower() for s in supported]:
         raise ValueError(f"speaker {speaker!r} is not in this checkpoint; choose one of {sorted(supported)}")
@@ -98,6 +101,49 @@ def synthesize(
         kwargs["max_new_tokens"] = max_new_tokens
     wavs, sample_rate = model.generate_custom_voice(
         text=text, speaker=speaker, language=language, non_streaming_mode=non_streaming, **kwargs
+    )
+    return np.asarray(wavs[0], dtype=np.float32), sample_rate
+
+
+def clone(
+    model,
+    ref_audio: str | Path,
+    ref_text: str | None,
+    text: str,
+    language: str | None = None,
+    greedy: bool = False,
+    max_new_tokens: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """(waveform float32, sample_rate) for ``text`` in the voice of the clip ``ref_audio`` through stock
+    ``generate_voice_clone``: ICL mode with ``ref_text`` (the clip's transcript), x-vector mode without it.
+
+    ``model`` must be a ``base`` model (a voice-clone export or a Base checkpoint). ``language`` None means the one
+    language a voice-clone export was trained on ("auto" when it saw several or the model has no id for it); the
+    layout is the one the checkpoint was trained with (``generate_voice_clone``'s streaming default otherwise).
+    Raises ValueError for an empty text, a custom-voice model or a reference file that does not exist.
+    """
+    require_text(text)
+    if model.model.tts_model_type != "base":
+        raise ValueError(
+            f"--ref_audio clones with a base model; this checkpoint is {model.model.tts_model_type!r}: use --speaker"
+        )
+    if not Path(ref_audio).is_file():
+        raise ValueError(f"--ref_audio {ref_audio} does not exist")
+    info = read_info(model.model.name_or_path)
+    if language is None:
+        trained = {entry["language"] for entry in info.get("trained_speakers", {}).values()}
+        language = generation_language(model.model, trained.pop() if len(trained) == 1 else "auto")
+    kwargs = {"do_sample": False, "subtalker_dosample": False} if greedy else {}
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    wavs, sample_rate = model.generate_voice_clone(
+        text=text,
+        language=language,
+        ref_audio=str(ref_audio),
+        ref_text=ref_text or None,
+        x_vector_only_mode=not ref_text,
+        non_streaming_mode=info.get("training_layout", "streaming") == "non_streaming",
+        **kwargs,
     )
     return np.asarray(wavs[0], dtype=np.float32), sample_rate
 

@@ -107,13 +107,21 @@ def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
 @dataclass
 class Example:
     """One utterance ready for the step: text_ids (Lt,) long, codes (T, 16) int16 (codes are < 2048; ``collate``
-    widens them), a quarter of the memory of int64."""
+    widens them), a quarter of the memory of int64. Voice-clone training (``training.clone``) adds the reference
+    clip's x-vector row, and in ICL mode its transcript content ids (Lr,) long and codes (R, 16) int16."""
 
     id: str
     speaker: int
     language: str
     text_ids: torch.Tensor
     codes: torch.Tensor
+    xvector_row: int = -1
+    ref_text_ids: torch.Tensor | None = None
+    ref_codes: torch.Tensor | None = None
+
+    def reference_size(self) -> int:
+        """Talker positions the ICL reference adds (0 without one)."""
+        return 0 if self.ref_codes is None else self.ref_text_ids.numel() + self.ref_codes.shape[0]
 
 
 def example_from_row(row: dict, speaker_index: int, tokenizer) -> Example | None:
@@ -189,8 +197,12 @@ def collate(examples: list[Example]) -> dict:
     speaker    (B,) long      index into TRAIN_SPEAKERS
     language   list[str]
     num_frames (B,) long
+    voice-clone examples (``xvector_row`` set) add:
+    xvector_row  (B,) long                    row of each reference clip's x-vector
+    ref_text_ids list[(Lr_b,) long | None]    ICL reference transcript content ids, None in x-vector mode
+    ref_codes    list[(R_b, 16) long | None]  ICL reference codes, None in x-vector mode
     """
-    return {
+    batch = {
         "id": [e.id for e in examples],
         "text_ids": [e.text_ids for e in examples],
         "codes": [e.codes.long() for e in examples],
@@ -198,6 +210,11 @@ def collate(examples: list[Example]) -> dict:
         "language": [e.language for e in examples],
         "num_frames": torch.tensor([e.codes.shape[0] for e in examples], dtype=torch.long),
     }
+    if any(e.xvector_row >= 0 for e in examples):
+        batch["xvector_row"] = torch.tensor([e.xvector_row for e in examples], dtype=torch.long)
+        batch["ref_text_ids"] = [e.ref_text_ids for e in examples]
+        batch["ref_codes"] = [None if e.ref_codes is None else e.ref_codes.long() for e in examples]
+    return batch
 
 
 def make_train_loader(examples: list[Example], batch_sampler, workers: int, pin_memory: bool):

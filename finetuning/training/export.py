@@ -1,4 +1,4 @@
-"""Export a trained model as a stock ``custom_voice`` checkpoint directory.
+"""Export a trained model as a stock ``custom_voice`` checkpoint directory (or, voice-clone training, a ``base`` one).
 
 The directory loads with ``qwen_tts.Qwen3TTSModel.from_pretrained(dir)``; every trained speaker is a key of
 ``talker_config.spk_id`` whose codec-embedding row holds that speaker's embedding (the mean x-vector used in
@@ -6,6 +6,10 @@ training), so ``generate_custom_voice(speaker=name)`` conditions exactly as trai
 not part of a custom-voice model and is left out. The resolved settings (no secrets) and a ``finetune_info.json``
 (speakers, rows, languages) are saved beside the weights. The directory is written to a temporary sibling and
 renamed into place, so a crash never leaves a half-written checkpoint.
+
+A voice-clone run (TRAINING_MODE=voice_clone) exports a ``base`` model instead: the Base config unchanged (no
+speaker rows) and the frozen speaker encoder kept, so stock ``generate_voice_clone`` clones with it as it does
+with the Base model.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ def export_checkpoint(
     link_base_files: bool = False,
     state_dict: dict | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    speaker_encoder: torch.nn.Module | None = None,
 ) -> Path:
     """Write a custom-voice checkpoint of ``model`` (a ``Qwen3TTSForConditionalGeneration``) to ``output_dir``.
 
@@ -109,7 +114,9 @@ def export_checkpoint(
     hard-links the base folder's unchanged files (tokenizers, speech tokenizer) instead of copying them where the
     filesystem allows, for the repeated exports of in-training evaluation. ``state_dict`` replaces
     ``model.state_dict()`` (a full state gathered from sharded training). ``write_extra(folder)`` adds files to
-    the checkpoint before it is renamed into place (the LoRA adapter).
+    the checkpoint before it is renamed into place (the LoRA adapter). With ``speaker_encoder`` (voice-clone
+    training) the checkpoint is a ``base`` model holding that encoder, with no speaker rows; ``speakers`` and
+    ``languages`` are then only recorded as the speakers trained on.
 
     Raises ExportError when the speakers do not fit the vocabulary, the base folder lacks config.json, or a weight
     is NaN or infinite (a diverged run: nothing is written and an earlier export stays in place).
@@ -119,8 +126,11 @@ def export_checkpoint(
     if not (base / "config.json").exists():
         raise ExportError(f"{base} has no config.json; INIT_MODEL_PATH must be a Qwen3-TTS model folder or Hub id")
     base_config = json.loads((base / "config.json").read_text())
-    rows = speaker_rows(speakers, base_config["talker_config"]["vocab_size"])
-    if speaker_embeds.shape[0] != len(speakers):
+    clone = speaker_encoder is not None
+    rows = {} if clone else speaker_rows(speakers, base_config["talker_config"]["vocab_size"])
+    if clone:
+        speaker_embeds = speaker_embeds[:0]
+    elif speaker_embeds.shape[0] != len(speakers):
         raise ExportError(f"{len(speakers)} speakers but {speaker_embeds.shape[0]} embeddings")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -134,15 +144,23 @@ def export_checkpoint(
                 shutil.copytree(item, staging / item.name, copy_function=copy)
             else:
                 copy(item, staging / item.name)
-        config = custom_voice_config(base_config, rows)
+        config = base_config if clone else custom_voice_config(base_config, rows)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        state = export_state_dict(model, speaker_embeds, rows, _base_dtype(base_config), state_dict)
+        dtype = _base_dtype(base_config)
+        state = export_state_dict(model, speaker_embeds, rows, dtype, state_dict)
+        if clone:
+            encoder = {
+                f"speaker_encoder.{k}": v.detach().to("cpu", dtype) for k, v in speaker_encoder.state_dict().items()
+            }
+            state.update({k: v.contiguous() for k, v in encoder.items()})
         _refuse_non_finite(state)
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        trained = {name: {"language": languages.get(name, "auto")} for name in speakers}
         info = {
-            "speakers": {
-                name: {"row": rows[name.lower()], "language": languages.get(name, "auto")} for name in speakers
-            },
+            **({"trained_speakers": trained} if clone else {}),
+            **(
+                {} if clone else {"speakers": {name: {"row": rows[name.lower()], **trained[name]} for name in speakers}}
+            ),
             "base_model": str(settings.INIT_MODEL_PATH) if settings else str(base),
             **(extra_info or {}),
         }
@@ -193,6 +211,7 @@ class RunExports:
     languages: dict[str, str]
     settings: Settings
     lora: LoraAdapter | None = None
+    speaker_encoder: torch.nn.Module | None = None  # kept in voice-clone exports (TRAINING_MODE=voice_clone)
 
     def export(self, accelerator, step_module, output_dir: str | Path, step: int, link_base_files: bool = False):
         """``export_checkpoint`` of the model being trained, with the run's settings and ``step`` recorded.
@@ -220,10 +239,12 @@ class RunExports:
                 "optimizer_steps": step,
                 "training_layout": settings.TRAINING_LAYOUT,
                 "finetune_method": settings.FINETUNE_METHOD,
+                "training_mode": settings.TRAINING_MODE,
             },
             link_base_files=link_base_files,
             state_dict=state,
             write_extra=write_adapter,
+            speaker_encoder=self.speaker_encoder if settings.TRAINING_MODE == "voice_clone" else None,
         )
 
 

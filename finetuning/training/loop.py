@@ -1,4 +1,4 @@
-"""The training loop: prepared speaker configs -> fine-tuned talker -> exported custom-voice checkpoint.
+"""The training loop: prepared speaker configs -> fine-tuned talker -> exported custom-voice or voice-clone checkpoint.
 
 Reads top to bottom like accelerate's examples: settings -> model and speaker embeddings -> dataloader ->
 ``accelerator.prepare`` -> loop (accumulate, clip, step, log, validate, save) -> export. Run it through
@@ -29,6 +29,7 @@ from finetuning.training.checkpointing import (
     save_training_state,
     saved_states,
 )
+from finetuning.training.clone import CloneExamples, EpochIndices, build_reference_pool
 from finetuning.training.data import (
     Example,
     load_examples,
@@ -110,7 +111,8 @@ def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
             "fine-tune a Base model (e.g. Qwen/Qwen3-TTS-12Hz-1.7B-Base)"
         )
     freeze_speaker_encoder(model)
-    speaker_rows(list(settings.TRAIN_SPEAKERS), model.config.talker_config.vocab_size)
+    if settings.TRAINING_MODE == "custom_voice":  # a voice-clone export stays a Base model: no speaker rows
+        speaker_rows(list(settings.TRAIN_SPEAKERS), model.config.talker_config.vocab_size)
     if settings.TORCH_COMPILE:
         compile_transformers(model)
     return model.to(device), wrapper.processor.tokenizer
@@ -133,10 +135,14 @@ def make_accelerator(settings: Settings):
     return engines.make_accelerator(settings, trackers)
 
 
-def make_sampler(examples: list[Example], settings: Settings, talker_config, accelerator) -> DurationBatchSampler:
+def make_sampler(
+    examples: list[Example], settings: Settings, talker_config, accelerator, references: list[int] | None = None
+) -> DurationBatchSampler:
+    """The batch sampler over ``examples``; ``references``: positions each example's voice-clone reference may add."""
+    references = references or [0] * len(examples)
     lengths = [
-        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT)
-        for e in examples
+        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT, r)
+        for e, r in zip(examples, references, strict=True)
     ]
     return DurationBatchSampler(
         lengths,
@@ -153,22 +159,32 @@ def make_sampler(examples: list[Example], settings: Settings, talker_config, acc
     )
 
 
-def make_train_data(settings: Settings, tokenizer, talker_config, accelerator):
-    """(train batches, their sampler, each speaker's language, validation examples).
+def make_train_data(settings: Settings, tokenizer, model, accelerator):
+    """(train batches, their sampler, each speaker's language, validation examples, conditioning): the
+    conditioning is the (S, D) speaker embeddings, or with TRAINING_MODE=voice_clone every training clip's
+    x-vector (C, D) (``training.clone``), computed once here by the frozen speaker encoder.
 
     Map-style: every example in memory (codes int16), batches chosen by ``DurationBatchSampler`` and collated by
     a DataLoader. ``DATA_STREAMING``: a ``StreamingBatches`` stream is both (memory bounded by its buffers)."""
+    talker_config = model.config.talker_config
     if settings.DATA_STREAMING:
         stream = StreamingBatches(
             settings, tokenizer, talker_config, accelerator.num_processes, accelerator.process_index
         )
         validation = load_examples(settings, tokenizer, "validation")[0]
-        return stream, stream, stream_languages(settings), validation
+        return stream, stream, stream_languages(settings), validation, compute_speaker_embeddings(model, settings)
     train_examples, validation = load_training_examples(settings, tokenizer)
-    sampler = make_sampler(train_examples, settings, talker_config, accelerator)
+    languages = speaker_languages(train_examples, settings.TRAIN_SPEAKERS)
     pin_memory = accelerator.device.type == "cuda"
+    if settings.TRAINING_MODE == "voice_clone":
+        pool = build_reference_pool(model, settings, train_examples)
+        dataset = CloneExamples(pool, settings.SEED, settings.CLONE_ICL_FRACTION)
+        sampler = make_sampler(train_examples, settings, talker_config, accelerator, dataset.reference_budgets())
+        loader = make_train_loader(dataset, EpochIndices(sampler), settings.DATALOADER_WORKERS, pin_memory)
+        return loader, sampler, languages, dataset.validation(validation), pool.xvectors
+    sampler = make_sampler(train_examples, settings, talker_config, accelerator)
     loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
-    return loader, sampler, speaker_languages(train_examples, settings.TRAIN_SPEAKERS), validation
+    return loader, sampler, languages, validation, compute_speaker_embeddings(model, settings)
 
 
 def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
@@ -208,12 +224,11 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
-    speaker_embeds = compute_speaker_embeddings(model, settings)
-    lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
-    train_loader, sampler, languages, val_examples = make_train_data(
-        settings, tokenizer, model.config.talker_config, accelerator
+    train_loader, sampler, languages, val_examples, speaker_embeds = make_train_data(
+        settings, tokenizer, model, accelerator
     )
-    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora=lora)
+    lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
+    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora, model.speaker_encoder)
     if not settings.DATA_STREAMING:  # a stream's batches are formed as it is read
         engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)

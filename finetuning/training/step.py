@@ -13,6 +13,13 @@ embedding ``F_j = C(code_j0) + sum_k code_predictor_embedding[k-1](code_jk)``, t
                  T(content) + C(pad), T(tts_eos) + C(pad), T(tts_pad) + C(bos),  then F_j + T(tts_pad)
     streaming:   T(content_0) + C(bos),  then F_j + (T(content_{j+1}) | T(tts_eos) | T(tts_pad))
 
+Voice cloning (``generate_voice_clone``): ``s`` is the reference clip's x-vector. In x-vector mode the rest is as
+above. In ICL mode (``generate_icl_prompt``) the reference transcript's content ids come before the target's in
+``content`` and the reference frames ``R_i`` between codec BOS and the first generated frame, so the layouts read
+    non_streaming: T(ref + content) + C(pad), T(tts_eos) + C(pad), T(tts_pad) + C(bos), R_i + T(tts_pad), F_j + ...
+    streaming:     (C(bos), R_i, F_j) + (T(ref_0) .. T(content_last), T(tts_eos), T(tts_pad) ...) position by position
+and the last reference frame's position predicts frame 0. Reference frames are given, never scored.
+
 The output at the last prefill position predicts frame 0's first code; the output at frame j's position
 predicts frame j+1's first code, and the last frame's position predicts EOS. Labels are therefore the codes
 shifted exactly once, and the loss is computed here from the logits (the model's own ``loss_function`` shifts
@@ -23,7 +30,6 @@ with ``lm_head[i-1]``, as in generation.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,16 +37,21 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from finetuning.training.layout import (
+    EOS_LABEL,
+    ROLE_TOKENS,
+    SUFFIX_TOKENS,
+    codec_prefix_ids,
+    index_grids,
+    positions,
+    with_references,
+)
+
 if TYPE_CHECKING:
     from finetuning.training.losses import AuxiliaryLosses
 
 LAYOUTS = ("non_streaming", "streaming")
 IGNORE_INDEX = -100
-ROLE_TOKENS = 3  # "<|im_start|>", "assistant", "\n"
-SUFFIX_TOKENS = 5  # "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"
-BOS_ROW, EOS_ROW, PAD_ROW = 0, 1, 2  # text-table rows of tts_bos, tts_eos, tts_pad; every utterance's text follows
-NUM_SPECIAL_ROWS = 3
-EOS_LABEL = -2  # label-grid value: this position's target is codec EOS
 
 
 def assistant_text(text: str) -> str:
@@ -76,17 +87,6 @@ class TalkerInputs:
     num_labels: int  # real first-codebook targets (codes + EOS per utterance), counted on the host
 
 
-def codec_prefix_ids(talker_config, language_id: int | None) -> list[int]:
-    if language_id is None:
-        return [talker_config.codec_nothink_id, talker_config.codec_think_bos_id, talker_config.codec_think_eos_id]
-    return [
-        talker_config.codec_think_id,
-        talker_config.codec_think_bos_id,
-        language_id,
-        talker_config.codec_think_eos_id,
-    ]
-
-
 def language_id_for(talker_config, language: str | None) -> int | None:
     """The codec language id generation uses for ``language``; None for "auto" and languages the model lacks."""
     if language is None:
@@ -94,17 +94,13 @@ def language_id_for(talker_config, language: str | None) -> int | None:
     return talker_config.codec_language_id.get(language.lower())
 
 
-def sequence_length(talker_config, num_text_tokens: int, num_frames: int, language: str | None, layout: str) -> int:
-    """Talker positions ``build_sequence`` makes for one utterance (the padded cost batching budgets for)."""
+def sequence_length(
+    talker_config, num_text_tokens: int, num_frames: int, language: str | None, layout: str, reference: int = 0
+) -> int:
+    """Talker positions ``build_sequence`` makes for one utterance (the padded cost batching budgets for);
+    ``reference`` = an ICL reference's content tokens + frames."""
     prefix = codec_prefix_ids(talker_config, language_id_for(talker_config, language))
-    return _positions(len(prefix), num_text_tokens - ROLE_TOKENS - SUFFIX_TOKENS, num_frames, layout)
-
-
-def _positions(num_prefix: int, num_content: int, num_frames: int, layout: str) -> int:
-    """Role tokens, codec prefix + speaker + pad, the text part (all content + tts_eos + codec BOS, or only the
-    first content token with codec BOS when streaming), then the frames."""
-    text_part = num_content + 2 if layout == "non_streaming" else 1
-    return ROLE_TOKENS + num_prefix + 2 + text_part + num_frames
+    return positions(len(prefix), num_text_tokens - ROLE_TOKENS - SUFFIX_TOKENS, num_frames, layout) + reference
 
 
 def frame_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
@@ -149,31 +145,37 @@ def build_talker_inputs(
     speaker_embeds: torch.Tensor,
     language_ids: list[int | None],
     layout: str = "non_streaming",
+    ref_text_ids: list[torch.Tensor | None] | None = None,
+    ref_codes: list[torch.Tensor | None] | None = None,
 ) -> TalkerInputs:
     """Build a right-padded batch (the layout in the module docstring) with one embedding call per table.
 
     text_ids: B tensors (Lt_b,) long; codes: B tensors (T_b, 16) long, T_b >= 1; speaker_embeds (B, D), one row
-    per utterance; language_ids: B codec language ids (None = "auto"). Every position's text row and codec id
-    come from index grids computed from the lengths; the embeddings are gathered into the (B, L, D) batch.
-    Raises ValueError for an unknown ``layout``.
+    per utterance; language_ids: B codec language ids (None = "auto"). ICL voice cloning: ``ref_text_ids`` B
+    tensors (Lr_b,) of the reference transcript's content ids and ``ref_codes`` B tensors (R_b, 16), R_b >= 1,
+    both None for an utterance without one. Every position's text row and codec id come from index grids computed
+    from the lengths; the embeddings are gathered into the (B, L, D) batch. Raises ValueError for an unknown
+    ``layout`` or a reference with text but no codes (or codes but no text).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
     cfg, talker = model.config, model.talker
     tcfg = cfg.talker_config
     device = speaker_embeds.device
-    grid = _index_grids(tcfg, text_ids, codes, language_ids, layout, device)
-    all_codes = torch.cat(codes).long()  # (N, 16)
-
+    text_ids, blocks, ref_frames = with_references(text_ids, codes, ref_text_ids, ref_codes)
+    grid = index_grids(tcfg, text_ids, codes, language_ids, layout, device, ref_frames)
+    all_codes = torch.cat(blocks).long()  # (N_all, 16)
     first_codes = all_codes[:, 0]  # (N,)
     # torch.where over gathered values, not boolean indexing: no host sync on a GPU.
     frame_codes = first_codes[grid.frame_index.clamp(min=0)]  # (B, L)
     codec = talker.get_input_embeddings()(torch.where(grid.frame_index >= 0, frame_codes, grid.codec_ids))
     codec = torch.where(grid.is_speaker[..., None], speaker_embeds[:, None].to(codec.dtype), codec)
     # Finished frames: codebook 0 from the grid above plus the 15 code-predictor tables, summed as generate does.
-    frame_slots = (grid.frame_batch, grid.frame_position + 1)  # each frame's own position
-    per_codebook = codebook_embeddings(talker, all_codes, codec[frame_slots])  # (N, 16, D)
+    frame_slots = (grid.slot_batch, grid.slot_position)  # each frame's own position, reference frames included
+    per_codebook = codebook_embeddings(talker, all_codes, codec[frame_slots])  # (N_all, 16, D)
     codec = codec.index_put(frame_slots, _sum_codebooks(per_codebook))
+    if any(ref_frames):  # only the utterances' own frames are targets
+        all_codes, per_codebook = all_codes[grid.target_frames], per_codebook[grid.target_frames]  # (N, ...)
     codec = torch.where(grid.has_codec[..., None], codec, 0.0)  # role tokens and padding have no codec part
 
     special_ids = torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id], device=device)
@@ -197,95 +199,6 @@ def build_talker_inputs(
         frame_codebook_embeds=per_codebook,
         num_labels=sum(code.shape[0] + 1 for code in codes),
     )
-
-
-@dataclass
-class _IndexGrids:
-    """Where every embedding goes, for a batch of B utterances padded to L positions (N frames in all).
-
-    text_rows      (B, L) long  row of the text table (tts specials, then every utterance's text ids)
-    codec_ids      (B, L) long  codec id (frames: filled from the codes by the caller)
-    frame_index    (B, L) long  frame n at this position, -1 elsewhere
-    label_index    (B, L) long  frame n whose first code is this position's target; EOS_LABEL; -1 = none
-    is_speaker     (B, L) bool  the speaker slot
-    has_codec      (B, L) bool  positions with a codec part (all real positions after the role tokens)
-    attention_mask (B, L) long  1 for real positions
-    frame_batch    (N,)   long  batch row of each frame
-    frame_position (N,)   long  position that predicts the frame's first code (the position before it)
-    """
-
-    text_rows: torch.Tensor
-    codec_ids: torch.Tensor
-    frame_index: torch.Tensor
-    label_index: torch.Tensor
-    is_speaker: torch.Tensor
-    has_codec: torch.Tensor
-    attention_mask: torch.Tensor
-    frame_batch: torch.Tensor
-    frame_position: torch.Tensor
-
-
-def _index_grids(tcfg, text_ids, codes, language_ids, layout: str, device) -> _IndexGrids:
-    """Index grids from the lengths alone (tensor shapes: no device sync), with one host-to-device copy."""
-    num_text = [ids.shape[0] for ids in text_ids]
-    num_frames = [code.shape[0] for code in codes]
-    prefixes = [codec_prefix_ids(tcfg, lang) for lang in language_ids]
-    num_content = [n - ROLE_TOKENS - SUFFIX_TOKENS for n in num_text]
-    lengths = [_positions(len(p), c, t, layout) for p, c, t in zip(prefixes, num_content, num_frames, strict=True)]
-    max_prefix = max(len(p) for p in prefixes)
-    padded_prefixes = [p + [tcfg.codec_pad_id] * (max_prefix - len(p)) for p in prefixes]
-    per_utterance = [
-        [NUM_SPECIAL_ROWS + start for start in _starts(num_text)],  # first text-table row of each utterance
-        num_content,
-        [len(p) for p in prefixes],
-        num_frames,
-        _starts(num_frames),  # first frame of each utterance among the N
-        *map(list, zip(*padded_prefixes, strict=True)),
-    ]
-    values = torch.tensor(per_utterance, dtype=torch.long).to(device)[:, :, None]  # (5 + max_prefix, B, 1)
-    text_start, content, prefix_len, frames, first_frame = values[:5]
-    prefix_table = values[5:, :, 0].T  # (B, max_prefix)
-    batch_size, num_all_frames = len(num_text), sum(num_frames)
-
-    prefix_end = ROLE_TOKENS + prefix_len + 2  # + speaker slot, codec pad
-    bos = prefix_end + (content + 1 if layout == "non_streaming" else 0)  # codec BOS position, (B, 1)
-    pos = torch.arange(max(lengths), device=device)[None]  # (1, L)
-    real = pos < bos + 1 + frames  # (B, L)
-
-    k = pos - prefix_end  # both layouts read content k, then tts_eos, then tts_pad from the end of the prefix on
-    text_rows = torch.where(k < content, text_start + ROLE_TOKENS + k, torch.where(k == content, EOS_ROW, PAD_ROW))
-    text_rows = torch.where(k == -1, BOS_ROW, torch.where(k < -1, PAD_ROW, text_rows))
-    text_rows = torch.where(pos < ROLE_TOKENS, text_start + pos, text_rows)
-
-    prefix_slot = (pos - ROLE_TOKENS).clamp(0, max_prefix - 1).expand(batch_size, -1)
-    codec_ids = torch.where(pos < bos, tcfg.codec_pad_id, tcfg.codec_bos_id)
-    codec_ids = torch.where(pos < ROLE_TOKENS + prefix_len, prefix_table.gather(1, prefix_slot), codec_ids)
-    frame_in_utterance = pos - bos - 1
-    frame_index = torch.where((frame_in_utterance >= 0) & real, first_frame + frame_in_utterance, -1)
-    label_in_utterance = pos - bos  # the codec BOS position predicts frame 0, the last frame's position EOS
-    label_index = torch.where(label_in_utterance < frames, first_frame + label_in_utterance, EOS_LABEL)
-    label_index = torch.where((label_in_utterance >= 0) & (label_in_utterance <= frames), label_index, -1)
-
-    frame_batch = torch.repeat_interleave(
-        torch.arange(batch_size, device=device), frames[:, 0], output_size=num_all_frames
-    )  # (N,)
-    frame_number = torch.arange(num_all_frames, device=device) - first_frame[frame_batch, 0]
-    return _IndexGrids(
-        text_rows=torch.where(real, text_rows, PAD_ROW),
-        codec_ids=torch.where(real, codec_ids, tcfg.codec_pad_id),
-        frame_index=frame_index,
-        label_index=label_index,
-        is_speaker=(pos == ROLE_TOKENS + prefix_len).expand(batch_size, -1),
-        has_codec=real & (pos >= ROLE_TOKENS),
-        attention_mask=real.long(),
-        frame_batch=frame_batch,
-        frame_position=bos[frame_batch, 0] + frame_number,
-    )
-
-
-def _starts(counts: list[int]) -> list[int]:
-    """Start of each block when blocks of ``counts`` are concatenated: [0, c0, c0 + c1, ...]."""
-    return [0, *itertools.accumulate(counts)][:-1]
 
 
 @dataclass
@@ -387,7 +300,8 @@ class TalkerStep(torch.nn.Module):
     """The training step as one module, so ``accelerator.prepare`` (DDP, autocast) wraps the real forward.
 
     Holds the model and the fixed speaker embeddings (S, D) as a non-persistent buffer: the speaker encoder is
-    not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``. With
+    not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``; in voice-clone
+    training the buffer holds every clip's x-vector and the batch's ``xvector_row`` picks each reference's. With
     ``aux_losses`` (``finetuning.training.losses.AuxiliaryLosses``, held but not registered as a submodule) the
     total also gets Σ weight · auxiliary component, and the unweighted components land in ``StepOutput.aux``.
     ``fused_cross_entropy``: see ``talker_forward``.
@@ -423,7 +337,8 @@ class TalkerStep(torch.nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, StepOutput]:
         """Returns (total loss, components) for a ``finetuning.training.data.collate`` batch."""
         tcfg = self.model.config.talker_config
-        speaker_embeds = self.speaker_embeds[batch["speaker"]].to(self.model.talker.dtype)
+        rows = batch.get("xvector_row", batch["speaker"])  # voice cloning: the reference clip's x-vector
+        speaker_embeds = self.speaker_embeds[rows].to(self.model.talker.dtype)
         inputs = build_talker_inputs(
             self.model,
             batch["text_ids"],
@@ -431,6 +346,8 @@ class TalkerStep(torch.nn.Module):
             speaker_embeds,
             [language_id_for(tcfg, lang) for lang in batch["language"]],
             layout=self.layout,
+            ref_text_ids=batch.get("ref_text_ids"),
+            ref_codes=batch.get("ref_codes"),
         )
         out = talker_forward(self.model, inputs, self.fused_cross_entropy)
         loss = out.codec0_loss + self.sub_talker_loss_weight * out.sub_talker_loss

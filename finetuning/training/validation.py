@@ -49,7 +49,14 @@ def validation_losses(
 
     talker_config = accelerator.unwrap_model(step_module).model.config.talker_config
     lengths = [
-        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT)
+        sequence_length(
+            talker_config,
+            e.text_ids.numel(),
+            e.codes.shape[0],
+            e.language,
+            settings.TRAINING_LAYOUT,
+            e.reference_size(),
+        )
         for e in examples
     ]
     batches = validation_batches(lengths, settings.MAX_BATCH_TOKENS, settings.BATCH_SIZE, settings.SEED)

@@ -1,0 +1,105 @@
+"""Voice-clone references: drawn per sample and epoch from the other clips of the speaker, seeded, in the mix asked."""
+
+import pytest
+import torch
+from conftest import make_settings
+
+from finetuning.training.clone import CloneExamples, EpochIndices, ReferencePool, build_reference_pool
+from finetuning.training.data import DataError, Example, collate
+from finetuning.training.layout import ROLE_TOKENS, SUFFIX_TOKENS
+
+
+def _example(i: int, speaker: int, frames: int) -> Example:
+    text_ids = torch.arange(ROLE_TOKENS + SUFFIX_TOKENS + 2 + i)  # content of 2 + i tokens
+    codes = torch.full((frames, 16), i, dtype=torch.int16)
+    return Example(id=f"clip{i}", speaker=speaker, language="auto", text_ids=text_ids, codes=codes)
+
+
+def _draw(example: Example) -> tuple:
+    """What a draw decided: the reference clip and whether it is an ICL one."""
+    return example.id, example.xvector_row, example.ref_codes is not None
+
+
+def _pool() -> ReferencePool:
+    examples = [_example(i, speaker, 3 + i) for i, speaker in enumerate([0, 0, 0, 1, 1])]
+    by_speaker = {0: [0, 1, 2], 1: [3, 4]}
+    return ReferencePool(examples=examples, xvectors=torch.randn(5, 8), by_speaker=by_speaker)
+
+
+def test_references_are_other_clips_of_the_speaker_drawn_per_epoch_and_seeded():
+    pool = _pool()
+    dataset = CloneExamples(pool, seed=7, icl_fraction=0.5)
+    modes, references = set(), {i: set() for i in range(5)}
+    for epoch in range(40):
+        for i in range(5):
+            drawn = dataset[(epoch, i)]
+            assert drawn.xvector_row != i and pool.examples[drawn.xvector_row].speaker == pool.examples[i].speaker
+            assert torch.equal(drawn.codes, pool.examples[i].codes)  # the target itself is untouched
+            assert _draw(drawn) == _draw(
+                dataset[(epoch, i)]
+            )  # a pure function of (seed, epoch, index): workers and resume agree
+            references[i].add(drawn.xvector_row)
+            modes.add(drawn.ref_codes is not None)
+            if drawn.ref_codes is not None:  # ICL: the reference's own transcript content and codes
+                reference = pool.examples[drawn.xvector_row]
+                assert torch.equal(drawn.ref_codes, reference.codes)
+                assert torch.equal(drawn.ref_text_ids, reference.text_ids[ROLE_TOKENS:-SUFFIX_TOKENS])
+                assert drawn.reference_size() <= dataset.reference_budgets()[i]
+    assert modes == {True, False}
+    assert references[0] == {1, 2} and references[3] == {4}  # every other clip of the speaker comes up
+    other_seed = CloneExamples(pool, seed=8, icl_fraction=0.5)
+    assert [_draw(dataset[(0, i)]) for i in range(5)] != [_draw(other_seed[(0, i)]) for i in range(5)]
+
+
+@pytest.mark.parametrize(("fraction", "low", "high"), [(0.0, 0, 0), (1.0, 1, 1), (0.25, 0.15, 0.35)])
+def test_icl_fraction_sets_the_mix(fraction, low, high):
+    dataset = CloneExamples(_pool(), seed=0, icl_fraction=fraction)
+    draws = [dataset[(epoch, i)].ref_codes is not None for epoch in range(100) for i in range(5)]
+    assert low <= sum(draws) / len(draws) <= high
+    if fraction == 0:
+        assert dataset.reference_budgets() == [0] * 5
+
+
+def test_collated_batch_carries_each_reference_and_validation_references_are_fixed():
+    pool = _pool()
+    dataset = CloneExamples(pool, seed=1, icl_fraction=0.5)
+    drawn = [dataset[(3, i)] for i in range(5)]
+    batch = collate(drawn)
+    assert batch["xvector_row"].tolist() == [e.xvector_row for e in drawn]
+    for example, text_ids, codes in zip(drawn, batch["ref_text_ids"], batch["ref_codes"], strict=True):
+        assert (codes is None) == (example.ref_codes is None) == (text_ids is None)
+        assert codes is None or codes.dtype == torch.long
+    assert "xvector_row" not in collate([pool.examples[0]])  # custom-voice batches are unchanged
+    held_out = [_example(9, 1, 4)]
+    assert _draw(dataset.validation(held_out)[0]) == _draw(dataset.validation(held_out)[0])
+    assert dataset.validation(held_out)[0].xvector_row in pool.by_speaker[1]
+
+
+def test_epoch_indices_tag_each_batch_with_the_samplers_epoch_when_drawn():
+    class Sampler:
+        epoch = 0
+
+        def __iter__(self):
+            yield [0, 1]
+            self.epoch = 5  # as set_epoch would between batches
+            yield [2]
+
+        def __len__(self):
+            return 2
+
+    tagged = EpochIndices(Sampler())
+    assert list(tagged) == [[(0, 0), (0, 1)], [(5, 2)]] and len(tagged) == 2
+
+
+def test_a_speaker_with_one_clip_is_refused(tmp_path, tiny_model_dir):
+    settings = make_settings(tmp_path, tiny_model_dir, TRAIN_SPEAKERS="solo,duo", TRAINING_MODE="voice_clone")
+    examples = [_example(0, 0, 3), _example(1, 1, 3), _example(2, 1, 3)]
+    with pytest.raises(DataError, match="speaker solo has 1 training clip"):
+        build_reference_pool(None, settings, examples)
+
+
+def test_voice_clone_refuses_streaming(tmp_path, tiny_model_dir):
+    from finetuning.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="DATA_STREAMING.*TRAINING_MODE=voice_clone"):
+        make_settings(tmp_path, tiny_model_dir, TRAINING_MODE="voice_clone", DATA_STREAMING=True)

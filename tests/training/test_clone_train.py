@@ -1,0 +1,286 @@
+"""Voice-clone overfit -> base export -> stock ``generate_voice_clone`` gives the trained codes back.
+
+A tiny model is trained through the real loop with TRAINING_MODE=voice_clone on the two bundled speakers x two
+utterances (one sentence said by both), half the samples in ICL mode and half in x-vector mode. Each utterance's
+reference is the other clip of its speaker (the only one there is), so the references are fixed. The export is
+a ``base`` model; stock ``Qwen3TTSModel.from_pretrained`` + ``generate_voice_clone(ref_audio=<the reference
+clip's file>, ref_text=..., text=...)``, greedy, in the layout trained (streaming: generate_voice_clone's default),
+must reproduce every trained utterance in both modes, and the shared sentence cloned from the *other* speaker's
+reference must come out as that speaker's recording, not the first speaker's.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_train import (
+    MIN_TEACHER_FORCED_MARGIN,
+    MIN_TOKEN_MATCH,
+    REPETITION_PENALTY,
+    SHARED_TEXT,
+    SPEAKERS,
+    _compare,
+    _overfit_settings,
+    _overfit_voices,
+)
+
+from finetuning.training.export import INFO_FILE
+
+LAYOUT = "streaming"  # generate_voice_clone's default (non_streaming_mode=False)
+MODES = ("icl", "x_vector")
+
+
+def _discriminative_copy(model_dir, voices, out_dir):
+    """A copy of the tiny model whose random speaker encoder tells the training voices apart.
+
+    A random encoder maps every clip to nearly one x-vector (the two voices at cosine ~0.99: pooled statistics
+    of positive activations share one large component), where a trained one separates voices. Centring its last
+    layer on the clips' pooled statistics (and scaling it back to the x-vectors' usual norm) keeps the real
+    architecture and leaves clips of one voice closer than clips of two voices, as a trained encoder would."""
+    import shutil
+
+    import qwen_tts
+    from safetensors.torch import load_file, save_file
+
+    from finetuning.preparation.audio import resample
+
+    shutil.copytree(model_dir, out_dir)
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(out_dir), dtype=torch.float32).model
+    encoder = model.speaker_encoder
+    pooled = []
+    handle = encoder.asp.register_forward_hook(lambda module, inputs, output: pooled.append(output[..., 0]))
+    for path in sorted(voices.glob("*/*.wav")):
+        audio, sample_rate = sf.read(path, dtype="float32")
+        model.extract_speaker_embedding(resample(audio, sample_rate, 24000), 24000)
+    handle.remove()
+    mean = torch.cat(pooled).mean(dim=0)  # (2C,)
+    state = load_file(str(out_dir / "model.safetensors"))
+    weight, bias = state["speaker_encoder.fc.weight"], state["speaker_encoder.fc.bias"]  # (D, 2C, 1), (D,)
+    scale = 10.0  # the centred x-vectors are ~10x shorter than the random ones
+    state["speaker_encoder.fc.bias"] = scale * (bias - weight[..., 0] @ mean)
+    state["speaker_encoder.fc.weight"] = scale * weight
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def clone_run(tiny_model_dirs, tmp_path_factory):
+    from finetuning.preparation.prepare import prepare_dataset
+    from finetuning.training.loop import train
+
+    tmp_path = tmp_path_factory.mktemp("overfit_clone")
+    voices = _overfit_voices(tmp_path / "voices")
+    for speaker in SPEAKERS:  # the shared sentence in one language: only the reference tells its two versions apart
+        metadata = voices / speaker / "metadata.jsonl"
+        rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+        rows = [{**row, "language": "auto"} if row["text"] == SHARED_TEXT else row for row in rows]
+        metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model_dir = _discriminative_copy(tiny_model_dirs["equal"], voices, tmp_path / "model")
+    # ENCODE_BATCH_SIZE=1: each clip's codes as stock create_voice_clone_prompt encodes a reference, alone (in a
+    # padded batch the tokenizer's last frame of a shorter clip can differ). SUB_TALKER_LOSS_WEIGHT=1: every
+    # frame's sub-talker input comes in two modes here; at the default 0.3 the smallest sub-talker margin after
+    # 300 steps was 3.8 logits with AVX-512 kernels but -0.3 with AVX2 ones (>= 5.0 with all three kernel sets at 1).
+    settings = _overfit_settings(
+        tmp_path,
+        model_dir,
+        LAYOUT,
+        voices,
+        TRAINING_MODE="voice_clone",
+        CLONE_ICL_FRACTION=0.5,
+        ENCODE_BATCH_SIZE=1,
+        SUB_TALKER_LOSS_WEIGHT=1.0,
+    )
+    prepare_dataset(settings, report=lambda _: None)
+    result = train(settings)
+    return settings, result, _clips(settings, tmp_path / "clips")
+
+
+def _clips(settings, folder):
+    """Every trained clip as {speaker, text, language, codes (T, 16), wav: path of its prepared audio}."""
+    from finetuning.training.data import load_split
+
+    folder.mkdir()
+    clips = []
+    for speaker in settings.TRAIN_SPEAKERS:
+        for row in load_split(settings, speaker, "train", ["id", "text", "language", "audio", "audio_codes"]):
+            path = folder / f"{speaker}-{row['id']}.wav"
+            sf.write(path, np.asarray(row["audio"]["array"], dtype=np.float32), 24000, subtype="FLOAT")
+            codes = torch.tensor(np.asarray(row["audio_codes"]), dtype=torch.long)
+            clips.append(
+                {"speaker": speaker, "text": row["text"], "language": row["language"], "codes": codes, "wav": path}
+            )
+    return clips
+
+
+def _reference_of(clips, clip):
+    [other] = [c for c in clips if c["speaker"] == clip["speaker"] and c is not clip]
+    return other
+
+
+def _clone_codes(model, text, language, reference, mode, max_frames):
+    """Greedy stock ``generate_voice_clone`` from the reference clip's file; the frame codes it generated."""
+    seen = []
+    stock_generate = model.model.generate
+
+    def recording_generate(*args, **kwargs):
+        codes, hidden = stock_generate(*args, **kwargs)
+        seen.extend(codes)
+        return codes, hidden
+
+    from finetuning.evaluation.speech import generation_language
+
+    model.model.generate = recording_generate
+    try:
+        wavs, sample_rate = model.generate_voice_clone(
+            text=text,
+            language=generation_language(model.model, language),  # "auto" for a language the model lacks
+            ref_audio=str(reference["wav"]),
+            ref_text=reference["text"],
+            x_vector_only_mode=mode == "x_vector",
+            non_streaming_mode=LAYOUT == "non_streaming",
+            do_sample=False,
+            subtalker_dosample=False,
+            max_new_tokens=max_frames,
+        )
+    finally:
+        del model.model.generate
+    assert sample_rate == 24000 and np.isfinite(wavs[0]).all()
+    return seen[0].cpu()
+
+
+def _margins(model, clip, reference, mode):
+    """Teacher-forced logit margins of the trained codes over their best rival, conditioned as stock generation
+    conditions them (the stock prompt's codes and x-vector), scored as greedy decoding scores them: codebook 0
+    (T + 1,) with control ids suppressed and the repetition penalty applied, codebooks 2-16 (T, 15)."""
+    from finetuning.training.layout import ROLE_TOKENS, SUFFIX_TOKENS
+    from finetuning.training.step import assistant_text, build_talker_inputs, language_id_for, talker_forward
+
+    inner, tokenizer = model.model, model.processor.tokenizer
+    tcfg = inner.config.talker_config
+    [item] = model.create_voice_clone_prompt(str(reference["wav"]), reference["text"], mode == "x_vector")
+    text_ids = tokenizer(assistant_text(clip["text"]), return_tensors="pt")["input_ids"][0]
+    ref_ids = tokenizer(assistant_text(reference["text"]), return_tensors="pt")["input_ids"][0]
+    icl = mode == "icl"
+    with torch.no_grad():
+        inputs = build_talker_inputs(
+            inner,
+            [text_ids],
+            [clip["codes"]],
+            item.ref_spk_embedding[None].float(),
+            [language_id_for(tcfg, clip["language"])],
+            LAYOUT,
+            ref_text_ids=[ref_ids[ROLE_TOKENS:-SUFFIX_TOKENS]] if icl else None,
+            ref_codes=[item.ref_code] if icl else None,
+        )
+        out = talker_forward(inner, inputs)
+    positions = (inputs.labels[0] != -100).nonzero().flatten()
+    targets = inputs.labels[0, positions]
+    logits = out.codec0_logits[0, positions].clone()
+    control = torch.arange(tcfg.vocab_size - 1024, tcfg.vocab_size)
+    logits[:, control[control != tcfg.codec_eos_token_id]] = float("-inf")
+    for j in range(1, len(targets)):
+        seen = targets[:j].unique()
+        value = logits[j, seen]
+        logits[j, seen] = torch.where(value > 0, value / REPETITION_PENALTY, value * REPETITION_PENALTY)
+
+    def margin(scores, wanted):
+        target = scores.gather(-1, wanted[..., None])[..., 0]
+        return target - scores.scatter(-1, wanted[..., None], float("-inf")).max(-1).values
+
+    return float(margin(logits, targets).min()), float(margin(out.sub_talker_logits, clip["codes"][:, 1:]).min())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_voice_clone_overfit_then_generate_voice_clone_reproduces_every_clip(clone_run, mode, margin_log):
+    import qwen_tts
+
+    settings, result, clips = clone_run
+    assert result.optimizer_steps == settings.MAX_STEPS and result.skipped_steps == 0
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(result.export_dir), dtype=torch.float32)
+    assert model.model.tts_model_type == "base" and model.model.speaker_encoder is not None
+    assert len(clips) == 2 * len(SPEAKERS)
+    margins = []
+    for clip in clips:
+        reference = _reference_of(clips, clip)
+        if mode == "icl":  # stock encodes the reference file itself: the codes training used as the prompt
+            [item] = model.create_voice_clone_prompt(str(reference["wav"]), reference["text"])
+            assert torch.equal(item.ref_code.cpu(), reference["codes"])
+        generated = _clone_codes(model, clip["text"], clip["language"], reference, mode, len(clip["codes"]) + 10)
+        first_equal, share = _compare(generated, clip["codes"])
+        codec0_margin, sub_margin = _margins(model, clip, reference, mode)
+        margins.append((codec0_margin, sub_margin))
+        report = {"speaker": clip["speaker"], "text": clip["text"], "share": share, "margins": margins[-1]}
+        assert first_equal, report
+        assert share >= MIN_TOKEN_MATCH, report
+        assert min(codec0_margin, sub_margin) >= MIN_TEACHER_FORCED_MARGIN, report
+    margin_log[f"voice_clone-{mode}"] = {"codec0": min(m[0] for m in margins), "sub_talker": min(m[1] for m in margins)}
+
+    # The shared sentence (same text, same language) cloned from the other speaker's reference comes out as the
+    # other speaker's recording, not the first's: the reference decides the voice. Both ways round.
+    shared = {c["speaker"]: c for c in clips if c["text"] == SHARED_TEXT}
+    for speaker, other in (SPEAKERS, SPEAKERS[::-1]):
+        other_reference = _reference_of(clips, shared[other])
+        language, frames = shared[speaker]["language"], len(shared[speaker]["codes"]) + 10
+        generated = _clone_codes(model, SHARED_TEXT, language, other_reference, mode, frames)
+        first_equal, share = _compare(generated, shared[speaker]["codes"])
+        assert not first_equal and share < 0.5, (speaker, share)
+        assert _compare(generated, shared[other]["codes"]) == (True, 1.0), speaker
+
+
+def test_voice_clone_export_is_a_base_model_with_its_speaker_encoder(clone_run):
+    from safetensors.torch import load_file
+
+    settings, result, _ = clone_run
+    export = result.export_dir
+    config = json.loads((export / "config.json").read_text())
+    assert config["tts_model_type"] == "base" and config["talker_config"]["spk_id"] == {}
+    trained = load_file(str(export / "model.safetensors"))
+    base = load_file(str(Path(settings.INIT_MODEL_PATH) / "model.safetensors"))
+    encoder_keys = [k for k in base if k.startswith("speaker_encoder.")]
+    assert encoder_keys and all(torch.equal(trained[k], base[k]) for k in encoder_keys)  # frozen, kept
+    assert sorted(trained) == sorted(base)
+    info = json.loads((export / INFO_FILE).read_text())
+    assert info["training_mode"] == "voice_clone" and "speakers" not in info
+    assert sorted(info["trained_speakers"]) == sorted(SPEAKERS)
+
+
+def test_generate_command_clones_a_reference_with_the_export(clone_run, tmp_path, capsys):
+    """``generate.py --ref_audio F --ref_text T`` writes what stock greedy ``generate_voice_clone`` makes of that
+    reference (ICL mode, the trained layout); bad combinations are one ``error:`` line."""
+    import qwen_tts
+
+    from finetuning.generate import main
+
+    settings, result, clips = clone_run
+    clip = clips[0]
+    reference = _reference_of(clips, clip)
+    out = tmp_path / "clone.wav"
+    command = ["--checkpoint", str(result.export_dir), "--text", clip["text"], "--greedy", "--max_new_tokens", "40"]
+    assert (
+        main([*command, "--ref_audio", str(reference["wav"]), "--ref_text", reference["text"], "--output", str(out)])
+        == 0
+    )
+    written, sample_rate = sf.read(out, dtype="float32")
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(result.export_dir), dtype=torch.float32)
+    wavs, _ = model.generate_voice_clone(
+        text=clip["text"],
+        language="auto",
+        ref_audio=str(reference["wav"]),
+        ref_text=reference["text"],
+        non_streaming_mode=False,
+        do_sample=False,
+        subtalker_dosample=False,
+        max_new_tokens=40,
+    )
+    assert sample_rate == 24000 and written.shape == wavs[0].shape
+    np.testing.assert_allclose(written, wavs[0], atol=1e-4)  # the command writes 16-bit PCM
+    capsys.readouterr()
+    missing = [*command, "--ref_audio", str(tmp_path / "nope.wav"), "--output", str(out)]
+    assert main(missing) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --ref_audio")
+    assert main([*command, "--speaker", clip["speaker"], "--output", str(out)]) == 2
+    assert "--ref_audio" in capsys.readouterr().err

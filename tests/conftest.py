@@ -134,6 +134,40 @@ def make_settings(tmp_path: Path, tiny_model_dir: Path, **overrides):
     return load_settings(None, overrides=values, environ={})
 
 
+def discriminative_copy(model_dir: Path, clips: list[Path], out_dir: Path, scale: float = 10.0) -> Path:
+    """A copy of the tiny model whose random speaker encoder tells the training voices apart.
+
+    A random encoder maps every clip to nearly one x-vector (the two voices at cosine ~0.99: pooled statistics
+    of positive activations share one large component), where a trained one separates voices. Centring its last
+    layer on the clips' pooled statistics (and scaling it back to the x-vectors' usual norm) keeps the real
+    architecture and leaves clips of one voice closer than clips of two voices, as a trained encoder would.
+    ``scale`` multiplies the centred layer: at 10 the x-vectors keep about the random ones' norm (~0.3)."""
+    import shutil
+
+    import qwen_tts
+    import soundfile as sf
+    from safetensors.torch import load_file, save_file
+
+    from finetuning.preparation.audio import resample
+
+    shutil.copytree(model_dir, out_dir)
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(out_dir), dtype=torch.float32).model
+    encoder = model.speaker_encoder
+    pooled = []
+    handle = encoder.asp.register_forward_hook(lambda module, inputs, output: pooled.append(output[..., 0]))
+    for path in clips:
+        audio, sample_rate = sf.read(path, dtype="float32")
+        model.extract_speaker_embedding(resample(audio, sample_rate, 24000), 24000)
+    handle.remove()
+    mean = torch.cat(pooled).mean(dim=0)  # (2C,)
+    state = load_file(str(out_dir / "model.safetensors"))
+    weight, bias = state["speaker_encoder.fc.weight"], state["speaker_encoder.fc.bias"]  # (D, 2C, 1), (D,)
+    state["speaker_encoder.fc.bias"] = scale * (bias - weight[..., 0] @ mean)
+    state["speaker_encoder.fc.weight"] = scale * weight
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
 def shift_labels_once_more(inputs):
     """The official recipe's double label shift (upstream issue #179), for tests that show it fails: first-codebook
     labels moved one more position left, so each position learns the code one frame further ahead.

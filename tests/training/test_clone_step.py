@@ -128,6 +128,10 @@ def test_a_batch_mixing_modes_equals_each_utterance_alone(wrappers):
     languages = [None, 2050, None]
     with torch.no_grad():
         batch = build_talker_inputs(model, text_ids, codes, speakers, languages, "streaming", ref_text_ids, ref_codes)
+        # The codec head scores exactly the positions that hold a target, in frame order then EOS.
+        labelled = (batch.labels != IGNORE_INDEX).nonzero()  # (N + B, 2), row-major
+        order = torch.argsort(batch.label_batch * batch.labels.shape[1] + batch.label_position)
+        assert torch.equal(torch.stack([batch.label_batch, batch.label_position], dim=1)[order], labelled)
         for b in range(3):
             alone = build_talker_inputs(
                 model, text_ids[b : b + 1], codes[b : b + 1], speakers[b : b + 1], languages[b : b + 1],

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import discriminative_copy
 from test_train import (
     MIN_TEACHER_FORCED_MARGIN,
     MIN_TOKEN_MATCH,
@@ -33,39 +34,6 @@ LAYOUT = "streaming"  # generate_voice_clone's default (non_streaming_mode=False
 MODES = ("icl", "x_vector")
 
 
-def _discriminative_copy(model_dir, voices, out_dir):
-    """A copy of the tiny model whose random speaker encoder tells the training voices apart.
-
-    A random encoder maps every clip to nearly one x-vector (the two voices at cosine ~0.99: pooled statistics
-    of positive activations share one large component), where a trained one separates voices. Centring its last
-    layer on the clips' pooled statistics (and scaling it back to the x-vectors' usual norm) keeps the real
-    architecture and leaves clips of one voice closer than clips of two voices, as a trained encoder would."""
-    import shutil
-
-    import qwen_tts
-    from safetensors.torch import load_file, save_file
-
-    from finetuning.preparation.audio import resample
-
-    shutil.copytree(model_dir, out_dir)
-    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(out_dir), dtype=torch.float32).model
-    encoder = model.speaker_encoder
-    pooled = []
-    handle = encoder.asp.register_forward_hook(lambda module, inputs, output: pooled.append(output[..., 0]))
-    for path in sorted(voices.glob("*/*.wav")):
-        audio, sample_rate = sf.read(path, dtype="float32")
-        model.extract_speaker_embedding(resample(audio, sample_rate, 24000), 24000)
-    handle.remove()
-    mean = torch.cat(pooled).mean(dim=0)  # (2C,)
-    state = load_file(str(out_dir / "model.safetensors"))
-    weight, bias = state["speaker_encoder.fc.weight"], state["speaker_encoder.fc.bias"]  # (D, 2C, 1), (D,)
-    scale = 10.0  # the centred x-vectors are ~10x shorter than the random ones
-    state["speaker_encoder.fc.bias"] = scale * (bias - weight[..., 0] @ mean)
-    state["speaker_encoder.fc.weight"] = scale * weight
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def clone_run(tiny_model_dirs, tmp_path_factory):
     from finetuning.preparation.prepare import prepare_dataset
@@ -78,7 +46,7 @@ def clone_run(tiny_model_dirs, tmp_path_factory):
         rows = [json.loads(line) for line in metadata.read_text().splitlines()]
         rows = [{**row, "language": "auto"} if row["text"] == SHARED_TEXT else row for row in rows]
         metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    model_dir = _discriminative_copy(tiny_model_dirs["equal"], voices, tmp_path / "model")
+    model_dir = discriminative_copy(tiny_model_dirs["equal"], sorted(voices.glob("*/*.wav")), tmp_path / "model")
     # ENCODE_BATCH_SIZE=1: each clip's codes as stock create_voice_clone_prompt encodes a reference, alone (in a
     # padded batch the tokenizer's last frame of a shorter clip can differ). SUB_TALKER_LOSS_WEIGHT=1: every
     # frame's sub-talker input comes in two modes here; at the default 0.3 the smallest sub-talker margin after
@@ -176,9 +144,8 @@ def _margins(model, clip, reference, mode):
             ref_codes=[item.ref_code] if icl else None,
         )
         out = talker_forward(inner, inputs)
-    positions = (inputs.labels[0] != -100).nonzero().flatten()
-    targets = inputs.labels[0, positions]
-    logits = out.codec0_logits[0, positions].clone()
+    targets = out.label_targets  # (T + 1,) the clip's first codes, then EOS
+    logits = out.label_logits.clone()
     control = torch.arange(tcfg.vocab_size - 1024, tcfg.vocab_size)
     logits[:, control[control != tcfg.codec_eos_token_id]] = float("-inf")
     for j in range(1, len(targets)):

@@ -26,8 +26,8 @@ TRAIN_STEPS = 120
 # x-vectors about 1 long, 9x a codec embedding row (0.11 in the tiny model). As short as the random ones (0.2-0.3)
 # the tiny talker leans on the codes so far instead, and the speaker row moves held-out perplexity by under 1 %.
 SPEAKER_ENCODER_SCALE = 35.0
-# Measured: the other row scores 10-12 % higher for each voice (12.4 % English, 9.7 % Swahili). A model that ignored its speaker row would give
-# equal numbers; the floor leaves room for rounding differences between CPU kernel sets.
+# Measured: the other row scores 12.4 % (English) and 9.7 % (Swahili) higher. A model that ignored its speaker row
+# would give equal numbers; the floor leaves room for rounding differences between CPU kernel sets.
 MIN_PERPLEXITY_RATIO = 1.03
 
 

@@ -72,7 +72,7 @@ def evaluate_model(
     if model.tts_model_type not in MODEL_TYPES:
         raise EvaluationError(f"cannot evaluate a {model.tts_model_type!r} model; one of {', '.join(MODEL_TYPES)}")
     model.eval()
-    layout, layout_source = _layout(wrapper, str(checkpoint), settings, layout, layout_source)
+    layout, layout_source = _layout(str(checkpoint), settings, layout, layout_source)
     max_new_tokens = math.ceil(settings.EVAL_MAX_SECONDS * FRAME_RATE_HZ)
     output_dir = Path(output_dir)
     described = scorers.describe()
@@ -352,11 +352,12 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _layout(wrapper, checkpoint: str, settings: Settings, layout: str | None, source: str | None):
+def _layout(checkpoint: str, settings: Settings, layout: str | None, source: str | None):
     if layout is not None:
         return layout, source or "given by the caller"
+    # Any checkpoint this package exported (custom-voice or voice-clone) speaks in the layout it was trained in.
     trained = read_info(checkpoint).get("training_layout") if Path(checkpoint).is_dir() else None
-    if trained and wrapper.model.tts_model_type == "custom_voice":
+    if trained:
         return trained, "finetune_info.json"
     return settings.TRAINING_LAYOUT, "TRAINING_LAYOUT setting"
 

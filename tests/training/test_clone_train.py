@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import discriminative_copy
+from conftest import VOICES_DIR, discriminative_copy, make_settings
 from test_train import (
     MIN_TEACHER_FORCED_MARGIN,
     MIN_TOKEN_MATCH,
@@ -251,3 +251,39 @@ def test_generate_command_clones_a_reference_with_the_export(clone_run, tmp_path
     assert capsys.readouterr().err.strip().startswith("error: --ref_audio")
     assert main([*command, "--speaker", clip["speaker"], "--output", str(out)]) == 2
     assert "--ref_audio" in capsys.readouterr().err
+
+
+def test_evaluate_clones_unseen_clips_with_the_export_and_the_base_model(clone_run, tmp_path):
+    """``evaluate.py --compare BASE`` on a voice-clone export: both models are Base cloners, clone each speaker
+    from its reference clip and are scored on clips the export never trained on, with the same seeds."""
+    from finetuning.evaluation.runner import compare_checkpoints
+    from finetuning.preparation.prepare import prepare_dataset
+    from finetuning.training.data import load_split
+
+    settings, result, _ = clone_run
+    voices = tmp_path / "voices"
+    for speaker in SPEAKERS:  # the third and fourth bundled clips: training used the first two
+        rows = (VOICES_DIR / speaker / "metadata.jsonl").read_text().splitlines()[2:4]
+        rows = [{**json.loads(row), "audio": str(VOICES_DIR / speaker / json.loads(row)["audio"])} for row in rows]
+        (voices / speaker).mkdir(parents=True)
+        (voices / speaker / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (voices / f"{speaker}.wav").write_bytes((VOICES_DIR / f"{speaker}.wav").read_bytes())
+    base = Path(settings.INIT_MODEL_PATH)
+    unseen = make_settings(
+        tmp_path, base, VOICES_DIR=voices, VALIDATION_FRACTION=0.5, EVAL_MAX_UTTERANCES=1, EVAL_MAX_SECONDS=1.6
+    )
+    prepare_dataset(unseen, report=lambda _: None)
+    report = compare_checkpoints(result.export_dir, base, unseen, output_dir=tmp_path / "evaluation")
+
+    trained_texts = {row["text"] for s in SPEAKERS for row in load_split(settings, s, "train", ["text"])}
+    for run in (report["candidate"], report["baseline"]):
+        assert run["checkpoint"]["model_type"] == "base" and run["checkpoint"]["layout"] == LAYOUT
+        assert list(run["speakers"]) == list(SPEAKERS)
+        for speaker, section in run["speakers"].items():
+            assert "generate_voice_clone" in section["conditioning"], speaker
+            assert section["split"] == "validation" and len(section["utterances"]) == 1
+            [utterance] = section["utterances"]
+            assert utterance["text"] not in trained_texts
+            assert utterance["values"]["perplexity_codec0"] >= 1.0
+            assert (Path(run["output_dir"]) / utterance["audio"]).is_file()
+    assert report["candidate"]["checkpoint"]["path"] != report["baseline"]["checkpoint"]["path"]

@@ -20,12 +20,13 @@ from conftest import VOICES_DIR, discriminative_copy, make_settings
 from test_train import (
     MIN_TEACHER_FORCED_MARGIN,
     MIN_TOKEN_MATCH,
-    REPETITION_PENALTY,
     SHARED_TEXT,
     SPEAKERS,
     _compare,
     _overfit_settings,
     _overfit_voices,
+    greedy_margins,
+    recorded_frame_codes,
 )
 
 from finetuning.training.export import INFO_FILE
@@ -100,18 +101,9 @@ def _reference_of(clips, clip):
 
 def _clone_codes(model, text, language, reference, mode, max_frames):
     """Greedy stock ``generate_voice_clone`` from the reference clip's file; the frame codes it generated."""
-    seen = []
-    stock_generate = model.model.generate
-
-    def recording_generate(*args, **kwargs):
-        codes, hidden = stock_generate(*args, **kwargs)
-        seen.extend(codes)
-        return codes, hidden
-
     from finetuning.evaluation.speech import generation_language
 
-    model.model.generate = recording_generate
-    try:
+    with recorded_frame_codes(model) as seen:
         wavs, sample_rate = model.generate_voice_clone(
             text=text,
             language=generation_language(model.model, language),  # "auto" for a language the model lacks
@@ -123,8 +115,6 @@ def _clone_codes(model, text, language, reference, mode, max_frames):
             subtalker_dosample=False,
             max_new_tokens=max_frames,
         )
-    finally:
-        del model.model.generate
     assert sample_rate == 24000 and np.isfinite(wavs[0]).all()
     return seen[0].cpu()
 
@@ -154,20 +144,8 @@ def _margins(model, clip, reference, mode):
             ref_codes=[item.ref_code] if icl else None,
         )
         out = talker_forward(inner, inputs)
-    targets = out.label_targets  # (T + 1,) the clip's first codes, then EOS
-    logits = out.label_logits.clone()
-    control = torch.arange(tcfg.vocab_size - 1024, tcfg.vocab_size)
-    logits[:, control[control != tcfg.codec_eos_token_id]] = float("-inf")
-    for j in range(1, len(targets)):
-        seen = targets[:j].unique()
-        value = logits[j, seen]
-        logits[j, seen] = torch.where(value > 0, value / REPETITION_PENALTY, value * REPETITION_PENALTY)
-
-    def margin(scores, wanted):
-        target = scores.gather(-1, wanted[..., None])[..., 0]
-        return target - scores.scatter(-1, wanted[..., None], float("-inf")).max(-1).values
-
-    return float(margin(logits, targets).min()), float(margin(out.sub_talker_logits, clip["codes"][:, 1:]).min())
+    codec0, sub_talker = greedy_margins(tcfg, out, clip["codes"])
+    return float(codec0.min()), float(sub_talker.min())
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -8,6 +8,7 @@ speaker row can. With the official recipe's double label shift the same training
 which shows the check can fail.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -106,11 +107,10 @@ def _trained_rows(settings):
     return rows
 
 
-def _generate_codes(model, speaker, text, max_frames):
-    """Greedy stock ``generate_custom_voice`` (through ``evaluation.speech.synthesize``, which picks the trained
-    language and layout from the checkpoint), returning the frame codes it produced."""
-    from finetuning.evaluation.speech import synthesize
-
+@contextlib.contextmanager
+def recorded_frame_codes(model):
+    """Inside the block, the frame codes (T, 16) of every stock ``generate`` call of ``model`` (a
+    ``Qwen3TTSModel``) are appended to the list it yields."""
     seen = []
     stock_generate = model.model.generate
 
@@ -121,9 +121,18 @@ def _generate_codes(model, speaker, text, max_frames):
 
     model.model.generate = recording_generate
     try:
-        wav, sample_rate = synthesize(model, speaker, text, greedy=True, max_new_tokens=max_frames)
+        yield seen
     finally:
         del model.model.generate
+
+
+def _generate_codes(model, speaker, text, max_frames):
+    """Greedy stock ``generate_custom_voice`` (through ``evaluation.speech.synthesize``, which picks the trained
+    language and layout from the checkpoint), returning the frame codes it produced."""
+    from finetuning.evaluation.speech import synthesize
+
+    with recorded_frame_codes(model) as seen:
+        wav, sample_rate = synthesize(model, speaker, text, greedy=True, max_new_tokens=max_frames)
     assert sample_rate == 24000 and wav.ndim == 1 and np.isfinite(wav).all()
     return seen[0].cpu()
 
@@ -152,10 +161,17 @@ def teacher_forced_margins(model, tokenizer, row, layout: str) -> tuple[torch.Te
             model, [text_ids], [codes], speaker[None], [language_id_for(tcfg, row["language"])], layout=layout
         )
         out = talker_forward(model, inputs)
+    return greedy_margins(tcfg, out, codes)
+
+
+def greedy_margins(talker_config, out, codes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Margins of one utterance's targets over their best rival in a ``talker_forward`` output ``out``, scored as
+    greedy stock generation scores them (control ids suppressed, EOS kept, codebook-0 tokens already emitted
+    divided by the repetition penalty): codebook 0 (T + 1,) incl. EOS, and codebooks 2-16 (T, 15) of ``codes``."""
     targets = out.label_targets  # (T + 1,) codes then EOS
     logits = out.label_logits.clone()  # (T + 1, V)
-    control = torch.arange(tcfg.vocab_size - 1024, tcfg.vocab_size)
-    logits[:, control[control != tcfg.codec_eos_token_id]] = float("-inf")
+    control = torch.arange(talker_config.vocab_size - 1024, talker_config.vocab_size)
+    logits[:, control[control != talker_config.codec_eos_token_id]] = float("-inf")
     for j in range(1, len(targets)):
         seen = targets[:j].unique()
         value = logits[j, seen]

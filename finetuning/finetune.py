@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetuning.resources import ModelUnavailable
     from finetuning.training.checkpointing import ResumeError
     from finetuning.training.data import DataError
-    from finetuning.training.engines import EngineError
+    from finetuning.training.engines import EngineError, exit_launched
     from finetuning.training.export import ExportError
     from finetuning.training.loop import TrainingError, train
     from finetuning.training.lora import LoraError
@@ -68,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result.interrupted:
         print(f"stopped at step {result.optimizer_steps}; state saved, resume with --set RESUME_FROM=latest")
-        return 130
-    if result.export_dir is not None:
-        print(f"checkpoint: {result.export_dir} ({result.optimizer_steps} optimizer steps)")
-    return 0
+        code = 130
+    else:
+        code = 0
+        if result.export_dir is not None:
+            print(f"checkpoint: {result.export_dir} ({result.optimizer_steps} optimizer steps)")
+    exit_launched(code)  # a process of `accelerate launch` ends here, without interpreter teardown
+    return code
 
 
 def preflight(settings, args: argparse.Namespace) -> int:

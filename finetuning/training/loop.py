@@ -214,9 +214,15 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     Raises DataError / TrainingError / ResumeError / LoraError / ModelUnavailable / SpeedOptionError with a
     message naming the fix.
     """
+    accelerator = make_accelerator(settings)
+    result = _train(settings, on_export, accelerator)
+    engines.finish(accelerator)  # the run's engine and process groups go now, not at interpreter exit
+    return result
+
+
+def _train(settings: Settings, on_export: ExportCallback | None, accelerator) -> TrainResult:
     from accelerate.utils import send_to_device, set_seed
 
-    accelerator = make_accelerator(settings)
     check_speed_options(settings, accelerator.device)
     set_seed(settings.SEED)
     resume_path = prepare_output_dir(settings, accelerator)
@@ -328,7 +334,6 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     result.history = log.history
     if result.interrupted:
         logger.warning("stopped on a signal at step %d; resume with RESUME_FROM=latest", result.optimizer_steps)
-        accelerator.end_training()
         return result
     audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
     if val_examples:
@@ -343,7 +348,6 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     if hook.active:
         hook.call(accelerator, result.export_dir, result.optimizer_steps)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return result
 
 

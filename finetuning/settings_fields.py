@@ -189,6 +189,9 @@ class Settings:
     FUSED_CROSS_ENTROPY: bool = _setting(
         False, "bool", "fused linear + cross-entropy for the codec heads (liger-kernel, CUDA; no auxiliary losses)"
     )
+    CPU_HEAP_CACHE: bool = _setting(
+        True, "bool", "CPU runs on glibc: freed tensor memory stays in the heap for the next step (fewer page faults)"
+    )
     # --- LoRA ----------------------------------------------------------------------------------------------
     FINETUNE_METHOD: str = _setting(
         "full", "method", "full = every talker weight; lora = adapters", choices=("full", "lora")

@@ -48,6 +48,7 @@ from finetuning.training.speed import (
     check_speed_options,
     compile_transformers,
     fused_cross_entropy,
+    keep_freed_memory,
     peak_flops,
 )
 from finetuning.training.step import TalkerStep, sequence_length
@@ -224,6 +225,8 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     from accelerate.utils import send_to_device, set_seed
 
     check_speed_options(settings, accelerator.device)
+    if settings.CPU_HEAP_CACHE and accelerator.device.type == "cpu" and keep_freed_memory():
+        logger.info("CPU_HEAP_CACHE: freed tensor memory stays in the heap")
     set_seed(settings.SEED)
     resume_path = prepare_output_dir(settings, accelerator)
     token = settings.HF_TOKEN or None

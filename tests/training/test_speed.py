@@ -1,10 +1,14 @@
-"""Speed levers: fused cross-entropy wiring, torch.compile on CPU, clear errors for missing GPU packages, and the
-FLOPs behind ``train/mfu``."""
+"""Speed levers: fused cross-entropy wiring, torch.compile on CPU, the CPU heap cache, clear errors for missing GPU
+packages, and the FLOPs behind ``train/mfu``."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_settings
+from conftest import REPO_ROOT, make_settings
 
 from finetuning.training.speed import (
     ModelFlops,
@@ -135,3 +139,43 @@ def test_peak_flops_table():
     assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_of("Some Future GPU") is None
     assert peak_flops(torch.device("cpu")) is None  # no train/mfu on CPU
+
+
+HEAP_PROBE = """
+import ctypes, json, sys
+import torch
+from finetuning.training.speed import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_memory() if sys.argv[1] == "on" else None
+block = torch.empty(5_000_000)  # 20 MB, the size of a step's logits or their gradient
+held = libc.mallinfo2()
+del block
+freed = libc.mallinfo2()
+print(json.dumps({"applied": applied, "mmapped_with_block": held.hblkhd, "heap_with_block": held.arena,
+                  "heap_after_free": freed.arena}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_cpu_heap_cache_serves_step_sized_blocks_from_a_heap_that_is_never_trimmed():
+    """CPU_HEAP_CACHE: a 20 MB tensor comes from the heap and its memory stays there once freed, where glibc's
+    default gives it fresh mmap pages (faulted in again at every step)."""
+
+    def probe(mode: str) -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, cwd=REPO_ROOT, check=True
+        )
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    default, cached = probe("off"), probe("on")
+    assert default["mmapped_with_block"] >= 20_000_000  # the control: without it the block is mmapped
+    assert cached["applied"] is True
+    assert cached["mmapped_with_block"] < 20_000_000
+    assert cached["heap_with_block"] >= 20_000_000
+    assert cached["heap_after_free"] == cached["heap_with_block"]

@@ -1,6 +1,6 @@
 """Training speed of this tree against an earlier commit, side by side in one invocation; prints JSON.
 
-    uv run python bench/train_speedup.py [--baseline 8262908] [--reps 3] [--steps 60]
+    uv run python bench/train_speedup.py [--baseline 8262908] [--reps 3] [--steps 60] [--batchings NAME ...]
 
 The baseline commit is checked out once as a git worktree (``--baseline-tree``, default
 ``/tmp/qwen3-tts-bench-<commit>``). Both versions train the same tiny ``equal`` model on the same prepared bundled
@@ -140,14 +140,18 @@ def main() -> None:
     parser.add_argument("--baseline-tree", type=Path, help="an existing checkout of --baseline")
     parser.add_argument("--reps", type=int, default=3, help="runs per version and batching")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument(
+        "--batchings", nargs="+", choices=list(BATCHINGS), default=list(BATCHINGS), help="which batchings to run"
+    )
     args = parser.parse_args()
     trees = {"baseline": baseline_tree(args.baseline, args.baseline_tree), "new": REPO_ROOT}
-    runs: dict[str, dict[str, list[dict]]] = {b: {v: [] for v in trees} for b in BATCHINGS}
+    batchings = {name: BATCHINGS[name] for name in args.batchings}
+    runs: dict[str, dict[str, list[dict]]] = {b: {v: [] for v in trees} for b in batchings}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = prepare(root)
         for rep in range(args.reps):
-            for batching, batch_settings in BATCHINGS.items():
+            for batching, batch_settings in batchings.items():
                 for version, tree in trees.items():  # alternating: baseline, new, baseline, new, ...
                     output_dir = str(root / f"{batching}-{version}-{rep}")
                     overrides = {**base, **batch_settings, "OUTPUT_DIR": output_dir, "MAX_STEPS": args.steps}

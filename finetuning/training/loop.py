@@ -283,6 +283,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     )
     window = MetricWindow(accelerator.device, result.optimizer_steps, ModelFlops(model), peak_flops(accelerator.device))
     step_module.train()
+    parameters = list(step_module.parameters())  # what clipping reads, listed once
     with StopRequest() as stop:
         while result.optimizer_steps < total_steps and not result.interrupted:
             for batch in train_loader:
@@ -294,7 +295,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
                     if accelerator.sync_gradients:
                         grad_norm, stepped = optimizer_step(
                             accelerator,
-                            step_module,
+                            parameters,
                             optimizer,
                             scheduler,
                             settings.MAX_GRAD_NORM,

@@ -56,16 +56,19 @@ def make_scheduler(optimizer, settings: Settings, total_steps: int):
     )
 
 
-def optimizer_step(accelerator, step_module, optimizer, scheduler, max_grad_norm: float, step: int):
+def optimizer_step(accelerator, parameters: list, optimizer, scheduler, max_grad_norm: float, step: int):
     """Clip (MAX_GRAD_NORM; 0 = off) and step; call when ``accelerator.sync_gradients``.
+
+    ``parameters``: every parameter of the prepared step module, listed once per run (FSDP needs the module's own
+    list; parameters without a gradient are ignored). Walking the module for it every step costs more than the
+    clipping on a small model.
 
     An update whose gradient is not finite is skipped (fp16's scaler skips and rescales itself), and the schedule
     only advances on updates that happened (a skipped update is logged with the number of ``step``). Returns
     (gradient norm before clipping, a tensor or None; whether the update happened).
     """
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    # Frozen parameters have no gradient and are ignored; FSDP needs the module's own list.
-    grad_norm = accelerator.clip_grad_norm_(step_module.parameters(), max_norm)
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)
     finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
     if finite or accelerator.scaler is not None:
         optimizer.step()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -212,12 +213,18 @@ class StepOutput:
     hidden_states: torch.Tensor  # (B, L, D) talker last hidden states
     label_logits: torch.Tensor | None  # (N + B, V) codebook-0 logits at the labelled positions; None when fused
     label_targets: torch.Tensor  # (N + B,) their targets: the N frames' first codes, then each utterance's EOS
-    sub_talker_logits: torch.Tensor | None  # (N, 15, V_cp) frame n's logits for codebooks 2..16; None when fused
+    sub_talker_head_logits: list[torch.Tensor] | None  # 15 x (N, V_cp): head i's logits for codebook i+1; None when fused
     frame_codec0_logits: torch.Tensor | None  # (N, V) the logits that predicted frame n's first code; None when fused
     frame_batch: torch.Tensor  # (N,) batch row of frame n
     frame_codes: torch.Tensor  # (N, 16) frame n's target codes
     attention_mask: torch.Tensor  # (B, L) 1 for real positions
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # auxiliary loss components (unweighted)
+
+    @cached_property
+    def sub_talker_logits(self) -> torch.Tensor | None:
+        """(N, 15, V_cp): frame n's logits for codebooks 2..16 (None when fused), stacked on first use: only the
+        auxiliary losses and evaluation read them, and the training step would otherwise copy every logit."""
+        return None if self.sub_talker_head_logits is None else torch.stack(self.sub_talker_head_logits, dim=1)
 
 
 def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | None = None) -> StepOutput:
@@ -257,14 +264,17 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
     sub_hidden = predictor.model(
         inputs_embeds=predictor.small_to_mtp_projection(sub_inputs), use_cache=False
     ).last_hidden_state  # (N, 16, D_cp)
-    heads = list(enumerate(predictor.lm_head, start=1))  # head i scores codebook i from position i
-    sub_logits = None
+    # Head i scores codebook i from position i, one head at a time: each head's (N, V_cp) logits stay in cache from
+    # its matmul through the softmax and back, and no per-step stack of the head weights is built.
+    heads = list(enumerate(predictor.lm_head, start=1))
+    head_inputs = sub_hidden.unbind(1)  # 16 x (N, D_cp); one stack in backward, not one full-size zero fill a head
+    head_logits = None
     if fused_cross_entropy is None:
-        by_head = _sub_talker_head_logits(predictor.lm_head, sub_hidden[:, 1:])  # (15, N, V_cp)
-        sub_logits = by_head.transpose(0, 1)  # (N, 15, V_cp), a view
-        sub_loss = F.cross_entropy(by_head.flatten(0, 1).float(), codes[:, 1:].T.flatten())
+        head_logits = [head(head_inputs[i]) for i, head in heads]
+        per_head = [F.cross_entropy(x.float(), codes[:, i], reduction="sum") for (i, _), x in zip(heads, head_logits)]
+        sub_loss = torch.stack(per_head).sum() / codes[:, 1:].numel()
     else:  # every head scores N targets: the mean of the heads' means is the token mean
-        per_head = [fused_cross_entropy(h.weight, sub_hidden[:, i], codes[:, i], h.bias) for i, h in heads]
+        per_head = [fused_cross_entropy(h.weight, head_inputs[i], codes[:, i], h.bias) for i, h in heads]
         sub_loss = torch.stack(per_head).mean()
     return StepOutput(
         codec0_loss=codec0_loss,
@@ -274,26 +284,12 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
         hidden_states=hidden,
         label_logits=logits,
         label_targets=label_targets,
-        sub_talker_logits=sub_logits,
+        sub_talker_head_logits=head_logits,
         frame_codec0_logits=None if logits is None else logits[: frame_hidden.shape[0]],  # label rows 0..N-1
         frame_batch=inputs.frame_batch,
         frame_codes=codes,
         attention_mask=inputs.attention_mask,
     )
-
-
-def _sub_talker_head_logits(heads: torch.nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden (N, K, D_cp), position k scored by ``heads[k]`` -> logits (K, N, V_cp). Plain linear heads run as
-    one batched matmul over their stacked weights (one kernel, no (N, K, V) stack of outputs); any other head
-    module (an adapter, say) is called as it is."""
-    if not all(type(head) is torch.nn.Linear for head in heads):
-        return torch.stack([head(hidden[:, k]) for k, head in enumerate(heads)])
-    # Both operands contiguous in the (K, N, D) x (K, D, V) layout: CPU bmm is several times slower on transposes.
-    weights = torch.stack([head.weight.T for head in heads])  # (K, D_cp, V_cp)
-    logits = torch.bmm(hidden.transpose(0, 1).contiguous(), weights)  # (K, N, V_cp)
-    if heads[0].bias is not None:
-        logits = logits + torch.stack([head.bias for head in heads])[:, None]
-    return logits
 
 
 class TalkerStep(torch.nn.Module):

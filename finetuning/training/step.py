@@ -213,7 +213,7 @@ class StepOutput:
     hidden_states: torch.Tensor  # (B, L, D) talker last hidden states
     label_logits: torch.Tensor | None  # (N + B, V) codebook-0 logits at the labelled positions; None when fused
     label_targets: torch.Tensor  # (N + B,) their targets: the N frames' first codes, then each utterance's EOS
-    sub_talker_head_logits: list[torch.Tensor] | None  # 15 x (N, V_cp): head i's logits for codebook i+1; None when fused
+    sub_talker_head_logits: list[torch.Tensor] | None  # 15 x (N, V_cp), head i's for codebook i+1; None when fused
     frame_codec0_logits: torch.Tensor | None  # (N, V) the logits that predicted frame n's first code; None when fused
     frame_batch: torch.Tensor  # (N,) batch row of frame n
     frame_codes: torch.Tensor  # (N, 16) frame n's target codes
@@ -271,7 +271,10 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
     head_logits = None
     if fused_cross_entropy is None:
         head_logits = [head(head_inputs[i]) for i, head in heads]
-        per_head = [F.cross_entropy(x.float(), codes[:, i], reduction="sum") for (i, _), x in zip(heads, head_logits)]
+        per_head = [
+            F.cross_entropy(logits.float(), codes[:, i], reduction="sum")
+            for (i, _), logits in zip(heads, head_logits, strict=True)
+        ]
         sub_loss = torch.stack(per_head).sum() / codes[:, 1:].numel()
     else:  # every head scores N targets: the mean of the heads' means is the token mean
         per_head = [fused_cross_entropy(h.weight, head_inputs[i], codes[:, i], h.bias) for i, h in heads]

@@ -270,11 +270,10 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
     head_inputs = sub_hidden.unbind(1)  # 16 x (N, D_cp); one stack in backward, not one full-size zero fill a head
     head_logits = None
     if fused_cross_entropy is None:
-        head_logits = [head(head_inputs[i]) for i, head in heads]
-        per_head = [
-            F.cross_entropy(logits.float(), codes[:, i], reduction="sum")
-            for (i, _), logits in zip(heads, head_logits, strict=True)
-        ]
+        head_logits, per_head = [], []
+        for i, head in heads:  # each head's loss right after its logits (and in backward: its softmax, then its matmul)
+            head_logits.append(head(head_inputs[i]))
+            per_head.append(F.cross_entropy(head_logits[-1].float(), codes[:, i], reduction="sum"))
         sub_loss = torch.stack(per_head).sum() / codes[:, 1:].numel()
     else:  # every head scores N targets: the mean of the heads' means is the token mean
         per_head = [fused_cross_entropy(h.weight, head_inputs[i], codes[:, i], h.bias) for i, h in heads]

@@ -1,6 +1,6 @@
 """Training speed of this tree against an earlier commit, side by side in one invocation; prints JSON.
 
-    uv run python bench/train_speedup.py [--baseline 8262908] [--reps 3] [--steps 60] [--batchings NAME ...]
+    uv run python bench/train_speedup.py [--baseline 8262908] [--reps 3] [--steps 400] [--batchings NAME ...]
 
 The baseline commit is checked out once as a git worktree (``--baseline-tree``, default
 ``/tmp/qwen3-tts-bench-<commit>``). Both versions train the same tiny ``equal`` model on the same prepared bundled
@@ -139,7 +139,9 @@ def main() -> None:
     parser.add_argument("--baseline", default="8262908", help="commit to compare with")
     parser.add_argument("--baseline-tree", type=Path, help="an existing checkout of --baseline")
     parser.add_argument("--reps", type=int, default=3, help="runs per version and batching")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument(
+        "--steps", type=int, default=400, help="optimizer steps per run (shorter runs give noisier ratios)"
+    )
     parser.add_argument(
         "--batchings", nargs="+", choices=list(BATCHINGS), default=list(BATCHINGS), help="which batchings to run"
     )

@@ -141,11 +141,20 @@ class Settings:
     )
     SEED: int = _setting(42, "int", "seed for splits, sampling and initialisation")
     TRAINING_LAYOUT: str = _setting(
-        "non_streaming",
+        "mixed",
         "mode",
-        "talker input layout trained; must match generation: non_streaming = generate_custom_voice's default, "
-        "streaming = generate(non_streaming_mode=False)",
-        choices=("non_streaming", "streaming"),
+        "text layout(s) trained, i.e. the non_streaming_mode values the export answers to: mixed = both, drawn "
+        "per sample (generate_custom_voice's default True and generate_voice_clone's default False); "
+        "non_streaming / streaming = that one only",
+        choices=("mixed", "non_streaming", "streaming"),
+    )
+    LANGUAGE_AUTO_FRACTION: float = _setting(
+        0.2,
+        "fraction",
+        "share of samples trained with the languageless prefix that stock generation uses when language= is left "
+        'out ("Auto"), drawn per sample and epoch; the rest name their row\'s language; 0 = never',
+        ge=0,
+        le=1,
     )
     TRAINING_MODE: str = _setting(
         "custom_voice",
@@ -161,6 +170,13 @@ class Settings:
         "rest in x-vector mode (x_vector_only_mode=True)",
         ge=0,
         le=1,
+    )
+    CLONE_REF_MAX_S: float = _setting(
+        10.0,
+        "seconds",
+        "voice_clone: longest clip drawn as an ICL reference (users give 3-10 s); x-vectors use at most the first "
+        "this many seconds of a clip",
+        gt=0,
     )
     SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss", ge=0)
     WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay", ge=0)

@@ -37,6 +37,7 @@ from finetuning.evaluation.speech import (
     generation_language,
     load_model,
     make_voice,
+    speaking_layout,
     utterance_seed,
 )
 from finetuning.evaluation.targets import SpeakerTargets, checked, held_out_perplexity, load_targets, score_generated
@@ -72,7 +73,7 @@ def evaluate_model(
     if model.tts_model_type not in MODEL_TYPES:
         raise EvaluationError(f"cannot evaluate a {model.tts_model_type!r} model; one of {', '.join(MODEL_TYPES)}")
     model.eval()
-    layout, layout_source = _layout(str(checkpoint), settings, layout, layout_source)
+    layout, layout_source = _layout(str(checkpoint), settings, layout, layout_source, model.tts_model_type)
     max_new_tokens = math.ceil(settings.EVAL_MAX_SECONDS * FRAME_RATE_HZ)
     output_dir = Path(output_dir)
     described = scorers.describe()
@@ -352,14 +353,15 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _layout(checkpoint: str, settings: Settings, layout: str | None, source: str | None):
+def _layout(checkpoint: str, settings: Settings, layout: str | None, source: str | None, model_type: str):
     if layout is not None:
         return layout, source or "given by the caller"
-    # Any checkpoint this package exported (custom-voice or voice-clone) speaks in the layout it was trained in.
+    # Any checkpoint this package exported (custom-voice or voice-clone) speaks in the layout it was trained in;
+    # one trained in both (mixed) in the stock call's default.
     trained = read_info(checkpoint).get("training_layout") if Path(checkpoint).is_dir() else None
     if trained:
-        return trained, "finetune_info.json"
-    return settings.TRAINING_LAYOUT, "TRAINING_LAYOUT setting"
+        return speaking_layout(trained, model_type), "finetune_info.json"
+    return speaking_layout(settings.TRAINING_LAYOUT, model_type), "TRAINING_LAYOUT setting"
 
 
 def _file_name(utterance_id: str) -> str:

@@ -26,6 +26,8 @@ from finetuning.settings import Settings
 from finetuning.training.export import WEIGHT_FILE_PATTERNS, read_info
 
 MODEL_TYPES = ("base", "custom_voice")
+# Stock non_streaming_mode defaults, as layouts: generate_custom_voice True, generate_voice_clone False.
+STOCK_DEFAULT_LAYOUT = {"custom_voice": "non_streaming", "base": "streaming"}
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # MIXED_PRECISION -> dtype
 CHECKPOINT_FILES = ("config.json",)
 
@@ -82,7 +84,8 @@ def synthesize(
     """(waveform float32, sample_rate) for ``text`` in ``speaker``'s voice.
 
     ``language`` None means the speaker's training language from the checkpoint (``finetune_info.json``), "auto"
-    where the model has no id for it. ``non_streaming`` None means the layout the checkpoint was trained with.
+    where the model has no id for it; "auto" is stock's ``language=None``. ``non_streaming`` None means the layout
+    the checkpoint was trained with (``speaking_layout``: stock's default when it was trained with both).
     Raises ValueError for an empty text or a speaker the checkpoint does not have (listing the ones it has).
     """
     require_text(text)
@@ -95,7 +98,7 @@ def synthesize(
     if language is None:
         language = generation_language(model.model, info.get("speakers", {}).get(speaker, {}).get("language", "auto"))
     if non_streaming is None:
-        non_streaming = info.get("training_layout", "non_streaming") == "non_streaming"
+        non_streaming = speaking_layout(info.get("training_layout"), "custom_voice") == "non_streaming"
     kwargs = {"do_sample": False, "subtalker_dosample": False} if greedy else {}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
@@ -113,9 +116,11 @@ def clone(
     language: str | None = None,
     greedy: bool = False,
     max_new_tokens: int | None = None,
+    non_streaming: bool | None = None,
 ) -> tuple[np.ndarray, int]:
     """(waveform float32, sample_rate) for ``text`` in the voice of the clip ``ref_audio`` through stock
     ``generate_voice_clone``: ICL mode with ``ref_text`` (the clip's transcript), x-vector mode without it.
+    ``non_streaming`` None: the trained layout, or stock's default (False) for a checkpoint trained with both.
 
     ``model`` must be a ``base`` model (a voice-clone export or a Base checkpoint). ``language`` None means the one
     language a voice-clone export was trained on ("auto" when it saw several or the model has no id for it); the
@@ -136,13 +141,15 @@ def clone(
     kwargs = {"do_sample": False, "subtalker_dosample": False} if greedy else {}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
+    if non_streaming is None:
+        non_streaming = speaking_layout(info.get("training_layout"), "base") == "non_streaming"
     wavs, sample_rate = model.generate_voice_clone(
         text=text,
         language=language,
         ref_audio=str(ref_audio),
         ref_text=ref_text or None,
         x_vector_only_mode=not ref_text,
-        non_streaming_mode=info.get("training_layout", "streaming") == "non_streaming",
+        non_streaming_mode=non_streaming,
         **kwargs,
     )
     return np.asarray(wavs[0], dtype=np.float32), sample_rate
@@ -213,6 +220,14 @@ def generate_speech(voice: Voice, text: str, language: str, seed: int, max_new_t
         torch.manual_seed(seed)
         wavs, sample_rate = voice.speak(text, language, max_new_tokens)
     return resample(np.asarray(wavs[0], dtype=np.float32).reshape(-1), int(sample_rate), SAMPLE_RATE)
+
+
+def speaking_layout(trained_layout: str | None, model_type: str) -> str:
+    """The text layout a checkpoint speaks in when the caller names none: the one it was trained in, or, trained in
+    both (TRAINING_LAYOUT=mixed) or not by this package, the default of the stock call for ``model_type``."""
+    if trained_layout in ("non_streaming", "streaming"):
+        return trained_layout
+    return STOCK_DEFAULT_LAYOUT.get(model_type, "non_streaming")
 
 
 def generation_language(model, language: str) -> str:

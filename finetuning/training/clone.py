@@ -2,13 +2,16 @@
 
 Stock ``Qwen3TTSModel.generate_voice_clone`` conditions on a reference clip: its x-vector in the speaker slot, and
 in ICL mode (its default) also the clip's transcript and codes in the prompt. Training does the same with a
-reference drawn for each sample from the *other* training clips of the same speaker: for sample i of epoch e the
-draw is ``numpy.random.default_rng([SEED, e, i])`` (reference clip, then ICL with probability CLONE_ICL_FRACTION,
-x-vector mode otherwise), so it is the same in every worker process and after a resume. Validation samples get
-one fixed draw among their speaker's training clips.
+reference drawn for each sample from the *other* recordings of the same speaker (never one with the sample's own
+audio, compared by content, so a clip prepared twice is not its own reference): for sample i of epoch e the draw is
+``numpy.random.default_rng([SEED, e, i])`` (ICL with probability CLONE_ICL_FRACTION, x-vector mode otherwise, then
+the reference clip; an ICL reference is at most CLONE_REF_MAX_S long, like the 3-10 s references users give), so
+it is the same in every worker process and after a resume. Validation samples get one fixed draw among their
+speaker's training clips. The text layout and language are drawn as for every mode (``training.conditioning``).
 
 X-vectors are computed once per clip at the start of training by the Base model's frozen speaker encoder, into a
-per-clip table (C, D) the step indexes (``xvector_row``); never per step. A per-run cache, not a dataset column:
+per-clip table (C, D) kept once on the host, in the dtype stock computes x-vectors in; ``collate`` gathers each
+batch's rows (``xvector``), so the table is never copied to a device. A per-run cache, not a dataset column:
 x-vectors belong to INIT_MODEL_PATH's speaker encoder, whereas a prepared dataset depends on the speech tokenizer
 alone, so one prepared dataset serves any Base model. The reference codes and transcript ids are the dataset's
 own (``audio_codes``, ``text``), exactly what ``create_voice_clone_prompt`` computes from the same audio.
@@ -17,16 +20,20 @@ own (``audio_codes``, ``text``), exactly what ``create_voice_clone_prompt`` comp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from finetuning.constants import FRAME_RATE_HZ, SAMPLE_RATE
 from finetuning.settings import Settings
+from finetuning.training.conditioning import Conditioning, TrainingExamples
 from finetuning.training.data import DataError, Example, load_split
 from finetuning.training.layout import ROLE_TOKENS, SUFFIX_TOKENS
-from finetuning.training.speakers import speaker_embedding
+from finetuning.training.speakers import clip_xvectors
 
 logger = logging.getLogger(__name__)
 
@@ -38,87 +45,120 @@ class ReferencePool:
     """The training clips of a run as references; clip c is training example c.
 
     speakers  list[int]               speaker index of each clip
-    xvectors  (C, D) float32          each clip's x-vector from the frozen speaker encoder
+    xvectors  (C, D)                  each clip's x-vector from the frozen speaker encoder, in the dtype stock
+                                      computes it at inference; kept once, on the host (``collate`` gathers rows)
     by_speaker dict[int, list[int]]   the clips of each speaker
+    max_icl_frames int                longest clip drawn as an ICL reference (CLONE_REF_MAX_S); 0 = no cap
     """
 
     examples: list[Example]
     xvectors: torch.Tensor
     by_speaker: dict[int, list[int]]
+    max_icl_frames: int = 0
+    contents: list[bytes] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        # Preparation keeps a repeated recording under a suffixed id: the same audio is the same codes, so the
+        # content, not the row, tells whether a clip could be its own reference.
+        self.contents = [content_key(e.codes) for e in self.examples]
 
     def reference_size(self, clip: int) -> int:
         """Talker positions clip ``clip`` adds as an ICL reference: its transcript's content ids and its frames."""
         example = self.examples[clip]
         return example.text_ids.numel() - ROLE_TOKENS - SUFFIX_TOKENS + example.codes.shape[0]
 
+    def candidates(self, clip: int, speaker: int) -> list[int]:
+        """Clips of ``speaker`` that may condition clip ``clip`` (-1: a validation clip): none with its content."""
+        own = self.contents[clip] if clip >= 0 else None
+        return [c for c in self.by_speaker[speaker] if self.contents[c] != own]
+
+    def icl_allowed(self, clip: int) -> bool:
+        return not self.max_icl_frames or self.examples[clip].codes.shape[0] <= self.max_icl_frames
+
     def with_reference(self, example: Example, candidates: list[int], rng: np.random.Generator, icl_fraction: float):
-        """``example`` conditioned on a clip drawn from ``candidates``: its x-vector row always, its transcript
-        content ids and codes too when the draw says ICL."""
+        """``example`` conditioned on a clip drawn from ``candidates``: its x-vector always, its transcript content
+        ids and codes too when the draw says ICL. An ICL draw picks among the candidates no longer than
+        CLONE_REF_MAX_S (a transcript cannot be cropped with its audio); with none, the sample is x-vector only."""
+        icl = rng.random() < icl_fraction
+        if icl:
+            short = [c for c in candidates if self.icl_allowed(c)]
+            icl, candidates = bool(short), short or candidates
         clip = candidates[int(rng.integers(len(candidates)))]
-        if rng.random() >= icl_fraction:
-            return dataclasses.replace(example, xvector_row=clip)
+        example = dataclasses.replace(example, xvector_row=clip, xvector=self.xvectors[clip])
+        if not icl:
+            return example
         reference = self.examples[clip]
         content = reference.text_ids[ROLE_TOKENS:-SUFFIX_TOKENS]
-        return dataclasses.replace(example, xvector_row=clip, ref_text_ids=content, ref_codes=reference.codes)
+        return dataclasses.replace(example, ref_text_ids=content, ref_codes=reference.codes)
 
 
-def build_reference_pool(model, settings: Settings, examples: list[Example]) -> ReferencePool:
-    """X-vectors of every training clip (``examples``, in order), one speaker-encoder pass each.
+def content_key(codes: torch.Tensor) -> bytes:
+    """A digest of a clip's codes (T, 16): equal for the same audio prepared twice."""
+    return hashlib.blake2b(codes.numpy().tobytes(), digest_size=16).digest()
 
-    Raises DataError for a speaker with fewer than two training clips (a sample's reference must be another clip of
-    its speaker) or a training row whose audio cannot be found again.
+
+def build_reference_pool(model, settings: Settings, examples: list[Example], dtype: torch.dtype | None = None):
+    """X-vectors of every training clip (``examples``, in order), one speaker-encoder pass each, in ``dtype`` (the
+    dtype stock computes them in at inference), from at most the first CLONE_REF_MAX_S seconds of each clip (as a
+    user trims a reference).
+
+    Raises DataError for a speaker with fewer than two training clips of different audio (a sample's reference
+    must be another recording of its speaker) or a training row whose audio cannot be found again.
     """
     by_speaker: dict[int, list[int]] = {}
     for clip, example in enumerate(examples):
         by_speaker.setdefault(example.speaker, []).append(clip)
+    max_samples = round(settings.CLONE_REF_MAX_S * SAMPLE_RATE)
     vectors: list[torch.Tensor | None] = [None] * len(examples)
     for index, speaker in enumerate(settings.TRAIN_SPEAKERS):
         clips = by_speaker.get(index, [])
-        if len(clips) < 2:
+        if len({content_key(examples[c].codes) for c in clips}) < 2:
             raise DataError(
-                f"speaker {speaker} has {len(clips)} training clip(s); TRAINING_MODE=voice_clone conditions each "
-                "clip on another clip of the same speaker: give it at least 2, or remove it from TRAIN_SPEAKERS"
+                f"speaker {speaker} has {len(clips)} training clip(s) but fewer than 2 different recordings; "
+                "TRAINING_MODE=voice_clone conditions each clip on another recording of the same speaker: give it "
+                "at least 2, or remove it from TRAIN_SPEAKERS"
             )
         wanted = {examples[c].id: c for c in clips}
         for row in load_split(settings, speaker, "train", ["id", "audio"]):
             if row["id"] in wanted:
-                vectors[wanted.pop(row["id"])] = speaker_embedding(model, [row["audio"]["array"]])
+                audio = np.asarray(row["audio"]["array"], dtype=np.float32)[:max_samples]
+                vectors[wanted.pop(row["id"])] = clip_xvectors(model, [audio], dtype)[0]
         if wanted:
             raise DataError(f"speaker {speaker}: no audio for training rows {sorted(wanted)[:5]}; re-run preparation")
     logger.info("x-vectors of %d training clips computed for voice-clone references", len(examples))
-    return ReferencePool(examples=examples, xvectors=torch.stack(vectors), by_speaker=by_speaker)
+    max_icl_frames = math.floor(settings.CLONE_REF_MAX_S * FRAME_RATE_HZ)
+    return ReferencePool(examples, torch.stack(vectors), by_speaker, max_icl_frames)
 
 
-class CloneExamples(torch.utils.data.Dataset):
-    """The training examples, each with its reference of the epoch: item ``(epoch, i)`` (see ``EpochIndices``)."""
+class CloneExamples(TrainingExamples):
+    """The training examples, each with its conditioning draws and its reference of the epoch: item
+    ``(epoch, i)`` (see ``EpochIndices``). A reference never holds the sample's own audio."""
 
-    def __init__(self, pool: ReferencePool, seed: int, icl_fraction: float):
+    def __init__(
+        self,
+        pool: ReferencePool,
+        seed: int,
+        icl_fraction: float,
+        conditioning: Conditioning | None = None,
+        talker_config=None,
+    ):
+        super().__init__(pool.examples, conditioning, talker_config)
         self.pool, self.seed, self.icl_fraction = pool, seed, icl_fraction
-
-    def __len__(self) -> int:
-        return len(self.pool.examples)
 
     def __getitem__(self, key: tuple[int, int]) -> Example:
         epoch, index = key
-        example = self.pool.examples[index]
-        others = [c for c in self.pool.by_speaker[example.speaker] if c != index]
+        example = super().__getitem__(key)
         rng = np.random.default_rng([self.seed, epoch, index])
-        return self.pool.with_reference(example, others, rng, self.icl_fraction)
-
-    def reference_budgets(self) -> list[int]:
-        """Per example, the most positions a reference can add (the speaker's longest ICL reference; 0 without
-        ICL): the batch sampler budgets for it, so no draw takes a batch over MAX_BATCH_TOKENS."""
-        if self.icl_fraction == 0:
-            return [0] * len(self)
-        longest = {s: max(self.pool.reference_size(c) for c in clips) for s, clips in self.pool.by_speaker.items()}
-        return [longest[e.speaker] for e in self.pool.examples]
+        candidates = self.pool.candidates(index, example.speaker)
+        return self.pool.with_reference(example, candidates, rng, self.icl_fraction)
 
     def validation(self, examples: list[Example]) -> list[Example]:
-        """Validation examples with one fixed reference each, among their speaker's training clips."""
+        """Validation examples with one fixed reference each, among their speaker's training clips (none of them
+        the validation clip's own audio)."""
         return [
             self.pool.with_reference(
                 e,
-                self.pool.by_speaker[e.speaker],
+                [c for c in self.pool.candidates(-1, e.speaker) if self.pool.contents[c] != content_key(e.codes)],
                 np.random.default_rng([self.seed, VALIDATION_STREAM, i]),
                 self.icl_fraction,
             )

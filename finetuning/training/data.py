@@ -107,15 +107,19 @@ def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
 @dataclass
 class Example:
     """One utterance ready for the step: text_ids (Lt,) long, codes (T, 16) int16 (codes are < 2048; ``collate``
-    widens them), a quarter of the memory of int64. Voice-clone training (``training.clone``) adds the reference
-    clip's x-vector row, and in ICL mode its transcript content ids (Lr,) long and codes (R, 16) int16."""
+    widens them), a quarter of the memory of int64. ``language`` is the row's, or "auto" when the sample's draw
+    trains the languageless prefix; ``layout`` the text layout drawn for it (None: the step's). Voice-clone
+    training (``training.clone``) adds the reference clip's row and x-vector (D,), and in ICL mode its transcript
+    content ids (Lr,) long and codes (R, 16) int16."""
 
     id: str
     speaker: int
     language: str
     text_ids: torch.Tensor
     codes: torch.Tensor
+    layout: str | None = None
     xvector_row: int = -1
+    xvector: torch.Tensor | None = None
     ref_text_ids: torch.Tensor | None = None
     ref_codes: torch.Tensor | None = None
 
@@ -197,8 +201,10 @@ def collate(examples: list[Example]) -> dict:
     speaker    (B,) long      index into TRAIN_SPEAKERS
     language   list[str]
     num_frames (B,) long
+    layout     list[str]      each utterance's text layout, when drawn per sample (TRAINING_LAYOUT=mixed)
     voice-clone examples (``xvector_row`` set) add:
-    xvector_row  (B,) long                    row of each reference clip's x-vector
+    xvector_row  (B,) long                    row (training clip) of each reference
+    xvector      (B, D)                       each reference's x-vector, in the table's dtype
     ref_text_ids list[(Lr_b,) long | None]    ICL reference transcript content ids, None in x-vector mode
     ref_codes    list[(R_b, 16) long | None]  ICL reference codes, None in x-vector mode
     """
@@ -210,8 +216,11 @@ def collate(examples: list[Example]) -> dict:
         "language": [e.language for e in examples],
         "num_frames": torch.tensor([e.codes.shape[0] for e in examples], dtype=torch.long),
     }
+    if any(e.layout is not None for e in examples):
+        batch["layout"] = [e.layout for e in examples]
     if any(e.xvector_row >= 0 for e in examples):
         batch["xvector_row"] = torch.tensor([e.xvector_row for e in examples], dtype=torch.long)
+        batch["xvector"] = torch.stack([e.xvector for e in examples])
         batch["ref_text_ids"] = [e.ref_text_ids for e in examples]
         batch["ref_codes"] = [None if e.ref_codes is None else e.ref_codes.long() for e in examples]
     return batch

@@ -92,6 +92,12 @@ def _base_dtype(config: dict) -> torch.dtype:
     return getattr(torch, str(name).replace("torch.", ""), torch.float32)
 
 
+def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype a checkpoint folder's config.json names (float32 when it names none): what it is exported in,
+    and what stock inference computes x-vectors in when the model is loaded as published."""
+    return _base_dtype(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
 def export_checkpoint(
     model,
     base_model_dir: str | Path,
@@ -240,12 +246,27 @@ class RunExports:
                 "training_layout": settings.TRAINING_LAYOUT,
                 "finetune_method": settings.FINETUNE_METHOD,
                 "training_mode": settings.TRAINING_MODE,
+                "trained_calls": trained_calls(settings),
             },
             link_base_files=link_base_files,
             state_dict=state,
             write_extra=write_adapter,
             speaker_encoder=self.speaker_encoder if settings.TRAINING_MODE == "voice_clone" else None,
         )
+
+
+def trained_calls(settings: Settings) -> dict[str, list]:
+    """The stock calls an export of ``settings``' run was trained for (``finetune_info.json`` "trained_calls"):
+    the stock method, ``non_streaming_mode`` values, ``language`` ("given" / "auto" = left out) and, voice cloning,
+    ``x_vector_only_mode`` values. ``generate.py``, ``evaluate.py`` and the tests read it."""
+    from finetuning.training.conditioning import Conditioning
+
+    calls = {"method": "generate_custom_voice", **Conditioning.from_settings(settings).trained_calls()}
+    if settings.TRAINING_MODE == "voice_clone":
+        fraction = settings.CLONE_ICL_FRACTION
+        calls["method"] = "generate_voice_clone"
+        calls["x_vector_only_mode"] = [True] if fraction == 0 else [False] if fraction == 1 else [False, True]
+    return calls
 
 
 def _is_weight_file(path: Path) -> bool:

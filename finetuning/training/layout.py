@@ -37,6 +37,14 @@ def positions(num_prefix: int, num_content: int, num_frames: int, layout: str) -
     return ROLE_TOKENS + num_prefix + 2 + text_part + num_frames
 
 
+def per_utterance(layout: str | list[str], batch_size: int) -> list[str]:
+    """One layout per utterance: ``layout`` itself when it is a list, else ``layout`` for every utterance."""
+    layouts = [layout] * batch_size if isinstance(layout, str) else list(layout)
+    if len(layouts) != batch_size:
+        raise ValueError(f"{len(layouts)} layouts for {batch_size} utterances")
+    return layouts
+
+
 def with_references(text_ids, codes, ref_text_ids, ref_codes):
     """(text ids with each ICL reference's content before the utterance's own, after the role tokens; the code
     blocks with each reference's frames before its utterance's; reference frames per utterance)."""
@@ -82,17 +90,23 @@ class IndexGrids:
     slot_position: torch.Tensor
 
 
-def index_grids(tcfg, text_ids, codes, language_ids, layout: str, device, ref_frames: list[int]) -> IndexGrids:
-    """Index grids from the lengths alone (tensor shapes: no device sync), with one host-to-device copy."""
+def index_grids(
+    tcfg, text_ids, codes, language_ids, layout: str | list[str], device, ref_frames: list[int]
+) -> IndexGrids:
+    """Index grids from the lengths alone (tensor shapes: no device sync), with one host-to-device copy.
+    ``layout``: one text layout for the batch, or one per utterance (a batch may mix them)."""
+    layouts = per_utterance(layout, len(text_ids))
     num_text = [ids.shape[0] for ids in text_ids]
     num_targets = [code.shape[0] for code in codes]
     num_frames = [r + t for r, t in zip(ref_frames, num_targets, strict=True)]
     prefixes = [codec_prefix_ids(tcfg, lang) for lang in language_ids]
     num_content = [n - ROLE_TOKENS - SUFFIX_TOKENS for n in num_text]
-    lengths = [positions(len(p), c, t, layout) for p, c, t in zip(prefixes, num_content, num_frames, strict=True)]
+    lengths = [
+        positions(len(p), c, t, lay) for p, c, t, lay in zip(prefixes, num_content, num_frames, layouts, strict=True)
+    ]
     max_prefix = max(len(p) for p in prefixes)
     padded_prefixes = [p + [tcfg.codec_pad_id] * (max_prefix - len(p)) for p in prefixes]
-    per_utterance = [
+    columns = [
         [NUM_SPECIAL_ROWS + start for start in _starts(num_text)],  # first text-table row of each utterance
         num_content,
         [len(p) for p in prefixes],
@@ -100,15 +114,16 @@ def index_grids(tcfg, text_ids, codes, language_ids, layout: str, device, ref_fr
         _starts(num_frames),  # first frame of each utterance among the N_all
         ref_frames,
         _starts(num_targets),  # first target frame of each utterance among the N
+        [int(lay == "non_streaming") for lay in layouts],
         *map(list, zip(*padded_prefixes, strict=True)),
     ]
-    values = torch.tensor(per_utterance, dtype=torch.long).to(device)[:, :, None]  # (7 + max_prefix, B, 1)
-    text_start, content, prefix_len, frames, first_frame, refs, first_target = values[:7]
-    prefix_table = values[7:, :, 0].T  # (B, max_prefix)
+    values = torch.tensor(columns, dtype=torch.long).to(device)[:, :, None]  # (8 + max_prefix, B, 1)
+    text_start, content, prefix_len, frames, first_frame, refs, first_target, non_streaming = values[:8]
+    prefix_table = values[8:, :, 0].T  # (B, max_prefix)
     batch_size, num_all_frames, num_all_targets = len(num_text), sum(num_frames), sum(num_targets)
 
     prefix_end = ROLE_TOKENS + prefix_len + 2  # + speaker slot, codec pad
-    bos = prefix_end + (content + 1 if layout == "non_streaming" else 0)  # codec BOS position, (B, 1)
+    bos = prefix_end + (content + 1) * non_streaming  # codec BOS position, (B, 1)
     pos = torch.arange(max(lengths), device=device)[None]  # (1, L)
     real = pos < bos + 1 + frames  # (B, L)
 

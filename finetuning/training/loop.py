@@ -30,6 +30,7 @@ from finetuning.training.checkpointing import (
     saved_states,
 )
 from finetuning.training.clone import CloneExamples, EpochIndices, build_reference_pool
+from finetuning.training.conditioning import Conditioning, TrainingExamples
 from finetuning.training.data import (
     Example,
     load_examples,
@@ -37,7 +38,7 @@ from finetuning.training.data import (
     make_train_loader,
     speaker_languages,
 )
-from finetuning.training.export import RunExports, speaker_rows
+from finetuning.training.export import RunExports, checkpoint_dtype, speaker_rows
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import make_optimizer, make_scheduler, optimizer_step
@@ -137,16 +138,16 @@ def make_accelerator(settings: Settings):
 
 
 def make_sampler(
-    examples: list[Example], settings: Settings, talker_config, accelerator, references: list[int] | None = None
+    examples: list[Example], settings: Settings, talker_config, accelerator, dataset: TrainingExamples
 ) -> DurationBatchSampler:
-    """The batch sampler over ``examples``; ``references``: positions each example's voice-clone reference may add."""
-    references = references or [0] * len(examples)
-    lengths = [
-        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT, r)
-        for e, r in zip(examples, references, strict=True)
+    """The batch sampler over ``examples``, budgeting each epoch's samples as ``dataset`` draws them."""
+    longest = [
+        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT)
+        + _longest_reference(dataset, i)
+        for i, e in enumerate(examples)
     ]
     return DurationBatchSampler(
-        lengths,
+        longest,
         [e.speaker for e in examples],
         batch_size=settings.BATCH_SIZE,
         max_batch_tokens=settings.MAX_BATCH_TOKENS,
@@ -157,35 +158,51 @@ def make_sampler(
         seed=settings.SEED,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
+        epoch_lengths=dataset.epoch_lengths if settings.MAX_BATCH_TOKENS else None,
     )
 
 
-def make_train_data(settings: Settings, tokenizer, model, accelerator):
-    """(train batches, their sampler, each speaker's language, validation examples, conditioning): the
-    conditioning is the (S, D) speaker embeddings, or with TRAINING_MODE=voice_clone every training clip's
-    x-vector (C, D) (``training.clone``), computed once here by the frozen speaker encoder.
+def _longest_reference(dataset: TrainingExamples, index: int) -> int:
+    """Positions the longest ICL reference example ``index`` can draw adds (0 without voice cloning): what its
+    bucket is chosen by."""
+    if not isinstance(dataset, CloneExamples) or dataset.icl_fraction == 0:
+        return 0
+    pool = dataset.pool
+    candidates = pool.candidates(index, pool.examples[index].speaker)
+    return max((pool.reference_size(c) for c in candidates if pool.icl_allowed(c)), default=0)
+
+
+def make_train_data(settings: Settings, tokenizer, model, accelerator, xvector_dtype: torch.dtype):
+    """(train batches, their sampler, each speaker's language, validation sets, conditioning): the conditioning is
+    the (S, D) speaker embeddings, or with TRAINING_MODE=voice_clone every training clip's x-vector (C, D)
+    (``training.clone``), computed once here by the frozen speaker encoder in ``xvector_dtype``. The validation
+    sets are ``Conditioning.validation``'s (row languages, and "auto").
 
     Map-style: every example in memory (codes int16), batches chosen by ``DurationBatchSampler`` and collated by
     a DataLoader. ``DATA_STREAMING``: a ``StreamingBatches`` stream is both (memory bounded by its buffers)."""
     talker_config = model.config.talker_config
+    conditioning = Conditioning.from_settings(settings)
     if settings.DATA_STREAMING:
         stream = StreamingBatches(
             settings, tokenizer, talker_config, accelerator.num_processes, accelerator.process_index
         )
-        validation = load_examples(settings, tokenizer, "validation")[0]
-        return stream, stream, stream_languages(settings), validation, compute_speaker_embeddings(model, settings)
+        validation = conditioning.validation(load_examples(settings, tokenizer, "validation")[0])
+        embeds = compute_speaker_embeddings(model, settings, xvector_dtype)
+        return stream, stream, stream_languages(settings), validation, embeds
     train_examples, validation = load_training_examples(settings, tokenizer)
     languages = speaker_languages(train_examples, settings.TRAIN_SPEAKERS)
     pin_memory = accelerator.device.type == "cuda"
     if settings.TRAINING_MODE == "voice_clone":
-        pool = build_reference_pool(model, settings, train_examples)
-        dataset = CloneExamples(pool, settings.SEED, settings.CLONE_ICL_FRACTION)
-        sampler = make_sampler(train_examples, settings, talker_config, accelerator, dataset.reference_budgets())
-        loader = make_train_loader(dataset, EpochIndices(sampler), settings.DATALOADER_WORKERS, pin_memory)
-        return loader, sampler, languages, dataset.validation(validation), pool.xvectors
-    sampler = make_sampler(train_examples, settings, talker_config, accelerator)
-    loader = make_train_loader(train_examples, sampler, settings.DATALOADER_WORKERS, pin_memory)
-    return loader, sampler, languages, validation, compute_speaker_embeddings(model, settings)
+        pool = build_reference_pool(model, settings, train_examples, xvector_dtype)
+        dataset = CloneExamples(pool, settings.SEED, settings.CLONE_ICL_FRACTION, conditioning, talker_config)
+        validation = dataset.validation(validation)
+        conditioning_table = pool.xvectors
+    else:
+        dataset = TrainingExamples(train_examples, conditioning, talker_config)
+        conditioning_table = compute_speaker_embeddings(model, settings, xvector_dtype)
+    sampler = make_sampler(train_examples, settings, talker_config, accelerator, dataset)
+    loader = make_train_loader(dataset, EpochIndices(sampler), settings.DATALOADER_WORKERS, pin_memory)
+    return loader, sampler, languages, conditioning.validation(validation), conditioning_table
 
 
 def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
@@ -233,18 +250,20 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
-    train_loader, sampler, languages, val_examples, speaker_embeds = make_train_data(
-        settings, tokenizer, model, accelerator
+    train_loader, sampler, languages, val_sets, speaker_embeds = make_train_data(
+        settings, tokenizer, model, accelerator, checkpoint_dtype(model_dir)
     )
+    val_examples = val_sets[""]
     lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
     exports = RunExports(model_dir, speaker_embeds, languages, settings, lora, model.speaker_encoder)
     if not settings.DATA_STREAMING:  # a stream's batches are formed as it is read
         engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)
     engines.share_main_process_weights(accelerator, speaker_embeds, aux_losses)
+    clone = settings.TRAINING_MODE == "voice_clone"  # batches bring their x-vectors: no table on the device
     step_module = TalkerStep(
         model,
-        speaker_embeds,
+        speaker_embeds[:0] if clone else speaker_embeds,
         layout=settings.TRAINING_LAYOUT,
         sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
         aux_losses=aux_losses,
@@ -319,9 +338,8 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
                     log.write(record)
                 if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
                     with window.paused():
-                        losses = validation_losses(
-                            step_module, val_examples, settings, accelerator, settings.EVAL_MAX_BATCHES
-                        )
+                        cap = settings.EVAL_MAX_BATCHES
+                        losses = validation_losses(step_module, val_sets, settings, accelerator, cap)
                         log.write({"step": step, **losses})
                 if hook.due(step, total_steps):
                     with window.paused():
@@ -341,7 +359,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
         return result
     audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
     if val_examples:
-        eval_metrics = validation_losses(step_module, val_examples, settings, accelerator)
+        eval_metrics = validation_losses(step_module, val_sets, settings, accelerator)
         result.eval_loss = eval_metrics["eval/codec0_loss"]
         log.write({"step": result.optimizer_steps, **eval_metrics})
 

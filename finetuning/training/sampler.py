@@ -23,7 +23,7 @@ the plan and skips the batches already trained on:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -64,7 +64,8 @@ class DataPosition:
 
 class DurationBatchSampler(DataPosition):
     """Yields lists of example indices for one process. ``lengths[i]`` is example i's padded-cost length (talker
-    positions) and ``speakers[i]`` its speaker index.
+    positions) and ``speakers[i]`` its speaker index; ``epoch_lengths(e)``, when given, the lengths of epoch e as its
+    samples were drawn (layout, language, a voice-clone reference or none), at most ``lengths``: budgets use them.
 
     ``set_epoch(e)`` selects the epoch's plan from its first batch; the loop calls ``batch_done()`` after each
     batch it trained on (the dataloader fetches ahead, so yielding a batch does not mean training on it), and an
@@ -84,6 +85,7 @@ class DurationBatchSampler(DataPosition):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        epoch_lengths: Callable[[int], Sequence[int]] | None = None,
     ):
         if len(lengths) != len(speakers) or not lengths:
             raise ValueError("the sampler needs one length and one speaker per example, and at least one example")
@@ -106,6 +108,8 @@ class DurationBatchSampler(DataPosition):
         self.epoch = 0
         self.batches_done = 0  # this process's batches of the current epoch already trained on
         self.bucket_edges = bucket_edges(self.lengths, num_buckets)
+        self.epoch_lengths = epoch_lengths
+        self._planned: tuple[int, list[list[int]]] | None = None
 
     def examples_per_speaker(self) -> list[int]:
         """Training examples of each speaker index 0..max (0 for a speaker index without examples)."""
@@ -137,8 +141,16 @@ class DurationBatchSampler(DataPosition):
 
     def plan(self, epoch: int) -> list[list[int]]:
         """Every process's batches for ``epoch`` (before sharding), deterministic in (seed, epoch)."""
+        if self._planned is None or self._planned[0] != epoch:
+            self._planned = (epoch, self._plan(epoch))
+        return self._planned[1]
+
+    def _plan(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = self._epoch_order(rng)
+        # Budgets use the epoch's drawn lengths where they vary (a voice-clone reference counts only when drawn);
+        # the buckets stay those of ``lengths``, each example's longest.
+        lengths = self.lengths if self.epoch_lengths is None else np.asarray(self.epoch_lengths(epoch))
         if self.max_batch_tokens <= 0:
             batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         else:
@@ -147,7 +159,7 @@ class DurationBatchSampler(DataPosition):
             for index in order:
                 bucket = int(np.searchsorted(self.bucket_edges, self.lengths[index], side="right"))
                 current = open_batches.setdefault(bucket, [])
-                longest = max([self.lengths[index], *(self.lengths[i] for i in current)])
+                longest = max([lengths[index], *(lengths[i] for i in current)])
                 if current and (len(current) + 1) * longest > self.max_batch_tokens:
                     batches.append(current)
                     current = open_batches[bucket] = []

@@ -30,6 +30,7 @@ with ``lm_head[i-1]``, as in generation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -51,8 +52,11 @@ from finetuning.training.layout import (
 if TYPE_CHECKING:
     from finetuning.training.losses import AuxiliaryLosses
 
-LAYOUTS = ("non_streaming", "streaming")
+LAYOUTS = ("non_streaming", "streaming")  # the text layouts of stock generate (``non_streaming_mode`` True / False)
+MIXED = "mixed"  # TRAINING_LAYOUT that draws one of LAYOUTS per sample (``training.conditioning``)
 IGNORE_INDEX = -100
+AUTO_LANGUAGE = "auto"  # stock generation's language=None / "Auto": the nothink codec prefix, no language id
+NUM_CONTROL_IDS = 1024  # stock generate suppresses the codebook-0 ids vocab-1024 .. vocab-1 except EOS
 
 
 def assistant_text(text: str) -> str:
@@ -90,7 +94,7 @@ class TalkerInputs:
 
 def language_id_for(talker_config, language: str | None) -> int | None:
     """The codec language id generation uses for ``language``; None for "auto" and languages the model lacks."""
-    if language is None:
+    if language is None or language.lower() == AUTO_LANGUAGE:
         return None
     return talker_config.codec_language_id.get(language.lower())
 
@@ -99,9 +103,21 @@ def sequence_length(
     talker_config, num_text_tokens: int, num_frames: int, language: str | None, layout: str, reference: int = 0
 ) -> int:
     """Talker positions ``build_sequence`` makes for one utterance (the padded cost batching budgets for);
-    ``reference`` = an ICL reference's content tokens + frames."""
+    ``reference`` = an ICL reference's content tokens + frames. ``layout`` "mixed" counts the longer layout."""
     prefix = codec_prefix_ids(talker_config, language_id_for(talker_config, language))
+    layout = "non_streaming" if layout == MIXED else layout
     return positions(len(prefix), num_text_tokens - ROLE_TOKENS - SUFFIX_TOKENS, num_frames, layout) + reference
+
+
+@functools.lru_cache(maxsize=8)
+def codec0_suppression(vocab_size: int, eos_id: int, device: torch.device) -> torch.Tensor:
+    """(V,) float32: 0, or -inf at the codebook-0 ids stock generation never emits (``suppress_tokens``: the last
+    NUM_CONTROL_IDS ids except EOS). Added to the codec head's logits, so the loss normalises over the ids
+    generation can choose from."""
+    bias = torch.zeros(vocab_size, dtype=torch.float32)
+    bias[vocab_size - NUM_CONTROL_IDS :] = float("-inf")
+    bias[eos_id] = 0.0
+    return bias.to(device)
 
 
 def frame_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
@@ -145,20 +161,21 @@ def build_talker_inputs(
     codes: list[torch.Tensor],
     speaker_embeds: torch.Tensor,
     language_ids: list[int | None],
-    layout: str = "non_streaming",
+    layout: str | list[str] = "non_streaming",
     ref_text_ids: list[torch.Tensor | None] | None = None,
     ref_codes: list[torch.Tensor | None] | None = None,
 ) -> TalkerInputs:
     """Build a right-padded batch (the layout in the module docstring) with one embedding call per table.
 
     text_ids: B tensors (Lt_b,) long; codes: B tensors (T_b, 16) long, T_b >= 1; speaker_embeds (B, D), one row
-    per utterance; language_ids: B codec language ids (None = "auto"). ICL voice cloning: ``ref_text_ids`` B
+    per utterance; language_ids: B codec language ids (None = "auto"); ``layout``: one of LAYOUTS for the batch or
+    one per utterance. ICL voice cloning: ``ref_text_ids`` B
     tensors (Lr_b,) of the reference transcript's content ids and ``ref_codes`` B tensors (R_b, 16), R_b >= 1,
     both None for an utterance without one. Every position's text row and codec id come from index grids computed
     from the lengths; the embeddings are gathered into the (B, L, D) batch. Raises ValueError for an unknown
     ``layout`` or a reference with text but no codes (or codes but no text).
     """
-    if layout not in LAYOUTS:
+    if any(name not in LAYOUTS for name in ([layout] if isinstance(layout, str) else layout)):
         raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
     cfg, talker = model.config, model.talker
     tcfg = cfg.talker_config
@@ -211,7 +228,8 @@ class StepOutput:
     codec0_tokens: int
     sub_talker_tokens: int
     hidden_states: torch.Tensor  # (B, L, D) talker last hidden states
-    label_logits: torch.Tensor | None  # (N + B, V) codebook-0 logits at the labelled positions; None when fused
+    label_logits: torch.Tensor | None  # (N + B, V) float codebook-0 logits at the labelled positions, -inf at the ids
+    # generation suppresses (``codec0_suppression``); None when fused
     label_targets: torch.Tensor  # (N + B,) their targets: the N frames' first codes, then each utterance's EOS
     sub_talker_head_logits: list[torch.Tensor] | None  # 15 x (N, V_cp), head i's for codebook i+1; None when fused
     frame_codec0_logits: torch.Tensor | None  # (N, V) the logits that predicted frame n's first code; None when fused
@@ -250,11 +268,15 @@ def talker_forward(model, inputs: TalkerInputs, fused_cross_entropy: Callable | 
     label_hidden = hidden[inputs.label_batch, inputs.label_position]  # (N + B, D)
     label_targets = inputs.labels[inputs.label_batch, inputs.label_position]  # (N + B,)
     head, logits = talker.codec_head, None
+    tcfg = model.config.talker_config
+    # Over the ids generation can emit only: the control ids it suppresses get no probability mass here either.
+    suppressed = codec0_suppression(tcfg.vocab_size, tcfg.codec_eos_token_id, label_hidden.device)
     if fused_cross_entropy is None:
-        logits = head(label_hidden)  # (N + B, V)
-        codec0_loss = F.cross_entropy(logits.float(), label_targets)
+        logits = head(label_hidden).float() + suppressed  # (N + B, V), -inf at the suppressed ids
+        codec0_loss = F.cross_entropy(logits, label_targets)
     else:
-        codec0_loss = fused_cross_entropy(head.weight, label_hidden, label_targets, head.bias)
+        bias = suppressed.to(label_hidden.dtype) if head.bias is None else head.bias + suppressed.to(head.bias.dtype)
+        codec0_loss = fused_cross_entropy(head.weight, label_hidden, label_targets, bias)
 
     frame_hidden = hidden[inputs.frame_batch, inputs.frame_position]  # (N, D)
     codes = inputs.frame_codes  # (N, 16)
@@ -299,7 +321,9 @@ class TalkerStep(torch.nn.Module):
 
     Holds the model and the fixed speaker embeddings (S, D) as a non-persistent buffer: the speaker encoder is
     not run during training, each sample is conditioned on ``speaker_embeds[batch["speaker"]]``; in voice-clone
-    training the buffer holds every clip's x-vector and the batch's ``xvector_row`` picks each reference's. With
+    training the batch brings each reference's x-vector itself (``batch["xvector"]``, gathered in ``collate``
+    from the one per-clip table, which never goes to the device). ``layout`` is the text layout of batches that do
+    not name one per utterance (``batch["layout"]``, TRAINING_LAYOUT=mixed). With
     ``aux_losses`` (``finetuning.training.losses.AuxiliaryLosses``, held but not registered as a submodule) the
     total also gets Σ weight · auxiliary component, and the unweighted components land in ``StepOutput.aux``.
     ``fused_cross_entropy``: see ``talker_forward``.
@@ -315,8 +339,8 @@ class TalkerStep(torch.nn.Module):
         fused_cross_entropy: Callable | None = None,
     ):
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+        if layout not in (*LAYOUTS, MIXED):
+            raise ValueError(f"unknown layout {layout!r}; use one of {(*LAYOUTS, MIXED)}")
         self.model = model
         self.register_buffer("speaker_embeds", speaker_embeds.float(), persistent=False)
         self.layout = layout
@@ -335,15 +359,20 @@ class TalkerStep(torch.nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, StepOutput]:
         """Returns (total loss, components) for a ``finetuning.training.data.collate`` batch."""
         tcfg = self.model.config.talker_config
-        rows = batch.get("xvector_row", batch["speaker"])  # voice cloning: the reference clip's x-vector
-        speaker_embeds = self.speaker_embeds[rows].to(self.model.talker.dtype)
+        if "xvector" in batch:  # voice cloning: the reference clip's x-vector
+            speaker_embeds = batch["xvector"].to(self.model.talker.dtype)
+        else:
+            speaker_embeds = self.speaker_embeds[batch["speaker"]].to(self.model.talker.dtype)
+        layout = batch.get("layout") or self.layout
+        if layout == MIXED:
+            raise ValueError("TRAINING_LAYOUT=mixed: the batch must name each utterance's layout (batch['layout'])")
         inputs = build_talker_inputs(
             self.model,
             batch["text_ids"],
             batch["codes"],
             speaker_embeds,
             [language_id_for(tcfg, lang) for lang in batch["language"]],
-            layout=self.layout,
+            layout=layout,
             ref_text_ids=batch.get("ref_text_ids"),
             ref_codes=batch.get("ref_codes"),
         )

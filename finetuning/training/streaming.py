@@ -12,7 +12,8 @@ does; bucket edges are length quantiles from a metadata pass (text and ``num_fra
 The same metadata pass gives the epoch's batch count of every process; all processes stop at the smallest, so
 they take the same number of steps. The position (epoch, batches trained on, seed) is saved with every training
 state; a resumed run replays the epoch's deterministic stream and skips the batches already trained on, so
-resume is exact. Codes stay int16 until ``collate`` widens them.
+resume is exact. Each row's layout and language are drawn as in map-style training (``training.conditioning``),
+keyed by its speaker and id. Codes stay int16 until ``collate`` widens them.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from finetuning.settings import Settings
+from finetuning.training.conditioning import Conditioning, stream_key
 from finetuning.training.data import TRAIN_COLUMNS, Example, collate, example_from_row, load_split
 from finetuning.training.sampler import DataPosition, bucket_edges
-from finetuning.training.step import sequence_length
+from finetuning.training.step import AUTO_LANGUAGE, sequence_length
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class StreamingBatches(DataPosition):
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = settings.SEED
+        self.conditioning = Conditioning.from_settings(settings)
         self.epoch = 0
         self.batches_done = 0
         self.skipped = 0
@@ -105,8 +108,11 @@ class StreamingBatches(DataPosition):
         shuffled.set_epoch(epoch)
         return shuffled
 
-    def _length(self, num_text_tokens: int, num_frames: int, language: str) -> int:
-        return sequence_length(self.talker_config, num_text_tokens, num_frames, language, self.settings.TRAINING_LAYOUT)
+    def _length(self, num_text_tokens: int, num_frames: int, language: str, epoch: int, key: int) -> int:
+        """Talker positions of a row as drawn in ``epoch`` (its layout and language, ``training.conditioning``)."""
+        auto, layout = self.conditioning.draw(epoch, key)
+        language = AUTO_LANGUAGE if auto else language
+        return sequence_length(self.talker_config, num_text_tokens, num_frames, language, layout)
 
     def _lengths(self, epoch: int, rank: int) -> Iterator[tuple[str, int]]:
         from finetuning.training.step import assistant_text
@@ -115,7 +121,8 @@ class StreamingBatches(DataPosition):
             if not row["text"] or not row["num_frames"]:
                 continue
             tokens = len(self.tokenizer(assistant_text(row["text"]))["input_ids"])
-            yield row["id"], self._length(tokens, row["num_frames"], row["language"])
+            key = stream_key(row["speaker_index"], row["id"])
+            yield row["id"], self._length(tokens, row["num_frames"], row["language"], epoch, key)
 
     def _batches(self, entries) -> Iterator[list]:
         settings = self.settings
@@ -135,7 +142,17 @@ class StreamingBatches(DataPosition):
                 self.skipped += 1
                 logger.warning("speaker %s: skipping row %s (empty text or codes)", row["speaker"], row["id"])
                 continue
-            yield example, self._length(example.text_ids.numel(), example.codes.shape[0], example.language)
+            example = self.conditioning.apply(example, self.epoch, stream_key(row["speaker_index"], row["id"]))
+            yield (
+                example,
+                sequence_length(
+                    self.talker_config,
+                    example.text_ids.numel(),
+                    example.codes.shape[0],
+                    example.language,
+                    example.layout,
+                ),
+            )
 
     def __iter__(self) -> Iterator[dict]:
         """Collated batches (see ``data.collate``) from the first batch not yet trained on."""

@@ -40,11 +40,24 @@ def validation_batches(lengths: list[int], max_batch_tokens: int, batch_size: in
 
 @torch.no_grad()
 def validation_losses(
-    step_module, examples: list[Example], settings: Settings, accelerator, max_batches: int = 0
+    step_module, sets: dict[str, list[Example]], settings: Settings, accelerator, max_batches: int = 0
 ) -> dict[str, float]:
-    """Token-weighted ``eval/codec0_loss`` and ``eval/sub_talker_loss`` over ``examples``, each process scoring
-    its share of the batches (at most ``max_batches`` of them; 0 = all) and the sums reduced across processes.
-    Call on every process."""
+    """``set_losses`` of every validation set (``Conditioning.validation``: the rows' languages under ``eval/``,
+    the languageless prefix under ``eval/auto/``). Call on every process."""
+    losses = {}
+    for prefix, examples in sets.items():
+        if examples:
+            losses.update(set_losses(step_module, examples, settings, accelerator, max_batches, f"eval/{prefix}"))
+    return losses
+
+
+@torch.no_grad()
+def set_losses(
+    step_module, examples: list[Example], settings: Settings, accelerator, max_batches: int = 0, prefix: str = "eval/"
+) -> dict[str, float]:
+    """Token-weighted ``codec0_loss`` and ``sub_talker_loss`` (names after ``prefix``) over ``examples``, each
+    process scoring its share of the batches (at most ``max_batches`` of them; 0 = all) and the sums reduced
+    across processes. Call on every process."""
     from accelerate.utils import send_to_device
 
     talker_config = accelerator.unwrap_model(step_module).model.config.talker_config
@@ -54,7 +67,7 @@ def validation_losses(
             e.text_ids.numel(),
             e.codes.shape[0],
             e.language,
-            settings.TRAINING_LAYOUT,
+            e.layout or settings.TRAINING_LAYOUT,
             e.reference_size(),
         )
         for e in examples
@@ -83,4 +96,4 @@ def validation_losses(
     totals = accelerator.reduce(totals, reduction="sum")
     codec0 = (totals[0] / totals[1].clamp(min=1)).item()
     sub = (totals[2] / totals[3].clamp(min=1)).item()
-    return {"eval/codec0_loss": codec0, "eval/sub_talker_loss": sub}
+    return {f"{prefix}codec0_loss": codec0, f"{prefix}sub_talker_loss": sub}

@@ -44,7 +44,7 @@ def test_references_are_other_clips_of_the_speaker_drawn_per_epoch_and_seeded():
                 reference = pool.examples[drawn.xvector_row]
                 assert torch.equal(drawn.ref_codes, reference.codes)
                 assert torch.equal(drawn.ref_text_ids, reference.text_ids[ROLE_TOKENS:-SUFFIX_TOKENS])
-                assert drawn.reference_size() <= dataset.reference_budgets()[i]
+            assert torch.equal(drawn.xvector, pool.xvectors[drawn.xvector_row])
     assert modes == {True, False}
     assert references[0] == {1, 2} and references[3] == {4}  # every other clip of the speaker comes up
     other_seed = CloneExamples(pool, seed=8, icl_fraction=0.5)
@@ -56,8 +56,6 @@ def test_icl_fraction_sets_the_mix(fraction, low, high):
     dataset = CloneExamples(_pool(), seed=0, icl_fraction=fraction)
     draws = [dataset[(epoch, i)].ref_codes is not None for epoch in range(100) for i in range(5)]
     assert low <= sum(draws) / len(draws) <= high
-    if fraction == 0:
-        assert dataset.reference_budgets() == [0] * 5
 
 
 def test_collated_batch_carries_each_reference_and_validation_references_are_fixed():
@@ -66,6 +64,7 @@ def test_collated_batch_carries_each_reference_and_validation_references_are_fix
     drawn = [dataset[(3, i)] for i in range(5)]
     batch = collate(drawn)
     assert batch["xvector_row"].tolist() == [e.xvector_row for e in drawn]
+    torch.testing.assert_close(batch["xvector"], pool.xvectors[batch["xvector_row"]], rtol=0, atol=0)
     for example, text_ids, codes in zip(drawn, batch["ref_text_ids"], batch["ref_codes"], strict=True):
         assert (codes is None) == (example.ref_codes is None) == (text_ids is None)
         assert codes is None or codes.dtype == torch.long
@@ -103,3 +102,52 @@ def test_voice_clone_refuses_streaming(tmp_path, tiny_model_dir):
 
     with pytest.raises(SettingsError, match="DATA_STREAMING.*TRAINING_MODE=voice_clone"):
         make_settings(tmp_path, tiny_model_dir, TRAINING_MODE="voice_clone", DATA_STREAMING=True)
+
+
+def test_a_clip_prepared_twice_is_never_its_own_reference():
+    """Preparation keeps a repeated recording under a suffixed id: same codes, another row."""
+    import dataclasses
+
+    examples = [_example(0, 0, 3), _example(1, 0, 4), _example(2, 0, 5)]
+    examples.append(dataclasses.replace(examples[0], id="clip0-2"))  # clip 3 = clip 0's audio again
+    pool = ReferencePool(examples=examples, xvectors=torch.randn(4, 8), by_speaker={0: [0, 1, 2, 3]})
+    dataset = CloneExamples(pool, seed=3, icl_fraction=0.5)
+    drawn = {(i, dataset[(epoch, i)].xvector_row) for epoch in range(60) for i in range(4)}
+    assert not drawn & {(0, 0), (0, 3), (3, 3), (3, 0)}  # neither copy conditions on either copy
+    assert {(0, 1), (0, 2), (3, 1), (3, 2), (1, 0), (1, 3)} <= drawn
+    held_out = dataclasses.replace(examples[1], id="held-out copy")
+    assert {dataset.validation([held_out])[0].xvector_row for _ in range(3)} != {1}
+    assert all(dataset.validation([held_out])[0].xvector_row != 1 for _ in range(3))
+
+
+def test_references_longer_than_the_cap_are_never_icl_references():
+    examples = [_example(0, 0, 3), _example(1, 0, 30), _example(2, 0, 4)]  # clip 1: 30 frames
+    pool = ReferencePool(examples=examples, xvectors=torch.randn(3, 8), by_speaker={0: [0, 1, 2]}, max_icl_frames=10)
+    dataset = CloneExamples(pool, seed=0, icl_fraction=1.0)
+    draws = [dataset[(epoch, i)] for epoch in range(40) for i in range(3)]
+    assert all(d.ref_codes is not None for d in draws)  # every clip has a short enough other clip
+    assert {d.xvector_row for d in draws} == {0, 2}  # clip 1 (30 frames > 10) is never a reference
+    # A speaker whose only other clip is too long trains that sample in x-vector mode from it.
+    pair = ReferencePool(examples=examples[:2], xvectors=torch.randn(2, 8), by_speaker={0: [0, 1]}, max_icl_frames=10)
+    alone = CloneExamples(pair, seed=0, icl_fraction=1.0)
+    assert all(alone[(epoch, 0)].ref_codes is None and alone[(epoch, 0)].xvector_row == 1 for epoch in range(10))
+    assert all(alone[(epoch, 1)].ref_codes is not None for epoch in range(10))
+
+
+def test_epoch_lengths_count_an_icl_reference_only_when_drawn(tiny_model_dir):
+    import qwen_tts
+
+    from finetuning.training.conditioning import Conditioning
+    from finetuning.training.step import sequence_length
+
+    tcfg = qwen_tts.Qwen3TTSModel.from_pretrained(str(tiny_model_dir)).model.config.talker_config
+    conditioning = Conditioning(seed=0, auto_fraction=0.5, layout="mixed")
+    dataset = CloneExamples(_pool(), seed=0, icl_fraction=0.5, conditioning=conditioning, talker_config=tcfg)
+    for epoch in range(4):
+        lengths = dataset.epoch_lengths(epoch)
+        for i, length in enumerate(lengths):
+            e = dataset[(epoch, i)]
+            own = sequence_length(tcfg, e.text_ids.numel(), e.codes.shape[0], e.language, e.layout)
+            assert length == own + (0 if e.ref_codes is None else e.ref_text_ids.numel() + e.ref_codes.shape[0])
+    drawn = [dataset[(e, i)] for e in range(20) for i in range(5)]
+    assert {d.layout for d in drawn} == {"streaming", "non_streaming"} and {d.language for d in drawn} >= {"auto"}

@@ -228,17 +228,26 @@ def test_sub_talker_logits_match_the_code_predictor_at_generation(loaded):
     torch.testing.assert_close(out.sub_talker_logits[j], gen_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_speaker_embedding_is_the_mean_over_clips_and_encoder_gets_no_gradient(loaded):
+def test_speaker_embedding_is_the_norm_matched_mean_over_clips_and_encoder_gets_no_gradient(loaded):
     from finetuning.training.optim import make_optimizer
-    from finetuning.training.speakers import freeze_speaker_encoder, speaker_embedding
+    from finetuning.training.speakers import clip_xvectors, freeze_speaker_encoder, speaker_embedding
 
     model, tokenizer = loaded["equal"]
     clip_a, _ = sf.read(VOICES_DIR / "english_speaker.wav", dtype="float32")
     clip_b, _ = sf.read(VOICES_DIR / "swahili_speaker.wav", dtype="float32")
-    mean = speaker_embedding(model, [clip_a, clip_b])
-    each = [model.extract_speaker_embedding(c, 24000).float() for c in (clip_a, clip_b)]
-    torch.testing.assert_close(mean, (each[0] + each[1]) / 2)
+    row = speaker_embedding(model, [clip_a, clip_b])
+    each = [model.extract_speaker_embedding(c, 24000).float() for c in (clip_a, clip_b)]  # stock, one clip each
+    torch.testing.assert_close(clip_xvectors(model, [clip_a, clip_b]), torch.stack(each))
     assert not torch.allclose(each[0], each[1])
+    mean = (each[0] + each[1]) / 2
+    torch.testing.assert_close(row / row.norm(), mean / mean.norm())  # the mean's direction ...
+    torch.testing.assert_close(row.norm(), (each[0].norm() + each[1].norm()) / 2)  # ... at one clip's length
+    assert mean.norm() < row.norm()
+    torch.testing.assert_close(speaker_embedding(model, [clip_a]), each[0])
+    # In bfloat16, as stock computes x-vectors for a bfloat16 checkpoint; the training model stays float32.
+    half = clip_xvectors(model, [clip_a], torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and next(model.speaker_encoder.parameters()).dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(half.float(), each[0][None]).item() > 0.99
     with pytest.raises(ValueError, match="at least one"):
         speaker_embedding(model, [])
 

@@ -5,7 +5,8 @@ import torch
 from conftest import make_settings
 
 from finetuning.training.data import Example
-from finetuning.training.validation import validation_batches, validation_losses
+from finetuning.training.validation import set_losses as validation_losses
+from finetuning.training.validation import validation_batches
 
 
 def test_batches_respect_the_budget_and_hold_every_example_once():

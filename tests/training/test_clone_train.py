@@ -5,8 +5,10 @@ utterances (one sentence said by both), half the samples in ICL mode and half in
 reference is the other clip of its speaker (the only one there is), so the references are fixed. The export is
 a ``base`` model; stock ``Qwen3TTSModel.from_pretrained`` + ``generate_voice_clone(ref_audio=<the reference
 clip's file>, ref_text=..., text=...)``, greedy, in the layout trained (streaming: generate_voice_clone's default),
-must reproduce every trained utterance in both modes, and the shared sentence cloned from the *other* speaker's
-reference must come out as that speaker's recording, not the first speaker's.
+must reproduce every trained utterance under every call the export claims (``finetune_info.json``
+"trained_calls": ICL and x-vector mode x ``non_streaming_mode`` True and False x ``language`` given and left out),
+and the shared sentence cloned from the *other* speaker's reference must come out as that speaker's recording, not
+the first speaker's.
 """
 
 import json
@@ -25,13 +27,15 @@ from test_train import (
     _compare,
     _overfit_settings,
     _overfit_voices,
+    call_id,
     greedy_margins,
     recorded_frame_codes,
+    stock_calls,
 )
 
 from finetuning.training.export import INFO_FILE
 
-LAYOUT = "streaming"  # generate_voice_clone's default (non_streaming_mode=False)
+LAYOUT = "mixed"  # both non_streaming_mode values (generate_voice_clone's default is False)
 MODES = ("icl", "x_vector")
 # x-vectors about 1 long (``conftest.discriminative_copy``): as short as the random ones (0.3), x-vector mode told
 # the two voices' shared sentence apart by 0.4 logits with AVX2 kernels after 450 steps (-0.6 after 300).
@@ -99,30 +103,31 @@ def _reference_of(clips, clip):
     return other
 
 
-def _clone_codes(model, text, language, reference, mode, max_frames):
-    """Greedy stock ``generate_voice_clone`` from the reference clip's file; the frame codes it generated."""
-    from finetuning.evaluation.speech import generation_language
-
+def _clone_codes(model, text, language, reference, mode, max_frames, non_streaming=False):
+    """Greedy stock ``generate_voice_clone`` from the reference clip's file, called as a user calls it
+    (``language`` None: left out); the frame codes it generated."""
+    language_kwargs = {} if language is None else {"language": language}
     with recorded_frame_codes(model) as seen:
         wavs, sample_rate = model.generate_voice_clone(
             text=text,
-            language=generation_language(model.model, language),  # "auto" for a language the model lacks
             ref_audio=str(reference["wav"]),
             ref_text=reference["text"],
             x_vector_only_mode=mode == "x_vector",
-            non_streaming_mode=LAYOUT == "non_streaming",
+            non_streaming_mode=non_streaming,
             do_sample=False,
             subtalker_dosample=False,
             max_new_tokens=max_frames,
+            **language_kwargs,
         )
     assert sample_rate == 24000 and np.isfinite(wavs[0]).all()
     return seen[0].cpu()
 
 
-def _margins(model, clip, reference, mode):
+def _margins(model, clip, reference, mode, language, layout):
     """Teacher-forced logit margins of the trained codes over their best rival, conditioned as stock generation
-    conditions them (the stock prompt's codes and x-vector), scored as greedy decoding scores them: codebook 0
-    (T + 1,) with control ids suppressed and the repetition penalty applied, codebooks 2-16 (T, 15)."""
+    conditions them (the stock prompt's codes and x-vector, ``language``, ``layout``), scored as greedy decoding
+    scores them: codebook 0 (T + 1,) with control ids suppressed and the repetition penalty applied, codebooks
+    2-16 (T, 15)."""
     from finetuning.training.layout import ROLE_TOKENS, SUFFIX_TOKENS
     from finetuning.training.step import assistant_text, build_talker_inputs, language_id_for, talker_forward
 
@@ -138,8 +143,8 @@ def _margins(model, clip, reference, mode):
             [text_ids],
             [clip["codes"]],
             item.ref_spk_embedding[None].float(),
-            [language_id_for(tcfg, clip["language"])],
-            LAYOUT,
+            [language_id_for(tcfg, language)],
+            layout,
             ref_text_ids=[ref_ids[ROLE_TOKENS:-SUFFIX_TOKENS]] if icl else None,
             ref_codes=[item.ref_code] if icl else None,
         )
@@ -152,27 +157,41 @@ def _margins(model, clip, reference, mode):
 def test_voice_clone_overfit_then_generate_voice_clone_reproduces_every_clip(clone_run, mode, margin_log):
     import qwen_tts
 
+    from finetuning.evaluation.speech import generation_language
+
     settings, result, clips = clone_run
     assert result.optimizer_steps == settings.MAX_STEPS and result.skipped_steps == 0
     assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
     model = qwen_tts.Qwen3TTSModel.from_pretrained(str(result.export_dir), dtype=torch.float32)
     assert model.model.tts_model_type == "base" and model.model.speaker_encoder is not None
     assert len(clips) == 2 * len(SPEAKERS)
-    margins = []
-    for clip in clips:
-        reference = _reference_of(clips, clip)
-        if mode == "icl":  # stock encodes the reference file itself: the codes training used as the prompt
-            [item] = model.create_voice_clone_prompt(str(reference["wav"]), reference["text"])
-            assert torch.equal(item.ref_code.cpu(), reference["codes"])
-        generated = _clone_codes(model, clip["text"], clip["language"], reference, mode, len(clip["codes"]) + 10)
-        first_equal, share = _compare(generated, clip["codes"])
-        codec0_margin, sub_margin = _margins(model, clip, reference, mode)
-        margins.append((codec0_margin, sub_margin))
-        report = {"speaker": clip["speaker"], "text": clip["text"], "share": share, "margins": margins[-1]}
-        assert first_equal, report
-        assert share >= MIN_TOKEN_MATCH, report
-        assert min(codec0_margin, sub_margin) >= MIN_TEACHER_FORCED_MARGIN, report
+    calls = json.loads((result.export_dir / INFO_FILE).read_text())["trained_calls"]
+    assert calls["method"] == "generate_voice_clone" and sorted(calls["x_vector_only_mode"]) == [False, True]
+    margins, failures = [], []
+    for given_language, non_streaming in stock_calls(result.export_dir):
+        for clip in clips:
+            reference = _reference_of(clips, clip)
+            if mode == "icl":  # stock encodes the reference file itself: the codes training used as the prompt
+                [item] = model.create_voice_clone_prompt(str(reference["wav"]), reference["text"])
+                assert torch.equal(item.ref_code.cpu(), reference["codes"])
+            language = generation_language(model.model, clip["language"]) if given_language else None
+            frames = len(clip["codes"]) + 10
+            generated = _clone_codes(model, clip["text"], language, reference, mode, frames, non_streaming)
+            first_equal, share = _compare(generated, clip["codes"])
+            layout = "non_streaming" if non_streaming else "streaming"
+            margins.append(_margins(model, clip, reference, mode, language, layout))
+            report = {
+                "call": call_id(given_language, non_streaming),
+                "speaker": clip["speaker"],
+                "text": clip["text"],
+                "codebook0_equal": first_equal,
+                "share": share,
+                "margins": margins[-1],
+            }
+            if not (first_equal and share >= MIN_TOKEN_MATCH and min(margins[-1]) >= MIN_TEACHER_FORCED_MARGIN):
+                failures.append(report)
     margin_log[f"voice_clone-{mode}"] = {"codec0": min(m[0] for m in margins), "sub_talker": min(m[1] for m in margins)}
+    assert len(margins) == len(clips) * 4 and not failures, failures
 
     # The shared sentence (same text, same language) cloned from the other speaker's reference comes out as the
     # other speaker's recording, not the first's: the reference decides the voice. Both ways round.
@@ -180,7 +199,9 @@ def test_voice_clone_overfit_then_generate_voice_clone_reproduces_every_clip(clo
     for speaker, other in (SPEAKERS, SPEAKERS[::-1]):
         other_reference = _reference_of(clips, shared[other])
         language, frames = shared[speaker]["language"], len(shared[speaker]["codes"]) + 10
-        generated = _clone_codes(model, SHARED_TEXT, language, other_reference, mode, frames)
+        generated = _clone_codes(
+            model, SHARED_TEXT, generation_language(model.model, language), other_reference, mode, frames
+        )
         first_equal, share = _compare(generated, shared[speaker]["codes"])
         assert not first_equal and share < 0.5, (speaker, share)
         assert _compare(generated, shared[other]["codes"]) == (True, 1.0), speaker
@@ -265,7 +286,9 @@ def test_evaluate_clones_unseen_clips_with_the_export_and_the_base_model(clone_r
 
     trained_texts = {row["text"] for s in SPEAKERS for row in load_split(settings, s, "train", ["text"])}
     for run in (report["candidate"], report["baseline"]):
-        assert run["checkpoint"]["model_type"] == "base" and run["checkpoint"]["layout"] == LAYOUT
+        assert (
+            run["checkpoint"]["model_type"] == "base" and run["checkpoint"]["layout"] == "streaming"
+        )  # stock default of a mixed export
         assert list(run["speakers"]) == list(SPEAKERS)
         for speaker, section in run["speakers"].items():
             assert "generate_voice_clone" in section["conditioning"], speaker

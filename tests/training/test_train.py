@@ -137,6 +137,34 @@ def _generate_codes(model, speaker, text, max_frames):
     return seen[0].cpu()
 
 
+def _stock_codes(model, speaker, text, max_frames, language, non_streaming):
+    """Greedy stock ``generate_custom_voice`` called as a user calls it (``language`` None: left out), returning
+    the frame codes it produced."""
+    language_kwargs = {} if language is None else {"language": language}
+    with recorded_frame_codes(model) as seen:
+        wavs, sample_rate = model.generate_custom_voice(
+            text=text,
+            speaker=speaker,
+            non_streaming_mode=non_streaming,
+            do_sample=False,
+            subtalker_dosample=False,
+            max_new_tokens=max_frames,
+            **language_kwargs,
+        )
+    assert sample_rate == 24000 and np.isfinite(wavs[0]).all()
+    return seen[0].cpu()
+
+
+def stock_calls(export_dir) -> list[tuple[bool, bool]]:
+    """Every (name the language?, non_streaming_mode) call the export claims in ``finetune_info.json``."""
+    calls = json.loads((Path(export_dir) / INFO_FILE).read_text())["trained_calls"]
+    return [(lang == "given", mode) for lang in calls["language"] for mode in calls["non_streaming_mode"]]
+
+
+def call_id(given_language: bool, non_streaming: bool) -> str:
+    return f"language={'row' if given_language else 'None'},non_streaming_mode={non_streaming}"
+
+
 def _compare(generated, trained):
     """(codebook-0 identical incl. length/EOS, share of all 16-codebook tokens equal)."""
     same_length = generated.shape[0] == trained.shape[0]
@@ -146,10 +174,13 @@ def _compare(generated, trained):
     return first_equal, matches / trained.numel()
 
 
-def teacher_forced_margins(model, tokenizer, row, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced_margins(
+    model, tokenizer, row, layout: str, language: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logit margins of the trained codes over their best rival, teacher-forced through the exported model as
     greedy ``generate_custom_voice`` scores them (control ids suppressed, EOS kept, codebook-0 tokens already
-    emitted divided by the repetition penalty): codebook 0 (T + 1,) incl. EOS, and codebooks 2-16 (T, 15)."""
+    emitted divided by the repetition penalty), in ``layout`` with ``language`` (None: stock's "Auto"): codebook 0
+    (T + 1,) incl. EOS, and codebooks 2-16 (T, 15)."""
     from finetuning.training.step import assistant_text, build_talker_inputs, language_id_for, talker_forward
 
     tcfg = model.config.talker_config
@@ -158,7 +189,7 @@ def teacher_forced_margins(model, tokenizer, row, layout: str) -> tuple[torch.Te
     speaker = model.talker.get_input_embeddings().weight[tcfg.spk_id[row["speaker"]]]
     with torch.no_grad():
         inputs = build_talker_inputs(
-            model, [text_ids], [codes], speaker[None], [language_id_for(tcfg, row["language"])], layout=layout
+            model, [text_ids], [codes], speaker[None], [language_id_for(tcfg, language)], layout=layout
         )
         out = talker_forward(model, inputs)
     return greedy_margins(tcfg, out, codes)
@@ -185,39 +216,48 @@ def greedy_margins(talker_config, out, codes) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _check(settings, result):
+    """Every trained row under every stock call the export claims (``stock_calls``): a report item per (row, call)."""
     import qwen_tts
+
+    from finetuning.evaluation.speech import generation_language
 
     model = qwen_tts.Qwen3TTSModel.from_pretrained(str(result.export_dir))
     report = []
-    for row in _trained_rows(settings):
-        trained = row["audio_codes"]
-        generated = _generate_codes(model, row["speaker"], row["text"], trained.shape[0] + 10)
-        first_equal, share = _compare(generated, trained)
-        codec0_margins, sub_talker_margins = teacher_forced_margins(
-            model.model, model.processor.tokenizer, row, settings.TRAINING_LAYOUT
-        )
-        report.append(
-            {
-                "speaker": row["speaker"],
-                "text": row["text"],
-                "codebook0_equal": first_equal,
-                "share": share,
-                "codec0_margin": float(codec0_margins.min()),
-                "sub_talker_margin": float(sub_talker_margins.min()),
-            }
-        )
+    for given_language, non_streaming in stock_calls(result.export_dir):
+        for row in _trained_rows(settings):
+            trained = row["audio_codes"]
+            language = generation_language(model.model, row["language"]) if given_language else None
+            generated = _stock_codes(model, row["speaker"], row["text"], trained.shape[0] + 10, language, non_streaming)
+            first_equal, share = _compare(generated, trained)
+            layout = "non_streaming" if non_streaming else "streaming"
+            codec0_margins, sub_talker_margins = teacher_forced_margins(
+                model.model, model.processor.tokenizer, row, layout, language
+            )
+            report.append(
+                {
+                    "call": call_id(given_language, non_streaming),
+                    "speaker": row["speaker"],
+                    "text": row["text"],
+                    "codebook0_equal": first_equal,
+                    "share": share,
+                    "codec0_margin": float(codec0_margins.min()),
+                    "sub_talker_margin": float(sub_talker_margins.min()),
+                }
+            )
     return model, report
 
 
 def assert_reproduces_every_speaker(settings, result, margin_log: dict, case_id: str):
-    """The decisive check on a finished overfit run: stock greedy generation from the export gives back every
-    trained utterance, with teacher-forced margins >= MIN_TEACHER_FORCED_MARGIN (logged under ``case_id``), and
-    the shared sentence follows the speaker name. Returns the stock-loaded model."""
+    """The decisive check on a finished overfit run: under every stock call the export claims, stock greedy
+    generation gives back every trained utterance, with teacher-forced margins >= MIN_TEACHER_FORCED_MARGIN (the
+    smallest logged under ``case_id``), and the shared sentence follows the speaker name. Returns the model."""
     model, report = _check(settings, result)
-    assert len(report) == len(SPEAKERS) * UTTERANCES_PER_SPEAKER
+    calls = stock_calls(result.export_dir)
+    assert len(report) == len(SPEAKERS) * UTTERANCES_PER_SPEAKER * len(calls)
     margin_log[case_id] = {
         "codec0": min(item["codec0_margin"] for item in report),
         "sub_talker": min(item["sub_talker_margin"] for item in report),
+        "calls": len(calls),
     }
     for item in report:
         assert item["codebook0_equal"], item
@@ -234,27 +274,38 @@ def assert_reproduces_every_speaker(settings, result, margin_log: dict, case_id:
     return model
 
 
+class LazyRuns(dict):
+    """Runs made on first use (``make(key)``), so a selected test trains only what it reads."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        self[key] = run = self.make(key)
+        return run
+
+
+OVERFIT_CASES = [("equal", "mixed"), ("wide_text", "streaming"), ("equal", "non_streaming", "aux")]
+
+
 @pytest.fixture(scope="module")
 def overfit_runs(tiny_model_dirs, tmp_path_factory):
-    """One run per tiny layout: the 1.7B-like layout in non-streaming mode (generate_custom_voice's default) and
-    the 0.6B-like layout (text width != talker width) in streaming mode; then the first again with the auxiliary
-    losses (mel, voice, prosody through the decoder) at their default weights and cadence."""
-    return {
-        ("equal", "non_streaming"): _train(tmp_path_factory, tiny_model_dirs["equal"], "non_streaming"),
-        ("wide_text", "streaming"): _train(tmp_path_factory, tiny_model_dirs["wide_text"], "streaming"),
-        # Same run with the auxiliary losses: every one compares with the decoded target codes, so they agree
-        # with the codec losses and memorisation is as exact, with margins as wide, in as many steps.
-        ("equal", "non_streaming", "aux"): _train(
-            tmp_path_factory, tiny_model_dirs["equal"], "non_streaming", USE_AUXILIARY_LOSSES=True
-        ),
-    }
+    """Runs with the product's conditioning defaults (LANGUAGE_AUTO_FRACTION): the 1.7B-like layout trained in both
+    text layouts (TRAINING_LAYOUT=mixed, the default), whose export claims every generate_custom_voice call; the
+    0.6B-like layout (text width != talker width) in streaming mode only; then the 1.7B-like layout in
+    non-streaming mode with the auxiliary losses (mel, voice, prosody through the decoder) at their default weights
+    and cadence: every one compares with the decoded target codes, so they agree with the codec losses and
+    memorisation is as exact, with margins as wide, in as many steps."""
+
+    def make(case):
+        extra = {"USE_AUXILIARY_LOSSES": True} if "aux" in case else {}
+        return _train(tmp_path_factory, tiny_model_dirs[case[0]], case[1], **extra)
+
+    return LazyRuns(make)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [("equal", "non_streaming"), ("wide_text", "streaming"), ("equal", "non_streaming", "aux")],
-    ids="-".join,
-)
+@pytest.mark.parametrize("case", OVERFIT_CASES, ids="-".join)
 def test_overfit_then_generate_reproduces_every_speaker(overfit_runs, case, margin_log):
     settings, result = overfit_runs[case]
     assert result.optimizer_steps == OVERFIT_STEPS
@@ -284,7 +335,7 @@ def test_double_shift_of_the_official_recipe_fails_the_check(tiny_model_dirs, tm
 def test_export_lists_every_speaker_and_keeps_no_secret(overfit_runs):
     import qwen_tts
 
-    settings, result = overfit_runs[("equal", "non_streaming")]
+    settings, result = overfit_runs[("equal", "mixed")]
     export = result.export_dir
     model = qwen_tts.Qwen3TTSModel.from_pretrained(str(export))
     assert sorted(model.get_supported_speakers()) == sorted(SPEAKERS)

@@ -27,14 +27,24 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert str(checkpoint.resolve()) in proc.stdout
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 20 and "eval/codec0_loss" in records[-1]
+    # With the product's defaults the export answers every generate_custom_voice call, and validation reports the
+    # languageless prefix (how stock calls it without language=) beside the rows' own languages.
+    assert info["trained_calls"] == {
+        "method": "generate_custom_voice",
+        "non_streaming_mode": [True, False],
+        "language": ["given", "auto"],
+    }
+    assert records[-1]["eval/auto/codec0_loss"] != records[-1]["eval/codec0_loss"]
 
     generate = str(REPO_ROOT / "finetuning" / "generate.py")
     wav_path = tmp_path / "hello.wav"
     args = ["--checkpoint", str(checkpoint), "--text", "Hello there.", "--greedy", "--max_new_tokens", "10"]
-    proc = _run([generate, *args, "--speaker", "swahili_speaker", "--output", str(wav_path)], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    wav, sample_rate = sf.read(wav_path)
-    assert sample_rate == 24000 and 0 < wav.size <= 10 * 1920
+    for language in ([], ["--language", "auto"]):
+        command = [generate, *args, *language, "--speaker", "swahili_speaker", "--output", str(wav_path)]
+        proc = _run(command, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        wav, sample_rate = sf.read(wav_path)
+        assert sample_rate == 24000 and 0 < wav.size <= 10 * 1920
     proc = _run([generate, *args, "--speaker", "nobody"], tmp_path)
     assert proc.returncode == 2 and "english_speaker" in proc.stderr and "Traceback" not in proc.stderr
 

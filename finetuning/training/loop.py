@@ -205,6 +205,20 @@ def make_train_data(settings: Settings, tokenizer, model, accelerator, xvector_d
     return loader, sampler, languages, conditioning.validation(validation), conditioning_table
 
 
+def build_step_module(model, settings: Settings, conditioning_table: torch.Tensor, aux_losses) -> TalkerStep:
+    """The training step around ``model``: custom voice holds the (S, D) speaker rows; voice cloning holds no table
+    (each batch brings its references' x-vectors, gathered from the one host copy by ``collate``)."""
+    clone = settings.TRAINING_MODE == "voice_clone"
+    return TalkerStep(
+        model,
+        conditioning_table[:0] if clone else conditioning_table,
+        layout=settings.TRAINING_LAYOUT,
+        sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
+        aux_losses=aux_losses,
+        fused_cross_entropy=fused_cross_entropy(settings),
+    )
+
+
 def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
     """The state to resume from (RESUME_FROM), or None for a new run, which must not mix with an earlier run's
     states; the run folder is created and the settings are saved in it."""
@@ -260,15 +274,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
         engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)
     engines.share_main_process_weights(accelerator, speaker_embeds, aux_losses)
-    clone = settings.TRAINING_MODE == "voice_clone"  # batches bring their x-vectors: no table on the device
-    step_module = TalkerStep(
-        model,
-        speaker_embeds[:0] if clone else speaker_embeds,
-        layout=settings.TRAINING_LAYOUT,
-        sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
-        aux_losses=aux_losses,
-        fused_cross_entropy=fused_cross_entropy(settings),
-    )
+    step_module = build_step_module(model, settings, speaker_embeds, aux_losses)
     engines.detach_speaker_encoder(model)  # frozen: outside the engine (the voice loss keeps its own reference)
     if settings.GRADIENT_CHECKPOINTING:
         engines.enable_gradient_checkpointing(model)

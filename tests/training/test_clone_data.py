@@ -151,3 +151,33 @@ def test_epoch_lengths_count_an_icl_reference_only_when_drawn(tiny_model_dir):
             assert length == own + (0 if e.ref_codes is None else e.ref_text_ids.numel() + e.ref_codes.shape[0])
     drawn = [dataset[(e, i)] for e in range(20) for i in range(5)]
     assert {d.layout for d in drawn} == {"streaming", "non_streaming"} and {d.language for d in drawn} >= {"auto"}
+
+
+def test_the_xvector_table_stays_one_host_copy_and_batches_bring_their_rows(tiny_model_dir, tmp_path_factory):
+    """Voice cloning keeps a per-clip x-vector table (200 k clips x 2048 wide is 1.6 GB in float32): held once on
+    the host, in the checkpoint's dtype, never in the step module (so never copied to a device per process);
+    each batch carries its references' rows, gathered by ``collate``."""
+    import qwen_tts
+    from accelerate import Accelerator
+    from conftest import prepare_small_dataset
+
+    from finetuning.training.loop import build_step_module, make_train_data
+
+    root = prepare_small_dataset(tmp_path_factory, "clone_table", tiny_model_dir)
+    settings = make_settings(root, tiny_model_dir, TRAINING_MODE="voice_clone", VALIDATION_FRACTION=0.0)
+    wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model, tokenizer = wrapper.model, wrapper.processor.tokenizer
+    accelerator = Accelerator(cpu=True)
+    loader, _, _, _, table = make_train_data(settings, tokenizer, model, accelerator, torch.bfloat16)
+    clips, width = table.shape
+    assert clips == 8 and width == model.config.talker_config.hidden_size and table.dtype == torch.bfloat16
+    step = accelerator.prepare(build_step_module(model, settings, table, None))
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    step_bytes = sum(t.numel() * t.element_size() for t in [*step.parameters(), *step.buffers()])
+    assert step_bytes == model_bytes  # nothing beside the model: no copy of the (C, D) table
+    batch = next(iter(loader))
+    rows = table[batch["xvector_row"]]
+    assert batch["xvector"].dtype == torch.bfloat16 and torch.equal(batch["xvector"], rows)
+    with torch.no_grad():
+        loss, _ = step(batch)
+    assert torch.isfinite(loss)

@@ -99,10 +99,11 @@ def _toy_batch(tokenizer, lengths=(7, 4)):
 
 
 @pytest.mark.parametrize("tiny_layout", ["equal", "wide_text"])
-@pytest.mark.parametrize("layout", ["non_streaming", "streaming"])
+@pytest.mark.parametrize("layout", ["non_streaming", "streaming", "mixed"])
 def test_batch_rows_equal_each_utterance_built_alone(loaded, tiny_layout, layout):
     """The batch is built by gathering into index grids; each row must be exactly its utterance built alone (which
-    the test above ties to generate), whatever its neighbours' lengths and languages, and zero past its end."""
+    the test above ties to generate), whatever its neighbours' lengths, languages and (TRAINING_LAYOUT=mixed) text
+    layouts, and zero past its end."""
     model, tokenizer = loaded[tiny_layout]
     texts = ["The coffee is too hot.", "Habari.", "Good morning, how are you today, my friend?", "Yes."]
     text_ids = [tokenizer(assistant_text(t), return_tensors="pt")["input_ids"][0] for t in texts]
@@ -110,15 +111,18 @@ def test_batch_rows_equal_each_utterance_built_alone(loaded, tiny_layout, layout
     codes = [torch.randint(0, 2048, (n, 16), generator=gen) for n in (7, 12, 2, 5)]
     speakers = torch.randn(4, model.config.talker_config.hidden_size, generator=gen)
     languages = [None, 2050, 2050, None]
+    layouts = ["non_streaming", "streaming", "streaming", "non_streaming"] if layout == "mixed" else [layout] * 4
     with torch.no_grad():
-        batch = build_talker_inputs(model, text_ids, codes, speakers, languages, layout)
+        batch = build_talker_inputs(
+            model, text_ids, codes, speakers, languages, layouts if layout == "mixed" else layout
+        )
         # The codec head scores exactly the positions that hold a target, in frame order then EOS.
         labelled = (batch.labels != IGNORE_INDEX).nonzero()  # (N + B, 2), row-major
         order = torch.argsort(batch.label_batch * batch.labels.shape[1] + batch.label_position)
         assert torch.equal(torch.stack([batch.label_batch, batch.label_position], dim=1)[order], labelled)
         for b in range(4):
             alone = build_talker_inputs(
-                model, text_ids[b : b + 1], codes[b : b + 1], speakers[b : b + 1], [languages[b]], layout
+                model, text_ids[b : b + 1], codes[b : b + 1], speakers[b : b + 1], [languages[b]], layouts[b]
             )
             length = alone.inputs_embeds.shape[1]
             torch.testing.assert_close(batch.inputs_embeds[b, :length], alone.inputs_embeds[0], rtol=0, atol=1e-6)
@@ -277,6 +281,32 @@ def _settings_stub():
     from finetuning.settings import load_settings
 
     return load_settings(None, environ={}, overrides={"LEARNING_RATE": "1e-4", "WEIGHT_DECAY": "0.1"})
+
+
+def test_codebook0_loss_normalises_over_the_ids_generation_can_emit(loaded):
+    """Stock generation suppresses the last 1024 codec ids except EOS; the loss gives them no probability mass:
+    it equals a cross-entropy over the allowed ids alone, whatever the suppressed logits are."""
+    import torch.nn.functional as F
+
+    model, tokenizer = loaded["equal"]
+    tcfg = model.config.talker_config
+    text_ids, codes = _toy_batch(tokenizer)
+    speakers = torch.zeros(2, tcfg.hidden_size)
+    with torch.no_grad():
+        inputs = build_talker_inputs(model, text_ids, codes, speakers, [None, 2050])
+        out = talker_forward(model, inputs)
+        hidden = out.hidden_states[inputs.label_batch, inputs.label_position]
+        raw = model.talker.codec_head(hidden).float()  # (N + B, V)
+    ids = torch.arange(tcfg.vocab_size)
+    allowed = (ids < tcfg.vocab_size - 1024) | (ids == tcfg.codec_eos_token_id)
+    assert int(allowed.sum()) == 2049  # 2048 codes and EOS, as in stock generate's suppress_tokens
+    targets = out.label_targets
+    assert (targets == tcfg.codec_eos_token_id).sum() == 2
+    remapped = torch.cumsum(allowed.long(), 0)[targets] - 1  # each target's column among the allowed ids
+    expected = F.cross_entropy(raw[:, allowed], remapped)
+    torch.testing.assert_close(out.codec0_loss, expected)
+    assert not torch.isclose(out.codec0_loss, F.cross_entropy(raw, targets))  # the whole vocabulary differs
+    assert torch.isinf(out.label_logits[:, ~allowed]).all() and torch.isfinite(out.label_logits[:, allowed]).all()
 
 
 def test_unknown_layout_is_rejected(loaded):

@@ -22,8 +22,10 @@ from conftest import VOICES_DIR, discriminative_copy, make_settings
 from test_train import (
     MIN_TEACHER_FORCED_MARGIN,
     MIN_TOKEN_MATCH,
+    OVERFIT_STEPS,
     SHARED_TEXT,
     SPEAKERS,
+    XVECTOR_SCALE,
     _compare,
     _overfit_settings,
     _overfit_voices,
@@ -37,13 +39,12 @@ from finetuning.training.export import INFO_FILE
 
 LAYOUT = "mixed"  # both non_streaming_mode values (generate_voice_clone's default is False)
 MODES = ("icl", "x_vector")
-# x-vectors about 1 long (``conftest.discriminative_copy``): as short as the random ones (0.3), x-vector mode told
+# x-vectors about 1 long (``test_train.XVECTOR_SCALE``): as short as the random ones (0.3), x-vector mode told
 # the two voices' shared sentence apart by 0.4 logits with AVX2 kernels after 450 steps (-0.6 after 300).
-XVECTOR_SCALE = 35.0
-# Each utterance meets each mode about every other step, so the run is longer than the custom-voice ones, and the
-# learning rate decays to 0 by its end: at a constant rate the loss crept back up in the last 100 steps (0.014 ->
-# 0.025) and the smallest sub-talker margin landed anywhere between -0.5 and 6.4 logits across CPU kernel sets.
-CLONE_STEPS = 450
+# The learning rate decays to 0 by the end (``test_train._overfit_settings``): at a constant rate the loss crept
+# back up in the last 100 steps (0.014 -> 0.025) and the smallest sub-talker margin landed anywhere between -0.5
+# and 6.4 logits across CPU kernel sets.
+CLONE_STEPS = OVERFIT_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,6 @@ def clone_run(tiny_model_dirs, tmp_path_factory):
         LAYOUT,
         voices,
         steps=CLONE_STEPS,
-        LR_SCHEDULE="cosine",
         TRAINING_MODE="voice_clone",
         CLONE_ICL_FRACTION=0.5,
         ENCODE_BATCH_SIZE=1,

@@ -1,5 +1,5 @@
 """Score generated speech per speaker: ``uv run python finetuning/evaluate.py --checkpoint DIR [--compare DIR]
-[--output_dir DIR] [--speaker a,b] [--set KEY=VALUE ...]``.
+[--output_dir DIR] [--speaker a,b] [--language row|auto] [--set KEY=VALUE ...]``.
 
 The checkpoint speaks each speaker's held-out texts (seeded sampling, at most EVAL_MAX_SECONDS each); the clips
 are scored for perplexity, speaker similarity, pronunciation, tone and prosody against the speaker's real audio
@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", help="second model on the same texts, e.g. the Base model (zero-shot clone)")
     parser.add_argument("--output_dir", help="where the report and clips go (default: OUTPUT_DIR/evaluation)")
     parser.add_argument("--speaker", help="speaker name(s), comma-separated (default: the checkpoint's speakers)")
+    parser.add_argument(
+        "--language",
+        choices=("row", "auto"),
+        default="row",
+        help="row: generate each utterance in its own language (default); auto: as stock does without language=",
+    )
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -45,15 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     from finetuning.training.data import DataError
 
     speakers = [s.strip() for s in args.speaker.split(",") if s.strip()] if args.speaker else None
+    language = "auto" if args.language == "auto" else None
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(settings)
     try:
         if args.compare:
             report = compare_checkpoints(
-                args.checkpoint, args.compare, settings, output_dir=output_dir, speakers=speakers
+                args.checkpoint, args.compare, settings, output_dir=output_dir, speakers=speakers, language=language
             )
             evaluated = report["candidate"]
         else:
-            report = evaluate_checkpoint(args.checkpoint, settings, output_dir=output_dir, speakers=speakers)
+            report = evaluate_checkpoint(
+                args.checkpoint, settings, output_dir=output_dir, speakers=speakers, language=language
+            )
             evaluated = report
     except (EvaluationError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -61,8 +61,10 @@ def evaluate_model(
     layout: str | None = None,
     layout_source: str | None = None,
     step: int | None = None,
+    language: str | None = None,
 ) -> dict:
-    """Generate and score every target speaker's held-out texts with ``wrapper`` (a loaded ``Qwen3TTSModel``).
+    """Generate and score every target speaker's held-out texts with ``wrapper`` (a loaded ``Qwen3TTSModel``),
+    each in its row's language, or with ``language="auto"`` in stock's "Auto" (``language`` left out).
 
     Generated clips are written under ``output_dir/audio_subdir/<speaker>/``; the returned report (JSON-safe,
     see ``render_markdown``) refers to them by relative path. ``layout`` None means the checkpoint's training
@@ -80,7 +82,7 @@ def evaluate_model(
     started = time.perf_counter()
     speakers = {
         speaker: _evaluate_speaker(
-            wrapper, speaker, target, scorers, settings, layout, max_new_tokens, output_dir, audio_subdir
+            wrapper, speaker, target, scorers, settings, layout, max_new_tokens, output_dir, audio_subdir, language
         )
         for speaker, target in targets.items()
     }
@@ -124,6 +126,7 @@ def _evaluate_speaker(
     max_new_tokens: int,
     output_dir: Path,
     audio_subdir: str,
+    language_override: str | None = None,
 ) -> dict:
     """One speaker's section of the report: every held-out utterance generated, saved under
     ``output_dir/audio_subdir/<speaker>/`` and scored, then the means of the generated and of the real clips."""
@@ -149,7 +152,7 @@ def _evaluate_speaker(
     text_ids = {example.id: example.text_ids for example in examples}
     spoken = [u for u in target.utterances if u.id in text_ids]
     for utterance in tqdm(spoken, desc=f"{speaker}: generating and scoring", unit="utt", leave=False):
-        language = generation_language(model, utterance.language)
+        language = language_override or generation_language(model, utterance.language)
         seed = utterance_seed(settings.SEED, speaker, utterance.id)
         wav = generate_speech(voice, utterance.text, language, seed, max_new_tokens, wrapper.device)
         audio_path = Path(audio_subdir) / speaker / _file_name(utterance.id)  # relative to output_dir
@@ -158,7 +161,7 @@ def _evaluate_speaker(
             (output_dir / path).parent.mkdir(parents=True, exist_ok=True)
             sf.write(output_dir / path, samples, SAMPLE_RATE)
         perplexities, tokens = held_out_perplexity(
-            model, text_ids[utterance.id], utterance.codes, voice.speaker_embed, utterance.language, layout
+            model, text_ids[utterance.id], utterance.codes, voice.speaker_embed, language, layout
         )
         values, errors, transcript = score_generated(wav, utterance, target, scorers)
         frames = round(wav.size / SAMPLE_RATE * FRAME_RATE_HZ)
@@ -283,9 +286,11 @@ def evaluate_checkpoint(
     output_dir: str | Path | None = None,
     speakers: list[str] | None = None,
     targets: dict[str, SpeakerTargets] | None = None,
+    language: str | None = None,
 ) -> dict:
-    """Load ``checkpoint_dir`` and evaluate it (``evaluate_model``); the generated audio goes under ``output_dir``
-    (default ``default_output_dir``). Returns the report; ``report.write_report`` writes it.
+    """Load ``checkpoint_dir`` and evaluate it (``evaluate_model``, ``language``: "auto" or None for each row's);
+    the generated audio goes under ``output_dir`` (default ``default_output_dir``). Returns the report;
+    ``report.write_report`` writes it.
 
     For repeated evaluations (during training): pass ``scorers`` (``load_scorers``) and ``targets``
     (``load_targets``) made once so that each call only loads the checkpoint, generates and scores.
@@ -296,7 +301,9 @@ def evaluate_checkpoint(
     if targets is None:
         targets = load_targets(settings, select_speakers(wrapper, settings, speakers), scorers)
     output_dir = Path(output_dir) if output_dir else default_output_dir(settings, step)
-    report = evaluate_model(wrapper, settings, targets, scorers, checkpoint_dir, output_dir, step=step)
+    report = evaluate_model(
+        wrapper, settings, targets, scorers, checkpoint_dir, output_dir, step=step, language=language
+    )
     del wrapper
     _free_memory()
     return report
@@ -309,6 +316,7 @@ def compare_checkpoints(
     scorers: Scorers | None = None,
     output_dir: str | Path | None = None,
     speakers: list[str] | None = None,
+    language: str | None = None,
 ) -> dict:
     """Evaluate ``checkpoint_dir`` (candidate) and ``baseline_dir`` (e.g. the Base model as a zero-shot clone)
     on the same utterances, seeds and scorers; return the comparison (``compare_reports``).
@@ -321,7 +329,14 @@ def compare_checkpoints(
     wrapper = load_model(checkpoint_dir, settings)
     targets = load_targets(settings, select_speakers(wrapper, settings, speakers), scorers)
     candidate = evaluate_model(
-        wrapper, settings, targets, scorers, checkpoint_dir, output_dir, audio_subdir=f"{AUDIO_DIR}/checkpoint"
+        wrapper,
+        settings,
+        targets,
+        scorers,
+        checkpoint_dir,
+        output_dir,
+        audio_subdir=f"{AUDIO_DIR}/checkpoint",
+        language=language,
     )
     del wrapper
     _free_memory()
@@ -338,6 +353,7 @@ def compare_checkpoints(
         audio_subdir=f"{AUDIO_DIR}/compare",
         layout=layout,
         layout_source="same as the evaluated checkpoint" if layout else None,
+        language=language,
     )
     del wrapper
     _free_memory()

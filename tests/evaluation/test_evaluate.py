@@ -329,11 +329,13 @@ def test_cli_writes_the_report(trained, tmp_path):
     out = tmp_path / "cli"
     command = [sys.executable, "finetuning/evaluate.py", "--checkpoint", str(export), "--output_dir", str(out)]
     command += ["--speaker", "english_speaker", "--env-file", str(_env_file(settings, tmp_path / "eval.env"))]
+    command += ["--language", "auto"]  # as stock generates without language= (english has a language id)
     done = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert str(out / JSON_FILE) in done.stdout and "english_speaker=1" in done.stdout
     report = json.loads((out / JSON_FILE).read_text())
     assert list(report["speakers"]) == ["english_speaker"]
+    assert {u["generation_language"] for u in report["speakers"]["english_speaker"]["utterances"]} == {"auto"}
     assert (out / MARKDOWN_FILE).exists() and str(out / HTML_FILE) in done.stdout
     written = "".join((out / name).read_text() for name in (MARKDOWN_FILE, JSON_FILE, HTML_FILE))
     assert SECRET not in done.stdout + done.stderr + written

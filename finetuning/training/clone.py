@@ -55,41 +55,60 @@ class ReferencePool:
     xvectors: torch.Tensor
     by_speaker: dict[int, list[int]]
     max_icl_frames: int = 0
-    contents: list[bytes] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         # Preparation keeps a repeated recording under a suffixed id: the same audio is the same codes, so the
         # content, not the row, tells whether a clip could be its own reference.
         self.contents = [content_key(e.codes) for e in self.examples]
+        self.same_audio: dict[bytes, frozenset[int]] = {}
+        for clip, key in enumerate(self.contents):
+            self.same_audio[key] = self.same_audio.get(key, frozenset()) | {clip}
+        self.icl_by_speaker = {s: [c for c in clips if self.icl_allowed(c)] for s, clips in self.by_speaker.items()}
+        self._sets = {id(clips): set(clips) for clips in [*self.by_speaker.values(), *self.icl_by_speaker.values()]}
+        self._longest: dict[int, int] = {}
 
     def reference_size(self, clip: int) -> int:
         """Talker positions clip ``clip`` adds as an ICL reference: its transcript's content ids and its frames."""
         example = self.examples[clip]
         return example.text_ids.numel() - ROLE_TOKENS - SUFFIX_TOKENS + example.codes.shape[0]
 
-    def candidates(self, clip: int, speaker: int) -> list[int]:
-        """Clips of ``speaker`` that may condition clip ``clip`` (-1: a validation clip): none with its content."""
-        own = self.contents[clip] if clip >= 0 else None
-        return [c for c in self.by_speaker[speaker] if self.contents[c] != own]
-
     def icl_allowed(self, clip: int) -> bool:
         return not self.max_icl_frames or self.examples[clip].codes.shape[0] <= self.max_icl_frames
 
-    def with_reference(self, example: Example, candidates: list[int], rng: np.random.Generator, icl_fraction: float):
-        """``example`` conditioned on a clip drawn from ``candidates``: its x-vector always, its transcript content
-        ids and codes too when the draw says ICL. An ICL draw picks among the candidates no longer than
-        CLONE_REF_MAX_S (a transcript cannot be cropped with its audio); with none, the sample is x-vector only."""
+    def with_reference(self, example: Example, rng: np.random.Generator, icl_fraction: float) -> Example:
+        """``example`` conditioned on another recording of its speaker (never a clip with its own audio): that
+        clip's x-vector always, its transcript content ids and codes too when the draw says ICL. An ICL draw picks
+        among the clips no longer than CLONE_REF_MAX_S (a transcript cannot be cropped with its audio); with none,
+        the sample is x-vector only. Raises DataError when the speaker has no other recording."""
+        own = self.same_audio.get(content_key(example.codes), frozenset())
         icl = rng.random() < icl_fraction
-        if icl:
-            short = [c for c in candidates if self.icl_allowed(c)]
-            icl, candidates = bool(short), short or candidates
-        clip = candidates[int(rng.integers(len(candidates)))]
+        clips = self.by_speaker[example.speaker]
+        if icl and self._others(self.icl_by_speaker[example.speaker], own):
+            clips = self.icl_by_speaker[example.speaker]
+        else:
+            icl = False
+        if not self._others(clips, own):
+            raise DataError(f"clip {example.id} has no other recording of its speaker to condition on")
+        clip = clips[int(rng.integers(len(clips)))]
+        while clip in own:  # rejection keeps each draw a pure function of the generator's state
+            clip = clips[int(rng.integers(len(clips)))]
         example = dataclasses.replace(example, xvector_row=clip, xvector=self.xvectors[clip])
         if not icl:
             return example
         reference = self.examples[clip]
         content = reference.text_ids[ROLE_TOKENS:-SUFFIX_TOKENS]
         return dataclasses.replace(example, ref_text_ids=content, ref_codes=reference.codes)
+
+    def _others(self, clips: list[int], own: frozenset[int]) -> int:
+        """How many of ``clips`` (one of the pool's lists) hold other audio than the clips ``own``."""
+        members = self._sets[id(clips)]
+        return len(members) - sum(c in members for c in own)
+
+    def longest_reference(self, speaker: int) -> int:
+        """Positions the longest ICL reference of ``speaker`` adds (0 with none)."""
+        if speaker not in self._longest:
+            self._longest[speaker] = max((self.reference_size(c) for c in self.icl_by_speaker[speaker]), default=0)
+        return self._longest[speaker]
 
 
 def content_key(codes: torch.Tensor) -> bytes:
@@ -148,20 +167,13 @@ class CloneExamples(TrainingExamples):
     def __getitem__(self, key: tuple[int, int]) -> Example:
         epoch, index = key
         example = super().__getitem__(key)
-        rng = np.random.default_rng([self.seed, epoch, index])
-        candidates = self.pool.candidates(index, example.speaker)
-        return self.pool.with_reference(example, candidates, rng, self.icl_fraction)
+        return self.pool.with_reference(example, np.random.default_rng([self.seed, epoch, index]), self.icl_fraction)
 
     def validation(self, examples: list[Example]) -> list[Example]:
         """Validation examples with one fixed reference each, among their speaker's training clips (none of them
         the validation clip's own audio)."""
         return [
-            self.pool.with_reference(
-                e,
-                [c for c in self.pool.candidates(-1, e.speaker) if self.pool.contents[c] != content_key(e.codes)],
-                np.random.default_rng([self.seed, VALIDATION_STREAM, i]),
-                self.icl_fraction,
-            )
+            self.pool.with_reference(e, np.random.default_rng([self.seed, VALIDATION_STREAM, i]), self.icl_fraction)
             for i, e in enumerate(examples)
         ]
 

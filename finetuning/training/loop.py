@@ -167,9 +167,7 @@ def _longest_reference(dataset: TrainingExamples, index: int) -> int:
     bucket is chosen by."""
     if not isinstance(dataset, CloneExamples) or dataset.icl_fraction == 0:
         return 0
-    pool = dataset.pool
-    candidates = pool.candidates(index, pool.examples[index].speaker)
-    return max((pool.reference_size(c) for c in candidates if pool.icl_allowed(c)), default=0)
+    return dataset.pool.longest_reference(dataset.examples[index].speaker)
 
 
 def make_train_data(settings: Settings, tokenizer, model, accelerator, xvector_dtype: torch.dtype):

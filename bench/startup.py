@@ -10,10 +10,12 @@ numba caches a user's first run leaves behind): every other setting keeps its de
 2 dataloader workers, bf16 autocast, full fine-tune, no auxiliary losses). The clock starts before the
 interpreter is spawned and stops when the first micro-batch's backward returns; the process then exits.
 
-Phases, in seconds of wall time (median over reps): ``interpreter`` (Python start), ``import_command``
-(``finetuning.finetune`` and the settings), ``import_training`` (the modules ``main`` imports before training),
-then each named stage of ``finetuning.training.loop`` as it runs (accelerator, model load, dataset load, speaker
-embeddings, engine, ...), ``first_step`` (first batch, forward, backward) and ``other`` (what lies between).
+Phases, in seconds of wall time and of the process's own CPU time (user + system, dataloader workers not counted;
+on a machine other jobs share, the CPU figure is the one to compare), median over reps: ``interpreter`` (Python
+start), ``import_command`` (``finetuning.finetune`` and the settings), ``import_training`` (the modules ``main``
+imports before training), then each named stage of ``finetuning.training.loop`` as it runs (accelerator, model
+load, dataset load, speaker embeddings, engine, ...), ``first_step`` (forward and backward of the first batch)
+and ``other`` (what lies between, the first batch's loading included).
 ``imported_at_first_step`` says which optional packages were loaded by then; ``import_self_s`` (one more run
 under ``python -X importtime``) sums each top-level package's own import time, which shows what those cost.
 """
@@ -54,13 +56,15 @@ class FirstStepDone(BaseException):
 def worker(env_file: str, spawned_at: float) -> None:
     """One timed start of the command (runs in its own interpreter); prints the phases as one JSON line."""
     stamps = {"interpreter": time.time() - spawned_at}
-    clock = time.time()
+    cpu = {"interpreter": time.process_time()}  # this process's CPU seconds (user + system) since it started
+    clock, cpu_clock = time.time(), time.process_time()
 
     def lap(name: str) -> None:
-        nonlocal clock
-        now = time.time()
+        nonlocal clock, cpu_clock
+        now, cpu_now = time.time(), time.process_time()
         stamps[name] = stamps.get(name, 0.0) + now - clock
-        clock = now
+        cpu[name] = cpu.get(name, 0.0) + cpu_now - cpu_clock
+        clock, cpu_clock = now, cpu_now
 
     sys.path.insert(0, str(REPO_ROOT))
     from finetuning import finetune  # noqa: F401  (what `python finetuning/finetune.py` imports first)
@@ -68,8 +72,6 @@ def worker(env_file: str, spawned_at: float) -> None:
 
     load_settings(env_file)
     lap("import_command")
-    if "torch" in sys.modules:
-        stamps["torch_imported_by_command"] = True
     import finetuning.resources  # noqa: F401  (main's imports, in its order)
     import finetuning.training.checkpointing  # noqa: F401
     import finetuning.training.data  # noqa: F401
@@ -117,8 +119,8 @@ def worker(env_file: str, spawned_at: float) -> None:
         pass
     else:
         raise SystemExit("the run ended without a training step")
-    stamps["imported_at_first_step"] = [p for p in OPTIONAL_PACKAGES if p in sys.modules]
-    print(json.dumps(stamps), flush=True)
+    modules = [p for p in OPTIONAL_PACKAGES if p in sys.modules]
+    print(json.dumps({"wall": stamps, "cpu": cpu, "imported_at_first_step": modules}), flush=True)
     os._exit(0)  # dataloader workers and trackers: nothing more to time
 
 
@@ -187,17 +189,23 @@ def main() -> None:
         run_worker(env_file)  # warm-up, not timed: writes bytecode and numba's caches, as a user's first run does
         runs = [run_worker(env_file)[0] for _ in range(args.reps)]
         _, importtime_stderr = run_worker(env_file, importtime=True)
-    phases = [k for k in runs[0] if isinstance(runs[0][k], float)]
-    median = {k: round(statistics.median(r.get(k, 0.0) for r in runs), 3) for k in phases}
-    totals = [sum(v for v in r.values() if isinstance(v, float)) for r in runs]
+    phases = list(runs[0]["wall"])
+
+    def medians(clock: str) -> dict[str, float]:
+        return {k: round(statistics.median(r[clock].get(k, 0.0) for r in runs), 3) for k in phases}
+
+    totals = {clock: [sum(r[clock].values()) for r in runs] for clock in ("wall", "cpu")}
     print(
         json.dumps(
             {
                 "kit": "tiny equal model, bundled speakers (4 clips each), default settings, DEVICE=cpu, one core",
                 "reps": args.reps,
-                "time_to_first_step_s": round(statistics.median(totals), 3),
-                "time_to_first_step_each_s": [round(t, 3) for t in totals],
-                "phases_median_s": median,
+                "time_to_first_step_s": round(statistics.median(totals["wall"]), 3),
+                "cpu_to_first_step_s": round(statistics.median(totals["cpu"]), 3),
+                "time_to_first_step_each_s": [round(t, 3) for t in totals["wall"]],
+                "cpu_to_first_step_each_s": [round(t, 3) for t in totals["cpu"]],
+                "phases_wall_median_s": medians("wall"),
+                "phases_cpu_median_s": medians("cpu"),
                 "imported_at_first_step": runs[0]["imported_at_first_step"],
                 "import_self_s": import_self_times(importtime_stderr),
             },

@@ -16,6 +16,19 @@ from typing import Any
 from finetuning.settings_rules import BOUNDS, check_device, check_repo_id, check_speakers, check_trackers
 
 BUNDLED_SPEAKERS = ("english_speaker", "swahili_speaker")
+# The settings reference (finetuning/SETTINGS.md) groups the table by stage: (title, first key, guide). A section
+# runs from its first key to the next section's, in the order of the fields below.
+SECTIONS = (
+    ("Data preparation", "TRAIN_SPEAKERS", "preparation/README.md"),
+    ("Long recordings", "SEGMENT_MIN_S", "preparation/README.md#long-recordings"),
+    ("Model", "INIT_MODEL_PATH", "training/README.md"),
+    ("Training", "OUTPUT_DIR", "training/README.md"),
+    ("Speed", "TORCH_COMPILE", "training/README.md#speed"),
+    ("LoRA", "FINETUNE_METHOD", "training/README.md#lora-fine-tuning"),
+    ("Batches, data loading, resume, tracking", "MAX_BATCH_TOKENS", "training/README.md#training-at-scale"),
+    ("Auxiliary losses", "USE_AUXILIARY_LOSSES", "training/README.md#auxiliary-losses"),
+    ("Evaluation", "SPEAKER_SIM_BACKEND", "evaluation/README.md"),
+)
 LORA_DEFAULT_TARGETS = tuple("q_proj k_proj v_proj o_proj gate_proj up_proj down_proj linear_fc1 linear_fc2".split())
 LORA_DEFAULT_FULLY_TRAINED = ("codec_head", "lm_head", "codec_embedding")  # the codec heads and embeddings
 

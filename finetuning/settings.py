@@ -3,7 +3,7 @@
 Precedence, highest first: explicit overrides (command-line flags) > process environment > the ``.env`` file >
 the defaults below. Every field carries a default, a unit and a one-line help; ``.env.training.example`` is
 generated from the same table (``python -m finetuning.settings --example``) so the two cannot drift, and so is the
-Markdown settings reference ``finetuning/SETTINGS.md`` (``--reference``, ``finetuning.settings_reference``).
+Markdown settings reference ``finetuning/SETTINGS.md`` (``python -m finetuning.settings_reference``).
 
 Unknown keys in ``.env``: a likely misspelling of a known key is an error naming that key; any other is ignored
 with a warning (a ``.env`` may hold other tools' variables, e.g. ``WANDB_API_KEY``). An environment variable
@@ -167,15 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m finetuning.settings [--example]``: a bad setting is one line on stderr and exit code 2."""
     cli = argparse.ArgumentParser(description="Show or document the settings.")
     cli.add_argument("--example", action="store_true", help="print .env.training.example")
-    cli.add_argument("--reference", action="store_true", help="print the settings reference, finetuning/SETTINGS.md")
     add_settings_arguments(cli)
     args = cli.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    if args.reference:
-        from finetuning.settings_reference import render_settings_reference
-
-        print(render_settings_reference(), end="")
-        return 0
     try:
         text = render_env_example() if args.example else json.dumps(settings_from_args(args).public_dict(), indent=2)
     except (SettingsError, FileNotFoundError) as error:

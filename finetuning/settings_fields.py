@@ -176,10 +176,12 @@ class Settings:
         le=1,
     )
     SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss", ge=0)
-    WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay", ge=0)
+    WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay (none on biases, norms, embeddings)", ge=0)
     WARMUP_STEPS: int = _setting(10, "optimizer steps", "linear learning-rate warmup", ge=0)
     LR_SCHEDULE: str = _setting("cosine", "name", "decay after warmup", choices=("cosine", "linear", "constant"))
-    MAX_GRAD_NORM: float = _setting(1.0, "norm", "gradient clipping threshold; 0 disables clipping", ge=0)
+    MAX_GRAD_NORM: float = _setting(
+        1.0, "norm", "gradient clipping threshold; 0 disables clipping (non-finite gradients: step skipped)", ge=0
+    )
     MAX_STEPS: int = _setting(
         0, "optimizer steps", "stop after this many optimizer steps; 0 = NUM_EPOCHS decides", ge=0
     )

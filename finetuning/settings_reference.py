@@ -1,12 +1,13 @@
 """The settings reference, ``finetuning/SETTINGS.md``: the settings table rendered as Markdown, grouped by stage.
 
-Regenerate with ``uv run python -m finetuning.settings --reference > finetuning/SETTINGS.md``; a test checks that
+Regenerate with ``uv run python -m finetuning.settings_reference > finetuning/SETTINGS.md``; a test checks that
 the file matches the table (``tests/test_settings.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from finetuning.settings import FIELDS, RENAMED_KEYS
 from finetuning.settings_fields import SECTIONS
@@ -17,7 +18,7 @@ HEADER = """\
 # Settings reference
 
 <!-- Generated from finetuning/settings_fields.py; do not edit. Regenerate with:
-     uv run python -m finetuning.settings --reference > finetuning/SETTINGS.md -->
+     uv run python -m finetuning.settings_reference > finetuning/SETTINGS.md -->
 
 Settings come from `.env` (copy `.env.training.example`, which lists every key with its default). Precedence:
 command-line flags (`--set KEY=VALUE`) > environment variables > `.env` > these defaults. A bad value stops the
@@ -71,3 +72,7 @@ def render_settings_reference() -> str:
     lines += ["", "## Renamed keys", "", "A renamed key is refused with the name of its successor:", ""]
     lines += [f"- `{old}` → {new}" for old, new in RENAMED_KEYS.items()]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_settings_reference())

@@ -80,3 +80,28 @@ def test_a_broken_link_or_anchor_is_found(tmp_path):
         "```\n[in a block](missing.md)\n```\n"
     )
     assert broken_links(doc) == ["missing.md (no such file)", "guide.md#nothing (no heading #nothing)"]
+
+
+def test_the_quick_subset_leaves_out_the_slow_tests():
+    """The README's ``-m "not slow"``: the marker is registered (``--strict-markers``) and leaves out the overfit
+    runs and the demo, and nothing else of those files."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    files = ["tests/training/test_train.py", "tests/test_finetune_cli.py"]
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "--strict-markers", "-p", "no:cacheprovider"]
+    runs = {
+        which: subprocess.run(
+            [*command, *marker, *files], cwd=REPO_ROOT, capture_output=True, text=True, env=subprocess_env()
+        )
+        for which, marker in (("all", []), ("quick", ["-m", "not slow"]))
+    }
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = {which: {line for line in proc.stdout.splitlines() if "::" in line} for which, proc in runs.items()}
+    left_out = collected["all"] - collected["quick"]
+    assert left_out and all("test_train.py" in t or "test_demo" in t for t in left_out)
+    assert {t for t in collected["all"] if "test_train.py" in t or "test_demo" in t} == left_out
+    assert any("test_finetune_cli.py" in t for t in collected["quick"])

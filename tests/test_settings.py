@@ -137,7 +137,7 @@ def test_env_example_documents_every_key_and_matches_file():
 
 def test_settings_reference_and_example_document_every_key():
     """finetuning/SETTINGS.md (the settings table the README links to) is the table rendered now, with one row per
-    key, each under exactly one stage; regenerate it with ``python -m finetuning.settings --reference``."""
+    key, each under exactly one stage; regenerate it with ``python -m finetuning.settings_reference``."""
     from conftest import REPO_ROOT
 
     from finetuning.settings import FIELDS

@@ -31,6 +31,8 @@ from test_train import (
 
 from finetuning.training.export import INFO_FILE
 
+pytestmark = pytest.mark.slow  # every test reads one voice-clone overfit run
+
 LAYOUT = "streaming"  # generate_voice_clone's default (non_streaming_mode=False)
 MODES = ("icl", "x_vector")
 # x-vectors about 1 long (``conftest.discriminative_copy``): as short as the random ones (0.3), x-vector mode told

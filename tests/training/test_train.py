@@ -20,6 +20,8 @@ from conftest import VOICES_DIR, make_settings, shift_labels_once_more
 from finetuning.training import step
 from finetuning.training.export import INFO_FILE, SETTINGS_FILE
 
+pytestmark = pytest.mark.slow  # every test trains a tiny model until it memorises its data
+
 SPEAKERS = ("english_speaker", "swahili_speaker")
 UTTERANCES_PER_SPEAKER = 2
 OVERFIT_STEPS = 300

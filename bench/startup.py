@@ -1,6 +1,6 @@
 """Time to the first training step of ``finetuning/finetune.py`` on the tiny kit, and where it goes; prints JSON.
 
-    uv run python bench/startup.py [--reps 3]
+    uv run python bench/startup.py [--reps 3] [--baseline-tree DIR]
 
 The kit is the tests' and the demo's: the tiny random ``equal`` model (``finetuning.tiny_model``) and the two
 bundled speakers prepared from ``voices/`` (4 clips each), made once in a temporary folder. Each rep is a fresh
@@ -9,6 +9,8 @@ holding only the kit's paths and ``DEVICE=cpu`` (after one untimed warm-up run, 
 numba caches a user's first run leaves behind): every other setting keeps its default (tensorboard tracker,
 2 dataloader workers, bf16 autocast, full fine-tune, no auxiliary losses). The clock starts before the
 interpreter is spawned and stops when the first micro-batch's backward returns; the process then exits.
+With ``--baseline-tree`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/base COMMIT``) the same
+kit is timed with both trees' commands, alternating A/B, and the ratios this tree / baseline are printed.
 
 Phases, in seconds of wall time and of the process's own CPU time (user + system, dataloader workers not counted;
 on a machine other jobs share, the CPU figure is the one to compare), median over reps: ``interpreter`` (Python
@@ -53,8 +55,8 @@ class FirstStepDone(BaseException):
     """Raised after the first backward: nothing in the command catches it."""
 
 
-def worker(env_file: str, spawned_at: float) -> None:
-    """One timed start of the command (runs in its own interpreter); prints the phases as one JSON line."""
+def worker(tree: str, env_file: str, spawned_at: float) -> None:
+    """One timed start of ``tree``'s command (runs in its own interpreter); prints the phases as one JSON line."""
     stamps = {"interpreter": time.time() - spawned_at}
     cpu = {"interpreter": time.process_time()}  # this process's CPU seconds (user + system) since it started
     clock, cpu_clock = time.time(), time.process_time()
@@ -66,8 +68,11 @@ def worker(env_file: str, spawned_at: float) -> None:
         cpu[name] = cpu.get(name, 0.0) + cpu_now - cpu_clock
         clock, cpu_clock = now, cpu_now
 
-    sys.path.insert(0, str(REPO_ROOT))
+    sys.path.insert(0, tree)
     from finetuning import finetune  # noqa: F401  (what `python finetuning/finetune.py` imports first)
+
+    if not Path(finetune.__file__).resolve().is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"imported {finetune.__file__}, not the tree {tree}")
     from finetuning.settings import load_settings
 
     load_settings(env_file)
@@ -147,15 +152,16 @@ def make_kit(root: Path) -> Path:
     return env_file
 
 
-def run_worker(env_file: Path, importtime: bool = False) -> tuple[dict, str]:
-    """One timed start in a fresh interpreter on one core: (phases, stderr)."""
+def run_worker(env_file: Path, tree: Path = REPO_ROOT, importtime: bool = False) -> tuple[dict, str]:
+    """One timed start of ``tree``'s command in a fresh interpreter on one core: (phases, stderr)."""
     from finetuning.settings import FIELDS
 
     env = {key: value for key, value in os.environ.items() if key not in FIELDS and key != "PYTHONDONTWRITEBYTECODE"}
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     core = min(os.sched_getaffinity(0))
     flags = ["-X", "importtime"] if importtime else []
-    command = [sys.executable, *flags, str(Path(__file__).resolve()), "--worker", str(env_file), str(time.time())]
+    command = [sys.executable, *flags, str(Path(__file__).resolve()), "--worker", str(tree), str(env_file)]
+    command.append(str(time.time()))
     done = subprocess.run(
         ["taskset", "-c", str(core), *command], cwd=env_file.parent, env=env, capture_output=True, text=True
     )
@@ -179,39 +185,57 @@ def import_self_times(stderr: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--worker", nargs=2, metavar=("ENV_FILE", "SPAWNED_AT"), help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-tree", type=Path, help="a checkout of an earlier commit, timed A/B with this tree")
+    parser.add_argument("--worker", nargs=3, metavar=("TREE", "ENV_FILE", "SPAWNED_AT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], float(args.worker[1]))
+        worker(args.worker[0], args.worker[1], float(args.worker[2]))
         return
+    trees = {"this_tree": REPO_ROOT}
+    if args.baseline_tree:
+        trees = {"baseline": args.baseline_tree.resolve(), **trees}
     with tempfile.TemporaryDirectory() as tmp:
         env_file = make_kit(Path(tmp))
-        run_worker(env_file)  # warm-up, not timed: writes bytecode and numba's caches, as a user's first run does
-        runs = [run_worker(env_file)[0] for _ in range(args.reps)]
+        for tree in trees.values():  # warm-up, not timed: writes bytecode and numba's caches, as a first run does
+            run_worker(env_file, tree)
+        runs = {name: [] for name in trees}
+        for _ in range(args.reps):  # A/B/A/B: drift in the machine's load hits both
+            for name, tree in trees.items():
+                runs[name].append(run_worker(env_file, tree)[0])
         _, importtime_stderr = run_worker(env_file, importtime=True)
+    report = {
+        "kit": "tiny equal model, bundled speakers (4 clips each), default settings, DEVICE=cpu, one core",
+        "reps": args.reps,
+        **{name: summary(name_runs) for name, name_runs in runs.items()},
+        "import_self_s": import_self_times(importtime_stderr),
+    }
+    if args.baseline_tree:
+        report["baseline_tree"] = str(args.baseline_tree)
+        for clock in ("time", "cpu"):
+            key = f"{clock}_to_first_step_s"
+            report[f"{clock}_ratio_this_tree_vs_baseline"] = round(
+                report["this_tree"][key] / report["baseline"][key], 3
+            )
+    print(json.dumps(report, indent=2))
+
+
+def summary(runs: list[dict]) -> dict:
+    """Medians over reps of the time to the first step (wall and CPU) and of each phase; each rep's totals."""
     phases = list(runs[0]["wall"])
 
     def medians(clock: str) -> dict[str, float]:
         return {k: round(statistics.median(r[clock].get(k, 0.0) for r in runs), 3) for k in phases}
 
     totals = {clock: [sum(r[clock].values()) for r in runs] for clock in ("wall", "cpu")}
-    print(
-        json.dumps(
-            {
-                "kit": "tiny equal model, bundled speakers (4 clips each), default settings, DEVICE=cpu, one core",
-                "reps": args.reps,
-                "time_to_first_step_s": round(statistics.median(totals["wall"]), 3),
-                "cpu_to_first_step_s": round(statistics.median(totals["cpu"]), 3),
-                "time_to_first_step_each_s": [round(t, 3) for t in totals["wall"]],
-                "cpu_to_first_step_each_s": [round(t, 3) for t in totals["cpu"]],
-                "phases_wall_median_s": medians("wall"),
-                "phases_cpu_median_s": medians("cpu"),
-                "imported_at_first_step": runs[0]["imported_at_first_step"],
-                "import_self_s": import_self_times(importtime_stderr),
-            },
-            indent=2,
-        )
-    )
+    return {
+        "time_to_first_step_s": round(statistics.median(totals["wall"]), 3),
+        "cpu_to_first_step_s": round(statistics.median(totals["cpu"]), 3),
+        "time_to_first_step_each_s": [round(t, 3) for t in totals["wall"]],
+        "cpu_to_first_step_each_s": [round(t, 3) for t in totals["cpu"]],
+        "phases_wall_median_s": medians("wall"),
+        "phases_cpu_median_s": medians("cpu"),
+        "imported_at_first_step": runs[0]["imported_at_first_step"],
+    }
 
 
 if __name__ == "__main__":

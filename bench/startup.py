@@ -25,6 +25,7 @@ under ``python -X importtime``) sums each top-level package's own import time, w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -195,7 +196,8 @@ def main() -> None:
     if args.baseline_tree:
         trees = {"baseline": args.baseline_tree.resolve(), **trees}
     with tempfile.TemporaryDirectory() as tmp:
-        env_file = make_kit(Path(tmp))
+        with contextlib.redirect_stdout(sys.stderr):  # qwen_tts prints a banner on import: stdout is the JSON
+            env_file = make_kit(Path(tmp))
         for tree in trees.values():  # warm-up, not timed: writes bytecode and numba's caches, as a first run does
             run_worker(env_file, tree)
         runs = {name: [] for name in trees}

@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.preflight:
         return preflight(settings, args)
     # torch, accelerate and qwen_tts load only now: --help and settings errors answer at once.
-    from finetuning.evaluation.in_training import SpeechEvaluation
     from finetuning.resources import ModelUnavailable
     from finetuning.training.checkpointing import ResumeError
     from finetuning.training.data import DataError
@@ -51,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     from finetuning.training.loop import TrainingError, train
     from finetuning.training.lora import LoraError
 
-    speech_evaluation = SpeechEvaluation(settings) if settings.EVAL_GENERATE_STEPS else None
+    speech_evaluation = None
+    if settings.EVAL_GENERATE_STEPS:  # the evaluation stack (scorers, reports) loads only for a run that uses it
+        from finetuning.evaluation.in_training import SpeechEvaluation
+
+        speech_evaluation = SpeechEvaluation(settings)
     try:
         result = train(settings, on_export=speech_evaluation)
     except (

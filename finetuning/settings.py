@@ -2,7 +2,8 @@
 
 Precedence, highest first: explicit overrides (command-line flags) > process environment > the ``.env`` file >
 the defaults below. Every field carries a default, a unit and a one-line help; ``.env.training.example`` is
-generated from the same table (``python -m finetuning.settings --example``) so the two cannot drift.
+generated from the same table (``python -m finetuning.settings --example``) so the two cannot drift, and so is the
+Markdown settings reference ``finetuning/SETTINGS.md`` (``python -m finetuning.settings_reference``).
 
 Unknown keys in ``.env``: a likely misspelling of a known key is an error naming that key; any other is ignored
 with a warning (a ``.env`` may hold other tools' variables, e.g. ``WANDB_API_KEY``). An environment variable

@@ -16,6 +16,19 @@ from typing import Any
 from finetuning.settings_rules import BOUNDS, check_device, check_repo_id, check_speakers, check_trackers
 
 BUNDLED_SPEAKERS = ("english_speaker", "swahili_speaker")
+# The settings reference (finetuning/SETTINGS.md) groups the table by stage: (title, first key, guide). A section
+# runs from its first key to the next section's, in the order of the fields below.
+SECTIONS = (
+    ("Data preparation", "TRAIN_SPEAKERS", "preparation/README.md"),
+    ("Long recordings", "SEGMENT_MIN_S", "preparation/README.md#long-recordings"),
+    ("Model", "INIT_MODEL_PATH", "training/README.md"),
+    ("Training", "OUTPUT_DIR", "training/README.md"),
+    ("Speed", "TORCH_COMPILE", "training/README.md#speed"),
+    ("LoRA", "FINETUNE_METHOD", "training/README.md#lora-fine-tuning"),
+    ("Batches, data loading, resume, tracking", "MAX_BATCH_TOKENS", "training/README.md#training-at-scale"),
+    ("Auxiliary losses", "USE_AUXILIARY_LOSSES", "training/README.md#auxiliary-losses"),
+    ("Evaluation", "SPEAKER_SIM_BACKEND", "evaluation/README.md"),
+)
 LORA_DEFAULT_TARGETS = tuple("q_proj k_proj v_proj o_proj gate_proj up_proj down_proj linear_fc1 linear_fc2".split())
 LORA_DEFAULT_FULLY_TRAINED = ("codec_head", "lm_head", "codec_embedding")  # the codec heads and embeddings
 
@@ -179,10 +192,12 @@ class Settings:
         gt=0,
     )
     SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss", ge=0)
-    WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay", ge=0)
+    WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay (none on biases, norms, embeddings)", ge=0)
     WARMUP_STEPS: int = _setting(10, "optimizer steps", "linear learning-rate warmup", ge=0)
     LR_SCHEDULE: str = _setting("cosine", "name", "decay after warmup", choices=("cosine", "linear", "constant"))
-    MAX_GRAD_NORM: float = _setting(1.0, "norm", "gradient clipping threshold; 0 disables clipping", ge=0)
+    MAX_GRAD_NORM: float = _setting(
+        1.0, "norm", "gradient clipping threshold; 0 disables clipping (non-finite gradients: step skipped)", ge=0
+    )
     MAX_STEPS: int = _setting(
         0, "optimizer steps", "stop after this many optimizer steps; 0 = NUM_EPOCHS decides", ge=0
     )

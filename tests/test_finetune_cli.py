@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
 from conftest import REPO_ROOT, VOICES_DIR, subprocess_env
 
@@ -14,6 +15,7 @@ def _run(args, cwd, timeout=600):
     )
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
     proc = _run([str(REPO_ROOT / "finetuning" / "demo.py"), "--output_dir", str(out), "--max_steps", "20"], tmp_path)

@@ -135,13 +135,30 @@ def test_env_example_documents_every_key_and_matches_file():
     assert parsed == Settings()
 
 
-def test_readme_and_example_document_every_key():
+def test_settings_reference_and_example_document_every_key():
+    """finetuning/SETTINGS.md (the settings table the README links to) is the table rendered now, with one row per
+    key, each under exactly one stage; regenerate it with ``python -m finetuning.settings_reference``."""
     from conftest import REPO_ROOT
 
     from finetuning.settings import FIELDS
+    from finetuning.settings_reference import REFERENCE_FILE, render_settings_reference
 
-    readme = (REPO_ROOT / "README.md").read_text()
+    reference = (REPO_ROOT / REFERENCE_FILE).read_text()
     example = (REPO_ROOT / ".env.training.example").read_text()
-    missing = [key for key in FIELDS if f"`{key}`" not in readme]
-    assert not missing, f"README settings table lacks {missing}"
+    assert reference == render_settings_reference(), f"{REFERENCE_FILE} is stale: regenerate it"
+    rows = [line.split(" | ")[0].strip("| `") for line in reference.splitlines() if line.startswith("| `")]
+    assert rows == list(FIELDS), "every key once, in the table's order"
+    assert "[settings reference](finetuning/SETTINGS.md)" in (REPO_ROOT / "README.md").read_text()
     assert all(f"\n{key}=" in example for key in FIELDS)
+
+
+def test_settings_reference_refuses_sections_out_of_order(monkeypatch):
+    from finetuning import settings_reference
+
+    sections = settings_reference.SECTIONS
+    monkeypatch.setattr(settings_reference, "SECTIONS", (sections[1], sections[0], *sections[2:]))
+    with pytest.raises(ValueError, match="SECTIONS must name fields in the table's order"):
+        settings_reference.render_settings_reference()
+    monkeypatch.setattr(settings_reference, "SECTIONS", (*sections, ("Gone", "NO_SUCH_KEY", "x.md")))
+    with pytest.raises(ValueError, match="SECTIONS must name fields"):
+        settings_reference.render_settings_reference()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetuning.constants import NUM_CODEBOOKS
+from finetuning.constants import NUM_CODEBOOKS, SAMPLE_RATE
 from finetuning.preparation import schema
 from finetuning.settings import Settings
 from finetuning.training.step import assistant_text
@@ -100,8 +100,28 @@ def load_references(settings: Settings, speaker: str, columns: list[str] | None 
 
 
 def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
-    """The speaker's reference clips as 24 kHz float32 arrays."""
-    return [np.asarray(row["audio"]["array"], dtype=np.float32) for row in load_references(settings, speaker)]
+    """The speaker's reference clips as (samples,) float32 arrays at 24 kHz; DataError for a clip that is not
+    24 kHz mono, as preparation writes them.
+
+    The clips are read with soundfile: the dataset's own audio decoding passes every clip through
+    ``librosa.to_mono``, whose first call imports librosa's audio module and loads its numba kernels, seconds
+    at the start of every run."""
+    import io
+
+    import soundfile as sf
+    from datasets import Audio
+
+    clips = []
+    for row in load_references(settings, speaker).cast_column("audio", Audio(decode=False)):
+        stored = row["audio"]
+        samples, sample_rate = sf.read(io.BytesIO(stored["bytes"]) if stored["bytes"] else stored["path"])
+        if samples.ndim != 1 or sample_rate != SAMPLE_RATE:
+            raise DataError(
+                f"speaker {speaker}: reference clip {row.get('id', stored['path'])} is not {SAMPLE_RATE} Hz mono "
+                f"({sample_rate} Hz, shape {samples.shape}); re-run data preparation"
+            )
+        clips.append(samples.astype(np.float32))
+    return clips
 
 
 @dataclass

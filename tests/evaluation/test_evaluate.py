@@ -32,6 +32,8 @@ from finetuning.evaluation.scorers import load_scorers
 from finetuning.evaluation.speech import generate_speech, load_model, make_voice
 from finetuning.evaluation.targets import load_targets
 
+pytestmark = pytest.mark.slow  # every test reads a trained run and its evaluation reports
+
 SPEAKERS = ("english_speaker", "swahili_speaker")
 SECRET = "hf_secret_token_for_evaluation_tests"
 TRAIN_STEPS = 20

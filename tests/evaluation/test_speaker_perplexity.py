@@ -20,6 +20,8 @@ import soundfile as sf
 import torch
 from conftest import VOICES_DIR, discriminative_copy, make_settings
 
+pytestmark = pytest.mark.slow  # trains a tiny model on both voices
+
 SPEAKERS = ("english_speaker", "swahili_speaker")
 TRAIN_CLIPS, TEST_CLIPS = 10, 4
 TRAIN_STEPS = 120

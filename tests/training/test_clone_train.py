@@ -37,6 +37,8 @@ from test_train import (
 
 from finetuning.training.export import INFO_FILE
 
+pytestmark = pytest.mark.slow  # every test reads one voice-clone overfit run
+
 LAYOUT = "mixed"  # both non_streaming_mode values (generate_voice_clone's default is False)
 MODES = ("icl", "x_vector")
 # x-vectors about 1 long (``test_train.XVECTOR_SCALE``): as short as the random ones (0.3), x-vector mode told

@@ -86,6 +86,7 @@ def _launch(config, env_file, num_processes=2):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config, extra",
     [
@@ -112,6 +113,7 @@ def test_zero3_refuses_batches_of_different_sizes():
         engines.check_zero3_batches(zero3, [1, 3, 2])
 
 
+@pytest.mark.slow
 def test_fsdp2_trains_in_two_cpu_processes_and_exports(prepared):
     """FSDP2 with cpu_ram_efficient_loading: only the main process reads real weights, yet every process trains
     with the same speaker embeddings and the export gathers the full weights."""

@@ -39,6 +39,7 @@ def lora_runs(tiny_model_dirs, tmp_path_factory):
     return LazyRuns(make)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [("equal", "non_streaming"), ("wide_text", "mixed")], ids="-".join)
 def test_lora_overfit_then_generate_reproduces_every_speaker(lora_runs, case, margin_log):
     settings, result = lora_runs[case]
@@ -55,6 +56,7 @@ def _final_state(settings) -> dict[str, torch.Tensor]:
     return {name.removeprefix("model."): tensor for name, tensor in state.items()}
 
 
+@pytest.mark.slow
 def test_only_adapters_and_listed_modules_change(lora_runs):
     settings, result = lora_runs[("equal", "non_streaming")]
     base = load_file(str(Path(settings.INIT_MODEL_PATH) / "model.safetensors"))
@@ -97,6 +99,7 @@ def _logits(model, tokenizer, row, speaker_embed, layout):
     return out.label_logits, out.sub_talker_logits
 
 
+@pytest.mark.slow
 def test_merged_export_equals_the_adapter_model(lora_runs):
     """The stock-loaded merged export, the adapter model (Base + ``adapter/`` through peft) and peft's own
     ``merge_and_unload`` give the same logits (MERGE_LOGIT_ATOL); speaker rows survive the merge."""
@@ -171,6 +174,7 @@ def prepared(tiny_model_dir, tmp_path_factory):
     return root, tiny_model_dir
 
 
+@pytest.mark.slow
 def test_hard_killed_lora_run_resumes_to_the_same_weights(prepared):
     """SIGKILL after a saved state, resume: the merged export and the adapter equal an uninterrupted run's."""
     import signal

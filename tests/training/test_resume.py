@@ -69,6 +69,7 @@ def _states(output_dir):
     return sorted(p.name for p in (output_dir / "states").glob("step-*"))
 
 
+@pytest.mark.slow
 def test_hard_killed_run_resumes_to_the_same_weights(prepared):
     root, model_dir = prepared
     straight = subprocess.run(
@@ -115,6 +116,7 @@ def test_hard_killed_run_resumes_to_the_same_weights(prepared):
     assert metrics[-1]["step"] == STEPS
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_state_and_exits_cleanly(prepared):
     root, model_dir = prepared
     env_file = _env_file(root, model_dir, "terminated", SAVE_STEPS=0, MAX_STEPS=100000)
@@ -143,6 +145,7 @@ def test_bad_resume_path_is_a_clear_error(prepared):
     assert proc.returncode == 1 and "RESUME_FROM" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
     root, model_dir = prepared
     # bf16: the mixed-precision path (autocast on the CPU) runs too, not only fp32

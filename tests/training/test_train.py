@@ -20,6 +20,8 @@ from conftest import VOICES_DIR, discriminative_copy, make_settings, shift_label
 from finetuning.training import step
 from finetuning.training.export import INFO_FILE, SETTINGS_FILE
 
+pytestmark = pytest.mark.slow  # every test trains a tiny model until it memorises its data
+
 SPEAKERS = ("english_speaker", "swahili_speaker")
 UTTERANCES_PER_SPEAKER = 2
 # Each utterance is trained under every call the export claims (both text layouts, with and without its language:

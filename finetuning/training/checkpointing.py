@@ -39,7 +39,9 @@ IDENTITY_SETTINGS = (
     "BATCH_SIZE",
     "GRADIENT_ACCUMULATION_STEPS",
     "TRAINING_LAYOUT",
+    "OPTIMIZER",  # a state holds that optimizer's state dict
 )
+IDENTITY_BEFORE_KEY = {"OPTIMIZER": "adamw"}  # what states saved before a key existed trained with
 
 
 class ResumeError(RuntimeError):
@@ -86,7 +88,7 @@ def check_run_identity(path: Path, identity: dict) -> None:
     file = path / IDENTITY_FILE
     if not file.exists():
         raise ResumeError(f"cannot resume from {path}: it has no {IDENTITY_FILE} (saved by an older version)")
-    saved = json.loads(file.read_text())
+    saved = {**IDENTITY_BEFORE_KEY, **json.loads(file.read_text())}
     differing = [
         f"{key} (saved {saved.get(key)!r}, now {identity.get(key)!r})"
         for key in sorted(set(saved) | set(identity))

@@ -91,6 +91,10 @@ def _launch(config, env_file, num_processes=2):
     [
         ("deepspeed_zero2", {"MIXED_PRECISION": "bf16", "MAX_BATCH_TOKENS": 160}),
         ("deepspeed_zero3", {"MIXED_PRECISION": "bf16", "MAX_BATCH_TOKENS": 0, "BATCH_SIZE": 2}),
+        (  # the optimizer and its float32 partitions on the CPU, stepped by OPTIMIZER (here the 8-bit one)
+            "deepspeed_zero2_offload",
+            {"MIXED_PRECISION": "bf16", "MAX_BATCH_TOKENS": 160, "OPTIMIZER": "adamw_8bit"},
+        ),
     ],
 )
 def test_deepspeed_trains_in_two_cpu_processes_and_exports(prepared, config, extra):

@@ -24,6 +24,10 @@ preflight right? One command, a few minutes on one datacenter GPU; writes JSON a
    tiny kit's, so the figure is the talker and code predictor's.
 
 Exit code 0 when every case ran or was skipped for a stated reason, 1 when one failed.
+
+Status: written and run with ``--smoke`` on the CPU only; it has not run on a GPU yet, so its time budget (a few
+minutes; TORCH_COMPILE's inductor compilation is the least known part) is not measured either. Its results go in
+``finetuning/training/README_GPU.md`` with the GPU's name and the exact command once it has.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-gpus", type=int, default=1, help="preflight: processes sharing the run (default 1)")
     parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="preflight: 3 = FSDP")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="preflight: recompute activations")
+    parser.add_argument(
+        "--offload-optimizer", action="store_true", help="preflight: DeepSpeed ZeRO-2 with the optimizer on the CPU"
+    )
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,12 +84,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def preflight(settings, args: argparse.Namespace) -> int:
-    """Print the memory estimate; 0 when it fits (or no GPU is known), 1 when it does not, 2 for a bad model."""
+    """Print the memory estimate and the configurations that fit; 0 when the run as set fits (or no GPU is known),
+    1 when it does not, 2 for a bad model."""
     from finetuning.training.preflight import run_preflight
 
     try:
         report = run_preflight(
-            settings, args.gpu_memory_gb, args.num_gpus, args.zero_stage, args.gradient_checkpointing
+            settings,
+            args.gpu_memory_gb,
+            args.num_gpus,
+            args.zero_stage,
+            args.gradient_checkpointing,
+            args.offload_optimizer,
         )
     except FileNotFoundError as error:
         print(f"error: INIT_MODEL_PATH: {error}", file=sys.stderr)

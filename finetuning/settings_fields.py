@@ -143,7 +143,7 @@ class Settings:
     # --- training ----------------------------------------------------------------------------------------
     OUTPUT_DIR: str = _setting("outputs/run", "path", "where checkpoints, logs and the exported model go")
     BATCH_SIZE: int = _setting(2, "utterances", "per-device batch size when MAX_BATCH_TOKENS is 0", ge=1)
-    LEARNING_RATE: float = _setting(2e-5, "1/step", "AdamW peak learning rate", gt=0)
+    LEARNING_RATE: float = _setting(2e-5, "1/step", "peak learning rate (OPTIMIZER)", gt=0)
     NUM_EPOCHS: int = _setting(3, "epochs", "passes over the training data", ge=1)
     GRADIENT_ACCUMULATION_STEPS: int = _setting(4, "micro-batches", "micro-batches per optimizer step", ge=1)
     MIXED_PRECISION: str = _setting("bf16", "mode", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
@@ -192,7 +192,9 @@ class Settings:
         gt=0,
     )
     SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss", ge=0)
-    WEIGHT_DECAY: float = _setting(0.01, "coefficient", "AdamW weight decay (none on biases, norms, embeddings)", ge=0)
+    WEIGHT_DECAY: float = _setting(
+        0.01, "coefficient", "decoupled weight decay (OPTIMIZER; not on biases, norms, embeddings)", ge=0
+    )
     WARMUP_STEPS: int = _setting(10, "optimizer steps", "linear learning-rate warmup", ge=0)
     LR_SCHEDULE: str = _setting("cosine", "name", "decay after warmup", choices=("cosine", "linear", "constant"))
     MAX_GRAD_NORM: float = _setting(
@@ -222,6 +224,14 @@ class Settings:
     )
     CPU_HEAP_CACHE: bool = _setting(
         True, "bool", "CPU runs on glibc: freed tensor memory stays in the heap for the next step (fewer page faults)"
+    )
+    # --- optimizer (memory lever: bytes of state per trained parameter) -----------------------------------
+    OPTIMIZER: str = _setting(
+        "adamw",
+        "name",
+        "adamw = float32 moments (8 bytes), adamw_8bit = 8-bit moments (~2 bytes; `uv sync --group bitsandbytes`), "
+        "adafactor = factored second moment, no momentum (a row and a column per matrix)",
+        choices=("adamw", "adamw_8bit", "adafactor"),
     )
     # --- LoRA ----------------------------------------------------------------------------------------------
     FINETUNE_METHOD: str = _setting(

@@ -39,7 +39,19 @@ IDENTITY_SETTINGS = (
     "BATCH_SIZE",
     "GRADIENT_ACCUMULATION_STEPS",
     "TRAINING_LAYOUT",
+    "LANGUAGE_AUTO_FRACTION",  # each sample's conditioning draws, and with MAX_BATCH_TOKENS the batches
+    "CLONE_ICL_FRACTION",
+    "CLONE_REF_MAX_S",
+    "OPTIMIZER",  # a state holds that optimizer's state dict
 )
+# What states saved before a key existed trained with (before the conditioning draws: languages as labelled,
+# every ICL reference allowed).
+IDENTITY_BEFORE_KEY = {
+    "OPTIMIZER": "adamw",
+    "LANGUAGE_AUTO_FRACTION": 0.0,
+    "CLONE_ICL_FRACTION": 0.5,
+    "CLONE_REF_MAX_S": float("inf"),
+}
 
 
 class ResumeError(RuntimeError):
@@ -86,7 +98,7 @@ def check_run_identity(path: Path, identity: dict) -> None:
     file = path / IDENTITY_FILE
     if not file.exists():
         raise ResumeError(f"cannot resume from {path}: it has no {IDENTITY_FILE} (saved by an older version)")
-    saved = json.loads(file.read_text())
+    saved = {**IDENTITY_BEFORE_KEY, **json.loads(file.read_text())}
     differing = [
         f"{key} (saved {saved.get(key)!r}, now {identity.get(key)!r})"
         for key in sorted(set(saved) | set(identity))

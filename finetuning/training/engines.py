@@ -165,11 +165,18 @@ def fsdp_on_cpu_processes(accelerator, plugin) -> None:
 
 def fill_deepspeed_config(config: dict, settings: Settings) -> dict:
     """Replace the ``auto`` values that accelerate fills only from a prepared DataLoader, in place: the micro-batch
-    size (DEEPSPEED_MICRO_BATCH) and gradient clipping (MAX_GRAD_NORM; 0 = off in DeepSpeed too)."""
+    size (DEEPSPEED_MICRO_BATCH) and gradient clipping (MAX_GRAD_NORM; 0 = off in DeepSpeed too). With the
+    optimizer offloaded to the CPU, OPTIMIZER (torch's fused CPU AdamW, bitsandbytes, Adafactor) steps there in
+    place of DeepSpeed's CPU Adam, which would compile at first use; OPTIMIZER other than adamw is allowed under
+    ZeRO (DeepSpeed refuses optimizers it has not tested unless told)."""
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = DEEPSPEED_MICRO_BATCH
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = settings.MAX_GRAD_NORM
+    if config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
+        config.setdefault("zero_force_ds_cpu_optimizer", False)  # OPTIMIZER steps the float32 partitions on the CPU
+    if settings.OPTIMIZER != "adamw":  # DeepSpeed knows only its own and torch's Adam(W) by type
+        config.setdefault("zero_allow_untested_optimizer", True)
     return config
 
 

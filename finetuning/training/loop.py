@@ -41,7 +41,7 @@ from finetuning.training.data import (
 from finetuning.training.export import RunExports, checkpoint_dtype, speaker_rows
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
-from finetuning.training.optim import make_optimizer, make_scheduler, optimizer_step
+from finetuning.training.optim import check_optimizer, make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.sampler import DurationBatchSampler
 from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
 from finetuning.training.speed import (
@@ -241,8 +241,8 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
 
     ``on_export(checkpoint_dir, step, accelerator)`` (the command passes generated-speech evaluation) is called on
     the main process with an export every EVAL_GENERATE_STEPS steps and with the final export; see ``callbacks``.
-    Raises DataError / TrainingError / ResumeError / LoraError / ModelUnavailable / SpeedOptionError with a
-    message naming the fix.
+    Raises DataError / TrainingError / ResumeError / LoraError / ModelUnavailable / SpeedOptionError /
+    OptimizerError with a message naming the fix.
     """
     accelerator = make_accelerator(settings)
     result = _train(settings, on_export, accelerator)
@@ -254,6 +254,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     from accelerate.utils import send_to_device, set_seed
 
     check_speed_options(settings, accelerator.device)
+    check_optimizer(settings, accelerator.distributed_type.value)
     if settings.CPU_HEAP_CACHE and accelerator.device.type == "cpu" and keep_freed_memory():
         logger.info("CPU_HEAP_CACHE: freed tensor memory stays in the heap")
     set_seed(settings.SEED)

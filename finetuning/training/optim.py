@@ -1,35 +1,88 @@
-"""Optimizer, learning-rate schedule and the optimizer step (clip, skip non-finite updates, step the schedule)."""
+"""Optimizer, learning-rate schedule and the optimizer step (clip, skip non-finite updates, step the schedule).
+
+OPTIMIZER picks the update and what its states cost per trained parameter (``sizing`` counts the same bytes):
+
+============  ==========================================================================================
+adamw         torch AdamW, exp_avg and exp_avg_sq in float32: 8 bytes
+adamw_8bit    bitsandbytes ``AdamW8bit`` (optional group ``bitsandbytes``, CPU and CUDA): both moments in 8 bits
+              with a float32 scale per block of 256 (block-wise quantisation): ~2 bytes. Tensors under 4096
+              elements (biases, norms) keep float32 moments, as bitsandbytes does.
+adafactor     transformers ``Adafactor`` without momentum, at LEARNING_RATE (no relative step, no parameter
+              scaling): a matrix keeps one float32 per row and per column of its second moment; vectors keep
+              theirs whole. Under DeepSpeed ZeRO every partition is a flat vector, so nothing is factored there.
+============  ==========================================================================================
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
 
 from finetuning.settings import Settings
+from finetuning.settings_rules import SettingsError
 
 logger = logging.getLogger(__name__)
 
 NO_DECAY_MARKERS = ("bias", "norm", "embedding")  # parameters AdamW does not shrink
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # LR_SCHEDULE -> transformers
+# bitsandbytes keeps float32 moments for tensors smaller than this (its ``min_8bit_size`` default).
+MIN_8BIT_ELEMENTS = 4096
 
 
-def make_optimizer(model, settings: Settings) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter outside the speaker encoder; no decay on biases, norms, embeddings.
+class OptimizerError(SettingsError):
+    """OPTIMIZER asks for a library or an engine this run lacks; the message names the setting and the fix."""
 
-    Fused (one kernel for all parameters, CPU and CUDA) where torch supports the parameters' device and dtype,
-    else the multi-tensor ``foreach`` path; both compute the same update. Call after the model is on its device.
-    """
+
+def check_optimizer(settings: Settings, engine: str) -> None:
+    """Raise OptimizerError when OPTIMIZER cannot run under ``engine`` (accelerate's distributed type value,
+    e.g. ``"NO"``, ``"MULTI_GPU"``, ``"FSDP"``, ``"DEEPSPEED"``): the 8-bit optimizer needs bitsandbytes,
+    and neither adamw_8bit nor adafactor steps FSDP2's sharded (DTensor) parameters."""
+    if settings.OPTIMIZER == "adamw":
+        return
+    if settings.OPTIMIZER == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise OptimizerError(
+            "OPTIMIZER=adamw_8bit needs the bitsandbytes package: `uv sync --group bitsandbytes`, "
+            "or set OPTIMIZER=adafactor (no extra package) or adamw"
+        )
+    if engine == "FSDP":
+        raise OptimizerError(
+            f"OPTIMIZER={settings.OPTIMIZER} does not run under FSDP (sharded DTensor parameters); use the DeepSpeed "
+            "ZeRO-2 configs (finetuning/accelerate_configs/deepspeed_zero2*.yaml) or OPTIMIZER=adamw"
+        )
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """Every trainable parameter outside the speaker encoder, in two groups: decayed, and biases, norms and
+    embeddings without decay."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad or name.startswith("speaker_encoder."):
             continue
         (no_decay if any(m in name.lower() for m in NO_DECAY_MARKERS) else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": settings.WEIGHT_DECAY},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if _fused_kernel_supports(decay + no_decay):
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, settings: Settings) -> torch.optim.Optimizer:
+    """OPTIMIZER over ``parameter_groups`` at LEARNING_RATE, WEIGHT_DECAY on the decayed group.
+
+    adamw is fused (one kernel for all parameters, CPU and CUDA) where torch supports the parameters' device and
+    dtype, else the multi-tensor ``foreach`` path; both compute the same update. Call after the model is on its
+    device, and ``check_optimizer`` first (an uninstalled bitsandbytes raises ImportError here).
+    """
+    groups = parameter_groups(model, settings.WEIGHT_DECAY)
+    if settings.OPTIMIZER == "adamw_8bit":
+        import bitsandbytes  # its import-time warning is quieted in finetuning/training/__init__.py
+
+        return bitsandbytes.optim.AdamW8bit(groups, lr=settings.LEARNING_RATE, min_8bit_size=MIN_8BIT_ELEMENTS)
+    if settings.OPTIMIZER == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            groups, lr=settings.LEARNING_RATE, scale_parameter=False, relative_step=False, warmup_init=False
+        )
+    if _fused_kernel_supports([p for group in groups for p in group["params"]]):
         return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, fused=True)
     logger.info("fused AdamW has no kernel for these parameters' device or dtype; using the multi-tensor path")
     return torch.optim.AdamW(groups, lr=settings.LEARNING_RATE, foreach=True)

@@ -1,13 +1,17 @@
 """Peak memory per GPU of a training run, estimated from the model's shapes before any weight loads.
 
 The model is built on the meta device (``finetuning.published_models``), so a 1.7B estimate takes a second and no
-memory. Training here keeps float32 master weights and runs mixed precision through autocast, with AdamW; per
-process, in bytes (P parameters, T of them trained, N processes sharing the ZeRO / FSDP shards):
+memory. Training here keeps float32 master weights and runs mixed precision through autocast; per process, in
+bytes (P parameters, T of them trained, N processes sharing the ZeRO / FSDP shards):
 
 ==================  ======================================================================================
 weights             4 P (ZeRO-3 / FSDP: 4 P / N, plus one gathered decoder layer)
 gradients           4 T (ZeRO-2 and up: / N); DDP with several processes adds 4 T of reducer buckets
-optimizer           8 T: AdamW's exp_avg and exp_avg_sq in float32 (ZeRO-1 and up: / N)
+optimizer           OPTIMIZER's states (ZeRO-1 and up: / N), from each trained tensor's shape
+                    (``optimizer_state_bytes``): adamw 8 T (exp_avg, exp_avg_sq in float32); adamw_8bit 2 T
+                    plus a float32 scale per 256 elements of each moment (tensors under 4096 elements: 8 bytes
+                    each); adafactor 4 bytes per row and per column of each matrix, 4 per
+                    element of each vector
 autocast weights    2 T_linear with bf16 / fp16: autocast's cached half-precision copies of the Linear weights
 activations         per talker position per talker layer: 6 h + 4 i + 4 (q_heads + kv_heads) d elements; the
                     same per code-predictor position (16 per frame) per code-predictor layer; plus the heads'
@@ -17,15 +21,23 @@ activations         per talker position per talker layer: 6 h + 4 i + 4 (q_heads
                     activations.
 ==================  ======================================================================================
 
+Optimizer offload (DeepSpeed ZeRO-2, ``deepspeed_zero2_offload.yaml``) moves the float32 master weights, the
+float32 gradient partitions and the optimizer states to CPU memory (``host``, not part of the GPU total); the GPU
+keeps the engine's weights in the training precision (2 P in bf16 / fp16), gradient buckets (counted as
+2 × 4 bytes × the largest decoder layer) and the activations; the engine runs in half precision, so there are no
+autocast copies.
+
 The peak is taken as the sum (gradients and activations are counted as if all alive at once, so it errs high).
 The activation coefficients count the tensors autograd saves in a qwen-tts decoder layer (RMSNorm in float32,
 q/k norms, rotary, SDPA without a stored attention matrix, SwiGLU MLP); ``bench/sizing_memory.py`` measures
-real-width models against them. ``estimate_memory`` takes the trainable parameter count, so a method that trains
-fewer parameters (adapters) plugs in by passing its own count.
+real-width models against them. ``estimate_memory`` takes the trained tensors' shapes (or their count), so a method
+that trains fewer parameters (adapters) plugs in by passing its own.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -37,6 +49,10 @@ HALF_BYTES = 2
 ACTIVATION_BYTES_MIXED = 2.7
 CODE_PREDICTOR_POSITIONS = 16  # per frame: the talker's hidden state + codebooks 1..15
 SUB_TALKER_HEADS = 15  # codebooks 2..16
+MIN_8BIT_ELEMENTS = 4096  # bitsandbytes keeps float32 moments for smaller tensors (``optim.MIN_8BIT_ELEMENTS``)
+BLOCK_8BIT = 256  # elements per float32 scale of bitsandbytes' block-wise 8-bit states
+OFFLOAD_GRADIENT_BUCKETS = 2  # ZeRO-2 offload: gradient buffers on the GPU, each the size of the largest layer
+OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
 # A run fits when the estimate is within 90 % of the GPU memory (allocator fragmentation, CUDA context, NCCL).
 FITS_MARGIN = 0.9
 
@@ -78,6 +94,7 @@ class ModelShape:
     trainable: int  # a full fine-tune trains everything but the speaker encoder
     linear_parameters: int  # weights autocast casts (nn.Linear), trained ones
     largest_layer: int  # parameters of the largest decoder layer (what ZeRO-3 / FSDP gathers at once)
+    trained_shapes: tuple[tuple[int, ...], ...]  # shape of every tensor a full fine-tune trains
     talker: DecoderShape
     code_predictor: DecoderShape
 
@@ -103,6 +120,7 @@ def model_shape(config: dict) -> ModelShape:
         trainable=total - frozen,
         linear_parameters=linear,
         largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        trained_shapes=trained_shapes(model),
         talker=DecoderShape.from_config(talker_config),
         code_predictor=DecoderShape.from_config(talker_config.code_predictor_config),
     )
@@ -112,7 +130,8 @@ def model_shape(config: dict) -> ModelShape:
 class TrainingPlan:
     """How a run trains: ``precision`` no / bf16 / fp16, ``num_processes``, ``zero_stage`` 0-3 (3 = FSDP full
     shard), ``gradient_checkpointing``, and the largest micro-batch: ``positions`` padded talker positions
-    (MAX_BATCH_TOKENS) of which ``frames`` are codec frames (at most ``positions``)."""
+    (MAX_BATCH_TOKENS) of which ``frames`` are codec frames (at most ``positions``); ``optimizer`` (OPTIMIZER)
+    and ``offload_optimizer`` (DeepSpeed ZeRO-2 with the optimizer in CPU memory; implies ``zero_stage`` 2)."""
 
     precision: str = "bf16"
     num_processes: int = 1
@@ -120,17 +139,21 @@ class TrainingPlan:
     gradient_checkpointing: bool = False
     positions: int = 4096
     frames: int = 4096
+    optimizer: str = "adamw"
+    offload_optimizer: bool = False
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per process by part; ``total`` is their sum."""
+    """Bytes per process by part; ``total`` is their sum (GPU memory); ``host`` is what optimizer offload keeps in
+    CPU memory per process instead."""
 
     weights: float
     gradients: float
     optimizer: float
     autocast_weights: float
     activations: float
+    host: float = 0.0
 
     @property
     def total(self) -> float:
@@ -168,19 +191,65 @@ def activation_bytes(shape: ModelShape, plan: TrainingPlan) -> float:
     return element * (stacks + heads)
 
 
-def estimate_memory(shape: ModelShape, plan: TrainingPlan, trainable: int | None = None) -> MemoryEstimate:
-    """Peak bytes per process for ``shape`` trained as ``plan``; ``trainable`` overrides ``shape.trainable``
-    (adapter methods pass their own count: gradients and AdamW states then cover only those parameters)."""
-    trained = shape.trainable if trainable is None else trainable
+def trained_shapes(model) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the tensors of ``model`` that train (``requires_grad``), the speaker encoder left out."""
+    return tuple(
+        tuple(p.shape)
+        for name, p in model.named_parameters()
+        if p.requires_grad and not name.startswith("speaker_encoder.")
+    )
+
+
+def optimizer_state_bytes(shapes: Iterable[tuple[int, ...]], optimizer: str) -> float:
+    """Bytes of OPTIMIZER ``optimizer``'s states for trained tensors of ``shapes`` (see the module docstring), as
+    ``finetuning.training.optim`` builds it on float32 parameters. Raises ValueError for an unknown name."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+    total = 0.0
+    for shape in shapes:
+        elements = math.prod(shape)
+        if optimizer == "adamw" or (optimizer == "adamw_8bit" and elements < MIN_8BIT_ELEMENTS):
+            total += ADAM_STATE_BYTES * elements
+        elif optimizer == "adamw_8bit":  # two uint8 moments and a float32 scale per block each (quantile maps shared)
+            total += 2 * (elements + FP32_BYTES * math.ceil(elements / BLOCK_8BIT))
+        elif len(shape) >= 2:  # adafactor: row and column means of the squared gradient
+            total += FP32_BYTES * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+        else:
+            total += FP32_BYTES * elements
+    return total
+
+
+def estimate_memory(
+    shape: ModelShape,
+    plan: TrainingPlan,
+    trainable: int | None = None,
+    shapes: tuple[tuple[int, ...], ...] | None = None,
+) -> MemoryEstimate:
+    """Peak bytes per process for ``shape`` trained as ``plan``. A method that trains other tensors than a full
+    fine-tune (adapters) passes their ``shapes``, or only their count ``trainable`` (optimizer states are then
+    scaled from the full fine-tune's bytes per trained parameter): gradients and states cover only those."""
+    if shapes is not None:
+        trained = sum(math.prod(s) for s in shapes)
+        states = optimizer_state_bytes(shapes, plan.optimizer)
+    else:
+        trained = shape.trainable if trainable is None else trainable
+        full = optimizer_state_bytes(shape.trained_shapes, plan.optimizer)
+        states = full * trained / sum(math.prod(s) for s in shape.trained_shapes)
     n = plan.num_processes
-    stage = plan.zero_stage
+    stage = 2 if plan.offload_optimizer else plan.zero_stage
+    activations = activation_bytes(shape, plan)
+    if plan.offload_optimizer:
+        engine_bytes = FP32_BYTES if plan.precision == "no" else HALF_BYTES
+        buckets = OFFLOAD_GRADIENT_BUCKETS * FP32_BYTES * shape.largest_layer
+        host = (2 * FP32_BYTES * trained + states) / n  # master weights, gradient partitions, states
+        return MemoryEstimate(engine_bytes * shape.parameters, buckets, 0.0, 0.0, activations, host)
     weights = FP32_BYTES * shape.parameters / (n if stage >= 3 else 1)
     if stage >= 3 and n > 1:
         weights += FP32_BYTES * shape.largest_layer
     gradients = FP32_BYTES * trained / (n if stage >= 2 else 1)
     if n > 1 and stage == 0:
         gradients += FP32_BYTES * trained  # DDP reducer buckets
-    optimizer = ADAM_STATE_BYTES * trained / (n if stage >= 1 else 1)
+    optimizer = states / (n if stage >= 1 else 1)
     linear_trained = min(shape.linear_parameters, trained)
     autocast = 0.0 if plan.precision == "no" else HALF_BYTES * linear_trained / (n if stage >= 3 else 1)
-    return MemoryEstimate(weights, gradients, optimizer, autocast, activation_bytes(shape, plan))
+    return MemoryEstimate(weights, gradients, optimizer, autocast, activations)

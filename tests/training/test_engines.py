@@ -92,6 +92,10 @@ def _launch(config, env_file, num_processes=2):
     [
         ("deepspeed_zero2", {"MIXED_PRECISION": "bf16", "MAX_BATCH_TOKENS": 160}),
         ("deepspeed_zero3", {"MIXED_PRECISION": "bf16", "MAX_BATCH_TOKENS": 0, "BATCH_SIZE": 2}),
+        (  # the optimizer and its float32 partitions on the CPU, stepped by OPTIMIZER (here the 8-bit one)
+            "deepspeed_zero2_offload",
+            {"MIXED_PRECISION": "bf16", "MAX_BATCH_TOKENS": 160, "OPTIMIZER": "adamw_8bit"},
+        ),
     ],
 )
 def test_deepspeed_trains_in_two_cpu_processes_and_exports(prepared, config, extra):
@@ -190,6 +194,11 @@ def test_deepspeed_auto_values_are_filled_and_explicit_ones_kept(tiny_model_dir,
     assert config == {"train_micro_batch_size_per_gpu": engines.DEEPSPEED_MICRO_BATCH, "gradient_clipping": 0.5}
     kept = engines.fill_deepspeed_config({"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 2.0}, settings)
     assert kept == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 2.0}
+    # Offload: OPTIMIZER steps on the CPU (DeepSpeed would insist on its CPU Adam) and may be one it has not tested.
+    offloaded = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    adafactor = make_settings(tmp_path, tiny_model_dir, OPTIMIZER="adafactor")
+    filled = engines.fill_deepspeed_config(offloaded, adafactor)
+    assert filled["zero_force_ds_cpu_optimizer"] is False and filled["zero_allow_untested_optimizer"] is True
 
 
 def _gradients_and_saved_bytes(model, batch):

@@ -212,3 +212,41 @@ def test_resume_refuses_a_changed_seed_or_speaker_order_naming_each_key(prepared
         train(make_settings(root, model_dir, **common, RESUME_FROM="latest", SEED=7, TRAIN_SPEAKERS=reordered))
     message = str(refused.value)
     assert "SEED (saved 42, now 7)" in message and "TRAIN_SPEAKERS" in message and "swahili_speaker" in message
+
+
+@pytest.mark.parametrize("optimizer, method", [("adamw_8bit", "full"), ("adafactor", "lora")])
+def test_each_optimizer_resumes_to_the_same_weights(prepared, tmp_path, optimizer, method):
+    """OPTIMIZER's state goes through the saved training state: a run resumed from its middle state (in another
+    OUTPUT_DIR) ends with the straight run's weights; resuming it under another OPTIMIZER is refused."""
+    from conftest import make_settings
+
+    from finetuning.training.checkpointing import ResumeError, state_dir
+    from finetuning.training.loop import train
+
+    root, model_dir = prepared
+    common = {
+        "MAX_STEPS": 6,
+        "SAVE_STEPS": 3,
+        "MAX_BATCH_TOKENS": 160,
+        "LEARNING_RATE": 1e-3,
+        "WARMUP_STEPS": 2,
+        "EVAL_STEPS": 0,
+        "VALIDATION_FRACTION": 0.0,
+        "REPORT_TO": "none",
+        "OPTIMIZER": optimizer,
+        "FINETUNE_METHOD": method,
+    }
+    straight = train(make_settings(root, model_dir, **common, OUTPUT_DIR=tmp_path / "straight"))
+    middle = state_dir(tmp_path / "straight", 3)
+    resumed = train(make_settings(root, model_dir, **common, OUTPUT_DIR=tmp_path / "resumed", RESUME_FROM=middle))
+    assert straight.optimizer_steps == resumed.optimizer_steps == 6
+    a, b = _weights(straight.export_dir), _weights(resumed.export_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ResumeError, match=f"OPTIMIZER \\(saved '{optimizer}', now 'adamw'\\)"):
+        train(
+            make_settings(
+                root, model_dir, **{**common, "OPTIMIZER": "adamw"}, OUTPUT_DIR=tmp_path / "changed", RESUME_FROM=middle
+            )
+        )

@@ -61,3 +61,47 @@ def test_preflight_counts_what_lora_trains(capsys):
         return float(next(line for line in text.splitlines() if "optimizer states" in line).split()[-2])
 
     assert optimizer_gib(lora) < optimizer_gib(full) / 10
+
+
+def _picks(text: str) -> list[dict]:
+    """The rows of the preflight's table of configurations that fit."""
+    rows = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 7 and fields[0].isdigit() and fields[6] == "GiB":
+            names = ("rank", "method", "optimizer", "checkpointing", "offload", "peak")
+            rows.append(dict(zip(names, fields[: len(names)], strict=True)))
+    return rows
+
+
+def _total_gib(text: str) -> float:
+    return float(next(line for line in text.splitlines() if line.strip().startswith("total")).split()[-2])
+
+
+def test_preflight_lists_the_configurations_that_fit_best_first(capsys):
+    """1.7B at 16 GB: only gradient checkpointing with the optimizer offloaded fits (full fine-tune first, LoRA
+    after); at 80 GB the 8-bit optimizer is what spares checkpointing. Each listed row, set as the run, is what
+    the preflight then says fits, with the same peak."""
+    common = ["--preflight", "--env-file", "/dev/null", "--set", f"INIT_MODEL_PATH={MODEL_1_7B}", "--gpu-memory-gb"]
+    assert main([*common, "16"]) == 1
+    small = _picks(capsys.readouterr().out)
+    assert [r["rank"] for r in small] == [str(i) for i in range(1, len(small) + 1)] and len(small) >= 2
+    assert (small[0]["method"], small[0]["optimizer"], small[0]["offload"]) == ("full", "adamw", "cpu")
+    assert all(r["checkpointing"] == "on" and r["offload"] == "cpu" for r in small)
+    assert all(float(r["peak"]) <= 0.9 * 16 for r in small)
+    methods = [r["method"] for r in small]
+    assert methods == sorted(methods)  # the chosen method (full) before the LoRA fallback
+    assert main([*common, "16", "--gradient-checkpointing", "--offload-optimizer"]) == 0
+    assert _total_gib(capsys.readouterr().out) == pytest.approx(float(small[0]["peak"]), abs=0.05)
+
+    assert main([*common, "80"]) == 1  # AdamW without checkpointing does not fit
+    large = _picks(capsys.readouterr().out)
+    assert [(r["method"], r["optimizer"], r["checkpointing"], r["offload"]) for r in large[:2]] == [
+        ("full", "adamw_8bit", "off", "no"),
+        ("full", "adafactor", "off", "no"),
+    ]
+    assert main([*common, "80", "--set", "OPTIMIZER=adamw_8bit"]) == 0
+    assert _total_gib(capsys.readouterr().out) == pytest.approx(float(large[0]["peak"]), abs=0.05)
+
+    assert main([*common, "24", "--set", "FINETUNE_METHOD=lora"]) in (0, 1)
+    assert {r["method"] for r in _picks(capsys.readouterr().out)} == {"lora"}  # a LoRA run stays LoRA

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT, make_settings, subprocess_env
+from conftest import REPO_ROOT, free_port, make_settings, subprocess_env, write_env_file
 
 from finetuning.preparation import schema
 
@@ -22,6 +22,7 @@ MIN_MAP_GROWTH_MB = 10.0
 # Streaming holds a 64-example shuffle buffer (20 s utterances as Python lists, about 8 MB) plus one open batch
 # per bucket; the allocator adds up to about 10 MB of noise between runs (measured), whatever the corpus size.
 STREAM_BOUND_MB = 20.0
+SMALL_SPEAKER_ROWS = 4
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +68,55 @@ def test_stream_holds_the_map_style_samples_deterministically(prepared):
     assert batch["codes"][0].dtype.is_floating_point is False and batch["codes"][0].element_size() == 8  # widened
 
 
-def test_balanced_stream_shows_every_speaker_equally_often(prepared):
+@pytest.fixture(scope="module")
+def unequal(prepared, tmp_path_factory):
+    """(settings, tokenizer, talker_config) of the bundled corpus with the second speaker cut to SMALL_SPEAKER_ROWS
+    training rows: 14 beside 4, so concatenation, equal interleaving and temperature mixing all differ."""
+    import dataclasses
+    import shutil
+
     settings, tokenizer, config = prepared
-    stream = _stream(settings, tokenizer, config, SPEAKER_MIXING="balanced")
-    speakers = Counter(s for batch in stream for s in batch["speaker"].tolist())
-    assert speakers[0] == speakers[1] > 0
+    target = tmp_path_factory.mktemp("unequal") / "dataset"
+    shutil.copytree(settings.DATASET_DIR, target)
+    small = target / settings.TRAIN_SPEAKERS[1]
+    shards = sorted(small.glob("train-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in shards]).slice(0, SMALL_SPEAKER_ROWS)
+    for shard in shards[1:]:
+        shard.unlink()
+    pq.write_table(table, shards[0])
+    return dataclasses.replace(settings, DATASET_DIR=str(target)), tokenizer, config
+
+
+@pytest.mark.parametrize(("alpha", "max_repeat"), [(0.0, 0.0), (0.5, 0.0), (0.0, 1.5), (0.5, 8.0)])
+def test_balanced_stream_mixes_unequal_speakers_as_map_style_does(unequal, alpha, max_repeat):
+    from finetuning.training.data import load_examples
+    from finetuning.training.sampler import DurationBatchSampler
+
+    settings, tokenizer, config = unequal
+    mixing = {"SPEAKER_MIXING": "balanced", "SPEAKER_MIXING_ALPHA": alpha, "SPEAKER_MAX_REPEAT": max_repeat}
+    stream = _stream(settings, tokenizer, config, **mixing)
+    batches = list(stream)
+    seen = Counter(i for batch in batches for i in batch["id"])
+    speakers = Counter(s for batch in batches for s in batch["speaker"].tolist())
+    examples, _ = load_examples(settings, tokenizer, "train", streaming=False)
+    by_speaker = [[e.id for e in examples if e.speaker == s] for s in (0, 1)]
+    assert len(by_speaker[0]) == 14 and len(by_speaker[1]) == SMALL_SPEAKER_ROWS
+    expected = {0: 14, 1: {(0.0, 0.0): 14, (0.5, 0.0): 7, (0.0, 1.5): 6, (0.5, 8.0): 7}[(alpha, max_repeat)]}
+    map_style = DurationBatchSampler(
+        [1] * len(examples),
+        [e.speaker for e in examples],
+        batch_size=2,
+        mixing="balanced",
+        mixing_alpha=alpha,
+        max_repeat=max_repeat,
+    )
+    assert speakers == expected == map_style.samples_per_speaker()
+    assert all(seen[i] == 1 for i in by_speaker[0])  # the largest speaker: every row once
+    small = [seen[i] for i in by_speaker[1]]
+    assert max(small) - min(small) <= 1 and min(small) >= 1  # the small one cycles through its rows evenly
+    # spread through the epoch, not one speaker after the other: the small speaker shows up in both halves
+    halves = [batches[: len(batches) // 2], batches[len(batches) // 2 :]]
+    assert all(any(1 in batch["speaker"].tolist() for batch in half) for half in halves)
 
 
 def test_resumed_stream_continues_exactly(prepared):
@@ -165,3 +210,56 @@ def test_training_runs_from_the_stream(prepared, tmp_path):
     )
     result = train(settings)
     assert result.optimizer_steps == 2 and (result.export_dir / "model.safetensors").exists()
+
+
+def test_two_processes_stream_their_own_shards_and_stop_together(prepared):
+    """``accelerate launch`` of two CPU processes on the stream: each trains on exactly the batches of its
+    ``split_dataset_by_node`` shard (disjoint samples), both stop at the same batch count (the smaller one's),
+    and both end with the same weights."""
+    from finetuning.training.streaming import StreamingBatches
+
+    settings, tokenizer, config = prepared
+    root = Path(settings.DATASET_DIR).parent
+    values = {
+        "DATA_STREAMING": "true",
+        "SPEAKER_MIXING": "proportional",
+        "STREAM_SHUFFLE_BUFFER": 8,
+        "MAX_BATCH_TOKENS": 300,
+        "NUM_EPOCHS": 1,
+        "MAX_STEPS": 0,
+        "GRADIENT_ACCUMULATION_STEPS": 1,
+        "SAVE_STEPS": 0,
+        "EVAL_STEPS": 0,
+        "VALIDATION_FRACTION": 0.0,
+        "REPORT_TO": "none",
+        "RECORD_SAMPLE_IDS": "true",
+        "MIXED_PRECISION": "no",
+    }
+    env_file = write_env_file(root, Path(settings.INIT_MODEL_PATH), "stream_ddp", values)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(free_port()), str(REPO_ROOT / "finetuning" / "finetune.py")]
+    proc = subprocess.run(
+        [*launch, "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = [
+        [json.loads(line) for line in (root / "stream_ddp" / f"samples_rank{r}.jsonl").read_text().splitlines()]
+        for r in range(2)
+    ]
+    trained = [[rec["ids"] for rec in log if "ids" in rec] for log in logs]
+
+    import dataclasses
+
+    same = dataclasses.replace(settings, SPEAKER_MIXING="proportional", STREAM_SHUFFLE_BUFFER=8, MAX_BATCH_TOKENS=300)
+    shards = [_ids(StreamingBatches(same, tokenizer, config, num_replicas=2, rank=r)) for r in range(2)]
+    whole = _ids(StreamingBatches(same, tokenizer, config))
+    assert len(trained[0]) == len(trained[1]) > 1  # the same number of steps on both processes
+    assert trained == shards  # each process: its own shard's batches, cut to the smaller count
+    seen = [{i for batch in ids for i in batch} for ids in trained]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] <= {i for batch in whole for i in batch}
+    assert logs[0][-1]["final_parameter_sum"] == pytest.approx(logs[1][-1]["final_parameter_sum"], rel=1e-9)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT, free_port, make_settings, subprocess_env, write_env_file
+from conftest import REPO_ROOT, make_settings, subprocess_env
 
 from finetuning.preparation import schema
 
@@ -210,56 +210,3 @@ def test_training_runs_from_the_stream(prepared, tmp_path):
     )
     result = train(settings)
     assert result.optimizer_steps == 2 and (result.export_dir / "model.safetensors").exists()
-
-
-def test_two_processes_stream_their_own_shards_and_stop_together(prepared):
-    """``accelerate launch`` of two CPU processes on the stream: each trains on exactly the batches of its
-    ``split_dataset_by_node`` shard (disjoint samples), both stop at the same batch count (the smaller one's),
-    and both end with the same weights."""
-    from finetuning.training.streaming import StreamingBatches
-
-    settings, tokenizer, config = prepared
-    root = Path(settings.DATASET_DIR).parent
-    values = {
-        "DATA_STREAMING": "true",
-        "SPEAKER_MIXING": "proportional",
-        "STREAM_SHUFFLE_BUFFER": 8,
-        "MAX_BATCH_TOKENS": 300,
-        "NUM_EPOCHS": 1,
-        "MAX_STEPS": 0,
-        "GRADIENT_ACCUMULATION_STEPS": 1,
-        "SAVE_STEPS": 0,
-        "EVAL_STEPS": 0,
-        "VALIDATION_FRACTION": 0.0,
-        "REPORT_TO": "none",
-        "RECORD_SAMPLE_IDS": "true",
-        "MIXED_PRECISION": "no",
-    }
-    env_file = write_env_file(root, Path(settings.INIT_MODEL_PATH), "stream_ddp", values)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--main_process_port", str(free_port()), str(REPO_ROOT / "finetuning" / "finetune.py")]
-    proc = subprocess.run(
-        [*launch, "--env-file", str(env_file)],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    logs = [
-        [json.loads(line) for line in (root / "stream_ddp" / f"samples_rank{r}.jsonl").read_text().splitlines()]
-        for r in range(2)
-    ]
-    trained = [[rec["ids"] for rec in log if "ids" in rec] for log in logs]
-
-    import dataclasses
-
-    same = dataclasses.replace(settings, SPEAKER_MIXING="proportional", STREAM_SHUFFLE_BUFFER=8, MAX_BATCH_TOKENS=300)
-    shards = [_ids(StreamingBatches(same, tokenizer, config, num_replicas=2, rank=r)) for r in range(2)]
-    whole = _ids(StreamingBatches(same, tokenizer, config))
-    assert len(trained[0]) == len(trained[1]) > 1  # the same number of steps on both processes
-    assert trained == shards  # each process: its own shard's batches, cut to the smaller count
-    seen = [{i for batch in ids for i in batch} for ids in trained]
-    assert not seen[0] & seen[1] and seen[0] | seen[1] <= {i for batch in whole for i in batch}
-    assert logs[0][-1]["final_parameter_sum"] == pytest.approx(logs[1][-1]["final_parameter_sum"], rel=1e-9)

@@ -181,3 +181,32 @@ def test_a_new_run_refuses_an_output_dir_holding_another_runs_states(custom_voic
     with pytest.raises(loop.TrainingError, match="holds saved training states of an earlier run.*RESUME_FROM=latest"):
         loop.train(_settings(prepared, "main_process"))
     assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before  # nothing written or removed
+
+
+def test_speaker_embedding_clips_adds_the_first_training_clips_to_the_references(prepared):
+    """SPEAKER_EMBEDDING_CLIPS=N: each speaker's embedding is the mean x-vector over its reference clip(s) and its
+    first N training clips (computed here from the prepared folder and the stock speaker encoder), streamed or not."""
+    import datasets
+    import numpy as np
+    import qwen_tts
+
+    from finetuning.preparation.schema import REFERENCE_SPLIT
+    from finetuning.training.speakers import compute_speaker_embeddings
+
+    root, model_dir = prepared
+    model = qwen_tts.Qwen3TTSModel.from_pretrained(str(model_dir), dtype=torch.float32).model
+    clips = 2
+    settings = _settings(prepared, "embeddings", SPEAKER_EMBEDDING_CLIPS=clips)
+    embeds = compute_speaker_embeddings(model, settings)
+    for index, speaker in enumerate(settings.TRAIN_SPEAKERS):
+        splits = datasets.load_dataset(str(root / "dataset"), name=speaker)
+        audio = [row["audio"]["array"] for row in splits[REFERENCE_SPLIT]]
+        audio += [splits["train"][i]["audio"]["array"] for i in range(clips)]
+        vectors = [model.extract_speaker_embedding(np.asarray(a, dtype=np.float32), 24000) for a in audio]
+        torch.testing.assert_close(embeds[index], torch.stack(vectors).float().mean(dim=0), rtol=1e-5, atol=1e-6)
+    streamed = compute_speaker_embeddings(
+        model, _settings(prepared, "embeddings", SPEAKER_EMBEDDING_CLIPS=clips, DATA_STREAMING=True)
+    )
+    torch.testing.assert_close(streamed, embeds, rtol=1e-5, atol=1e-6)
+    references_only = compute_speaker_embeddings(model, _settings(prepared, "embeddings", SPEAKER_EMBEDDING_CLIPS=0))
+    assert not torch.allclose(references_only, embeds)

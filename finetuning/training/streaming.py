@@ -5,11 +5,11 @@ Each speaker's train split is read as a 🤗 ``IterableDataset`` of parquet shar
 The speakers are combined (``balanced``: each speaker contributes the samples the map-style sampler gives it,
 ``sampler.speaker_samples`` under SPEAKER_MIXING_ALPHA and SPEAKER_MAX_REPEAT, smaller speakers cycling through
 their rows, in a random interleaving seeded by (seed, epoch); ``proportional``: concatenated), shared between
-processes with ``split_dataset_by_node``, and
-shuffled through a bounded buffer of STREAM_SHUFFLE_BUFFER examples, reseeded every epoch. Examples then go
-through a bucketing buffer (at most one open batch per duration bucket) that closes a batch when one more
-example would take ``batch size × longest length`` over MAX_BATCH_TOKENS, exactly as the map-style sampler
-does; bucket edges are length quantiles from a metadata pass (text and ``num_frames`` only).
+processes with ``split_dataset_by_node``, and shuffled through a bounded buffer of STREAM_SHUFFLE_BUFFER
+examples, reseeded every epoch. Examples then go through a bucketing buffer (at most one open batch per duration
+bucket) that closes a batch when one more example would take ``batch size × longest length`` over
+MAX_BATCH_TOKENS, exactly as the map-style sampler does; bucket edges are length quantiles from a metadata pass
+(text and ``num_frames`` only).
 
 The same metadata pass gives the epoch's batch count of every process; all processes stop at the smallest, so
 they take the same number of steps. The position (epoch, batches trained on, seed) is saved with every training

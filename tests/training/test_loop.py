@@ -85,6 +85,9 @@ def _assert_same_run(main, workers):
 
 
 def test_default_workers_train_exactly_like_the_main_process(custom_voice_runs):
+    from finetuning.settings import load_settings
+
+    assert load_settings(None, environ={}).DATALOADER_WORKERS == WORKERS
     _assert_same_run(*custom_voice_runs)
 
 

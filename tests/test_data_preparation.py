@@ -58,3 +58,17 @@ def test_command_errors_are_short_and_actionable(tmp_path):
     no_reference = run_cli(tmp_path, "--speaker", "ghost")
     assert no_reference.returncode == 1 and "speaker ghost" in no_reference.stderr
     assert "Traceback" not in no_reference.stderr
+
+
+def test_preparation_under_a_multi_process_launcher_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    """``accelerate launch`` (torch elastic) sets WORLD_SIZE in each process it starts: every process would write
+    the same speaker folders, so the command refuses in one line and writes nothing."""
+    from finetuning import data_preparation
+
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"DATASET_DIR={tmp_path / 'dataset'}\nVOICES_DIR={VOICES_DIR}\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert data_preparation.main(["--env-file", str(env_file)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["error: run data preparation as one command and use --num_workers N for parallel work"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env"]

@@ -16,10 +16,17 @@ def _run(args, cwd, timeout=600):
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_pipeline(tmp_path):
+def test_demo_runs_the_whole_pipeline_from_recordings(tmp_path):
+    """``demo.py --recordings``: long sessions with subtitles and an interviewer are cut into clips (the
+    interviewer's sentence rejected by the speaker filter), then trained, exported and spoken as the clip demo."""
     out = tmp_path / "demo"
-    proc = _run([str(REPO_ROOT / "finetuning" / "demo.py"), "--output_dir", str(out), "--max_steps", "20"], tmp_path)
+    demo = [str(REPO_ROOT / "finetuning" / "demo.py"), "--output_dir", str(out), "--max_steps", "20", "--recordings"]
+    proc = _run(demo, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cutting the sessions" in proc.stdout
+    summary = json.loads((out / "dataset" / "preparation_summary.json").read_text())
+    for speaker in ("english_speaker", "swahili_speaker"):
+        assert summary[speaker]["rejected"] == {"other_speaker": 1}, summary[speaker]
     checkpoint = out / "run" / "model"
     info = json.loads((checkpoint / "finetune_info.json").read_text())
     assert sorted(info["speakers"]) == ["english_speaker", "swahili_speaker"]

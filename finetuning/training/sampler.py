@@ -36,6 +36,19 @@ def bucket_edges(lengths: Sequence[int], num_buckets: int) -> np.ndarray:
     return np.unique(np.quantile(np.asarray(lengths), quantiles)) if len(quantiles) else np.array([])
 
 
+def speaker_samples(counts: dict[int, int], mixing: str, alpha: float, max_repeat: float) -> dict[int, int]:
+    """Samples each speaker contributes to one epoch, from its example count ``counts[s]`` (the module docstring's
+    mixing rule: proportional = n_s; balanced = n_max · (n_s / n_max)^α, at most ``max_repeat`` × n_s when > 0).
+    Map-style and streaming data share it."""
+    if mixing == "proportional":
+        return dict(counts)
+    largest = max(counts.values())
+    shares = {s: round(largest * (n / largest) ** alpha) for s, n in counts.items()}
+    if max_repeat > 0:
+        shares = {s: min(m, int(max_repeat * counts[s])) for s, m in shares.items()}
+    return shares  # each >= n_s: (n_s / n_max)^α >= n_s / n_max for 0 <= α <= 1, and max_repeat >= 1
+
+
 class DataPosition:
     """Where training is in the data, saved with every training state: the epoch, this process's batches of it
     already trained on, and the seed that planned it. The loop calls ``batch_done()`` after each batch it trained
@@ -118,13 +131,7 @@ class DurationBatchSampler(DataPosition):
     def samples_per_speaker(self) -> dict[int, int]:
         """Samples each speaker contributes to one epoch (see the module docstring's mixing rule)."""
         counts = {int(s): int(n) for s, n in zip(*np.unique(self.speakers, return_counts=True), strict=True)}
-        if self.mixing == "proportional":
-            return counts
-        largest = max(counts.values())
-        shares = {s: round(largest * (n / largest) ** self.mixing_alpha) for s, n in counts.items()}
-        if self.max_repeat > 0:
-            shares = {s: min(m, int(self.max_repeat * counts[s])) for s, m in shares.items()}
-        return shares  # each >= n_s: (n_s / n_max)^α >= n_s / n_max for 0 <= α <= 1, and max_repeat >= 1
+        return speaker_samples(counts, self.mixing, self.mixing_alpha, self.max_repeat)
 
     def _epoch_order(self, rng: random.Random) -> list[int]:
         if self.mixing == "proportional":

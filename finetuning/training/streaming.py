@@ -2,12 +2,14 @@
 
 Each speaker's train split is read as a 🤗 ``IterableDataset`` of parquet shards with column projection at load
 (``columns=``: the audio column is never read, locally or from the Hub), in row batches of STREAM_READ_ROWS.
-The speakers are combined (``balanced``: interleaved until every speaker is exhausted, smaller speakers
-repeating; ``proportional``: concatenated), shared between processes with ``split_dataset_by_node``, and
-shuffled through a bounded buffer of STREAM_SHUFFLE_BUFFER examples, reseeded every epoch. Examples then go
-through a bucketing buffer (at most one open batch per duration bucket) that closes a batch when one more
-example would take ``batch size × longest length`` over MAX_BATCH_TOKENS, exactly as the map-style sampler
-does; bucket edges are length quantiles from a metadata pass (text and ``num_frames`` only).
+The speakers are combined (``balanced``: each speaker contributes the samples the map-style sampler gives it,
+``sampler.speaker_samples`` under SPEAKER_MIXING_ALPHA and SPEAKER_MAX_REPEAT, smaller speakers cycling through
+their rows, in a random interleaving seeded by (seed, epoch); ``proportional``: concatenated), shared between
+processes with ``split_dataset_by_node``, and shuffled through a bounded buffer of STREAM_SHUFFLE_BUFFER
+examples, reseeded every epoch. Examples then go through a bucketing buffer (at most one open batch per duration
+bucket) that closes a batch when one more example would take ``batch size × longest length`` over
+MAX_BATCH_TOKENS, exactly as the map-style sampler does; bucket edges are length quantiles from a metadata pass
+(text and ``num_frames`` only).
 
 The same metadata pass gives the epoch's batch count of every process; all processes stop at the smallest, so
 they take the same number of steps. The position (epoch, batches trained on, seed) is saved with every training
@@ -25,14 +27,32 @@ import numpy as np
 
 from finetuning.settings import Settings
 from finetuning.training.conditioning import Conditioning, stream_key
-from finetuning.training.data import TRAIN_COLUMNS, Example, collate, example_from_row, load_split
-from finetuning.training.sampler import DataPosition, bucket_edges
+from finetuning.training.data import TRAIN_COLUMNS, DataError, Example, collate, example_from_row, load_split
+from finetuning.training.sampler import DataPosition, bucket_edges, speaker_samples
 from finetuning.training.step import AUTO_LANGUAGE, sequence_length
 
 logger = logging.getLogger(__name__)
 
 STREAM_READ_ROWS = 64  # parquet rows decoded at a time per stream
 LENGTH_COLUMNS = ["id", "text", "language", "num_frames"]  # what the metadata pass reads
+
+
+def mix_speakers(streams: tuple, quotas: tuple[int, ...], seed: tuple[int, int]) -> Iterator[dict]:
+    """Rows of ``streams`` (one per speaker, each re-read from its start when exhausted), ``quotas[s]`` of speaker
+    s in all, each row tagged with its ``speaker_index``: the next row's speaker is drawn with probability
+    ∝ its remaining quota (``numpy`` generator seeded by ``seed`` = (SEED, epoch)), so the speakers are spread
+    evenly through the epoch."""
+    rng = np.random.default_rng(list(seed))
+    remaining = np.asarray(quotas, dtype=np.int64)
+    readers = [iter(stream) for stream in streams]
+    while remaining.sum() > 0:
+        speaker = int(rng.choice(len(remaining), p=remaining / remaining.sum()))
+        row = next(readers[speaker], None)
+        if row is None:  # this speaker's rows are used up: it cycles (its quota exceeds its row count)
+            readers[speaker] = iter(streams[speaker])
+            row = next(readers[speaker])
+        remaining[speaker] -= 1
+        yield row | {"speaker_index": speaker}
 
 
 def bucket_batches(
@@ -77,6 +97,15 @@ class StreamingBatches(DataPosition):
         self.epoch = 0
         self.batches_done = 0
         self.skipped = 0
+        rows = dict(enumerate(self.examples_per_speaker()))
+        for index, count in rows.items():
+            if not count:
+                raise DataError(
+                    f"speaker {settings.TRAIN_SPEAKERS[index]} has no training rows; re-run data preparation or "
+                    "remove the speaker from TRAIN_SPEAKERS"
+                )
+        mixing = (settings.SPEAKER_MIXING, settings.SPEAKER_MIXING_ALPHA, settings.SPEAKER_MAX_REPEAT)
+        self.quotas = tuple(speaker_samples(rows, *mixing).values())  # each speaker's samples per epoch
         lengths = [length for _, length in self._lengths(0, rank)]
         if not lengths:
             raise ValueError("the training stream is empty; re-run data preparation")
@@ -95,14 +124,17 @@ class StreamingBatches(DataPosition):
         import datasets
         from datasets.distributed import split_dataset_by_node
 
-        streams = []
-        for index, speaker in enumerate(self.settings.TRAIN_SPEAKERS):
-            stream = load_split(self.settings, speaker, "train", columns, streaming=True, read_rows=STREAM_READ_ROWS)
-            streams.append(stream.map(lambda row, i=index: {"speaker_index": i}))
+        streams = [
+            load_split(self.settings, speaker, "train", columns, streaming=True, read_rows=STREAM_READ_ROWS)
+            for speaker in self.settings.TRAIN_SPEAKERS
+        ]
         if self.settings.SPEAKER_MIXING == "balanced" and len(streams) > 1:
-            combined = datasets.interleave_datasets(streams, seed=self.seed, stopping_strategy="all_exhausted")
+            # tuples, not lists: from_generator would split lists into shards
+            mixing = {"streams": tuple(streams), "quotas": self.quotas, "seed": (self.seed, epoch)}
+            combined = datasets.IterableDataset.from_generator(mix_speakers, gen_kwargs=mixing)
         else:
-            combined = datasets.concatenate_datasets(streams)
+            tagged = [stream.map(lambda row, i=i: {"speaker_index": i}) for i, stream in enumerate(streams)]
+            combined = datasets.concatenate_datasets(tagged)
         shard = split_dataset_by_node(combined, rank=rank, world_size=self.num_replicas)
         shuffled = shard.shuffle(seed=self.seed, buffer_size=self.settings.STREAM_SHUFFLE_BUFFER)
         shuffled.set_epoch(epoch)

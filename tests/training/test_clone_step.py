@@ -16,7 +16,6 @@ from finetuning.training.step import (
     IGNORE_INDEX,
     assistant_text,
     build_talker_inputs,
-    frame_embeddings,
     language_id_for,
 )
 
@@ -97,7 +96,10 @@ def test_built_clone_sequence_equals_generate_voice_clone(wrappers, tiny_layout,
             ref_text_ids=ref_text_ids,
             ref_codes=ref_codes,
         )
-        frames = frame_embeddings(model.talker, codes)
+        # what generate feeds back per frame, from the tables: codebook 0's talker row + codebook k's predictor row
+        frames = model.talker.get_input_embeddings().weight[codes[:, 0]].clone()
+        for k, table in enumerate(model.talker.code_predictor.get_input_embeddings(), start=1):
+            frames += table.weight[codes[:, k]]
 
     embeds, prefill_len = inputs.inputs_embeds[0], int(inputs.frame_position[0]) + 1
     prefill = captured["prefill"][0]

@@ -145,12 +145,36 @@ def test_bad_resume_path_is_a_clear_error(prepared):
     assert proc.returncode == 1 and "RESUME_FROM" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _stream_shards(root, model_dir, epochs: int, **values) -> list[list[list[str]]]:
+    """Per epoch, the id batches of the whole stream of ``values``'s settings, shard of rank 0 then rank 1 (as
+    ``StreamingBatches`` plans them in one process), each cut to the count both processes take."""
+    from conftest import make_settings
+    from transformers import AutoTokenizer
+
+    from finetuning.training.streaming import StreamingBatches
+
+    settings = make_settings(root, model_dir, **values)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    talker_config = type("TalkerConfig", (), json.loads((model_dir / "config.json").read_text())["talker_config"])
+    shards = [StreamingBatches(settings, tokenizer, talker_config, num_replicas=2, rank=r) for r in range(2)]
+    planned = []
+    for epoch in range(epochs):
+        for shard in shards:
+            shard.set_epoch(epoch)
+        assert len(shards[0]) == len(shards[1]) > 0  # every process takes the same number of batches
+        planned.append([[batch["id"] for batch in shard] for shard in shards])
+    return planned
+
+
 @pytest.mark.slow
 def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
+    """Two processes on the data stream (DATA_STREAMING; map-style sharding runs in the engine tests): each trains
+    on its own ``split_dataset_by_node`` shard, both stop every epoch at the same batch count."""
     root, model_dir = prepared
+    streaming = {"DATA_STREAMING": "true", "SPEAKER_MIXING": "proportional", "STREAM_SHUFFLE_BUFFER": 4}
     # bf16: the mixed-precision path (autocast on the CPU) runs too, not only fp32
     env_file = _env_file(
-        root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=6, MIXED_PRECISION="bf16"
+        root, model_dir, "ddp", RECORD_SAMPLE_IDS="true", MAX_STEPS=6, SAVE_STEPS=6, MIXED_PRECISION="bf16", **streaming
     )
     command = [
         sys.executable,
@@ -172,8 +196,14 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
         [json.loads(line) for line in (root / "ddp" / f"samples_rank{r}.jsonl").read_text().splitlines()]
         for r in range(2)
     ]
-    for epoch in {rec["epoch"] for rec in logs[0] if "epoch" in rec}:
-        seen = [{i for rec in log if rec.get("epoch") == epoch for i in rec["ids"]} for log in logs]
+    epochs = [[rec["epoch"] for rec in log if "epoch" in rec] for log in logs]
+    assert len(epochs[0]) == len(epochs[1]) == 6 * 2 and epochs[0] == epochs[1]  # a batch record per micro-batch
+    planned = _stream_shards(root, model_dir, max(epochs[0]) + 1, MAX_BATCH_TOKENS=160, **streaming)
+    for epoch in set(epochs[0]):
+        trained = [[rec["ids"] for rec in log if rec.get("epoch") == epoch] for log in logs]
+        complete = epoch < max(epochs[0])  # the last epoch stops at MAX_STEPS
+        assert trained == planned[epoch] if complete else trained == [p[: len(trained[0])] for p in planned[epoch]]
+        seen = [{i for ids in batches for i in ids} for batches in trained]
         assert seen[0] and seen[1] and not seen[0] & seen[1]
     sums = [log[-1]["final_parameter_sum"] for log in logs]
     assert sums[0] == pytest.approx(sums[1], rel=1e-9)

@@ -42,11 +42,16 @@ def _batch(tokenizer, lengths=(6, 3)):
 
 
 def _reference_fused(weight, hidden, targets, bias):
-    """What a fused linear + cross-entropy computes (liger-kernel's, without its memory saving)."""
+    """What a fused linear + cross-entropy computes, in the argument order of liger-kernel's
+    ``LigerFusedLinearCrossEntropyLoss.forward(lin_weight, _input, target, bias)``, without its memory saving."""
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=IGNORE_INDEX)
 
 
-def test_fused_cross_entropy_path_gives_the_same_losses_and_gradients_without_logits(tiny):
+def test_fused_loss_hook_gets_each_heads_weights_hidden_states_and_targets_and_skips_logits(tiny):
+    """The wiring of FUSED_CROSS_ENTROPY on the CPU: ``talker_forward`` hands the fused loss each codec head's
+    weight, the hidden states of exactly the scored positions and their targets, so the test's reference loss
+    (a plain linear + cross-entropy, standing in for liger-kernel's CUDA kernel, which cannot run here) gives the
+    plain path's losses and gradients, and no logits are built. liger-kernel's own numerics are its tests'."""
     model, tokenizer = tiny
     batch = _batch(tokenizer)
     speakers = torch.randn(2, model.config.talker_config.hidden_size, generator=torch.Generator().manual_seed(6))

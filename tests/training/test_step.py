@@ -62,6 +62,18 @@ def _capture_prefill(model, text_ids, language, non_streaming):
     return captured
 
 
+def _frames_from_tables(talker, codes: torch.Tensor) -> torch.Tensor:
+    """(T, 16) codes -> (T, D) what generate feeds back for each finished frame, read straight from the embedding
+    tables: the talker's codec row of codebook 0 plus the code predictor's table k-1 row of codebook k (k = 1..15)."""
+    talker_table = talker.get_input_embeddings().weight  # (V, D)
+    predictor_tables = [table.weight for table in talker.code_predictor.get_input_embeddings()]  # 15 x (2048, D)
+    assert len(predictor_tables) == 15
+    frames = talker_table[codes[:, 0]].clone()
+    for k, table in enumerate(predictor_tables, start=1):
+        frames += table[codes[:, k]]
+    return frames
+
+
 @pytest.mark.parametrize("tiny_layout", ["equal", "wide_text"])
 @pytest.mark.parametrize("layout", ["non_streaming", "streaming"])
 @pytest.mark.parametrize("language", ["english", "auto"])
@@ -75,7 +87,7 @@ def test_built_sequence_equals_generate_prefill_and_feedback(loaded, tiny_layout
         speaker_embed = model.talker.get_input_embeddings().weight[SPEAKER_ROW]
         lang_id = language_id_for(model.config.talker_config, language)
         embeds, prefill_len = build_sequence(model, text_ids, codes, speaker_embed, lang_id, layout)
-        frames = frame_embeddings(model.talker, codes)
+        frames = _frames_from_tables(model.talker, codes)
 
     prefill = captured["prefill"][0]
     assert prefill_len == prefill.shape[0]
@@ -317,13 +329,16 @@ def test_unknown_layout_is_rejected(loaded):
 
 def test_frame_embedding_sums_all_codebooks(loaded):
     model, _ = loaded["equal"]
-    codes = torch.zeros(1, 16, dtype=torch.long)
+    codes = torch.randint(0, 2048, (6, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        base = frame_embeddings(model.talker, codes)
-        codes[0, 9] = 5
-        changed = frame_embeddings(model.talker, codes)
-    assert not torch.allclose(base, changed)
-    assert np.isfinite(changed.numpy()).all()
+        summed = frame_embeddings(model.talker, codes)
+        expected = _frames_from_tables(model.talker, codes)
+        torch.testing.assert_close(summed, expected, rtol=0, atol=1e-6)
+        codes[0, 9] = (codes[0, 9] + 1) % 2048  # codebook 10 alone changes by its table's row difference
+        table = model.talker.code_predictor.get_input_embeddings()[8].weight
+        moved = frame_embeddings(model.talker, codes)[0] - summed[0]
+        torch.testing.assert_close(moved, table[codes[0, 9]] - table[codes[0, 9] - 1], rtol=0, atol=1e-6)
+    assert np.isfinite(summed.numpy()).all()
 
 
 def test_speaker_rows_must_fit_the_vocabulary():

@@ -22,6 +22,7 @@ MIN_MAP_GROWTH_MB = 10.0
 # Streaming holds a 64-example shuffle buffer (20 s utterances as Python lists, about 8 MB) plus one open batch
 # per bucket; the allocator adds up to about 10 MB of noise between runs (measured), whatever the corpus size.
 STREAM_BOUND_MB = 20.0
+SMALL_SPEAKER_ROWS = 4
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +68,55 @@ def test_stream_holds_the_map_style_samples_deterministically(prepared):
     assert batch["codes"][0].dtype.is_floating_point is False and batch["codes"][0].element_size() == 8  # widened
 
 
-def test_balanced_stream_shows_every_speaker_equally_often(prepared):
+@pytest.fixture(scope="module")
+def unequal(prepared, tmp_path_factory):
+    """(settings, tokenizer, talker_config) of the bundled corpus with the second speaker cut to SMALL_SPEAKER_ROWS
+    training rows: 14 beside 4, so concatenation, equal interleaving and temperature mixing all differ."""
+    import dataclasses
+    import shutil
+
     settings, tokenizer, config = prepared
-    stream = _stream(settings, tokenizer, config, SPEAKER_MIXING="balanced")
-    speakers = Counter(s for batch in stream for s in batch["speaker"].tolist())
-    assert speakers[0] == speakers[1] > 0
+    target = tmp_path_factory.mktemp("unequal") / "dataset"
+    shutil.copytree(settings.DATASET_DIR, target)
+    small = target / settings.TRAIN_SPEAKERS[1]
+    shards = sorted(small.glob("train-*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in shards]).slice(0, SMALL_SPEAKER_ROWS)
+    for shard in shards[1:]:
+        shard.unlink()
+    pq.write_table(table, shards[0])
+    return dataclasses.replace(settings, DATASET_DIR=str(target)), tokenizer, config
+
+
+@pytest.mark.parametrize(("alpha", "max_repeat"), [(0.0, 0.0), (0.5, 0.0), (0.0, 1.5), (0.5, 8.0)])
+def test_balanced_stream_mixes_unequal_speakers_as_map_style_does(unequal, alpha, max_repeat):
+    from finetuning.training.data import load_examples
+    from finetuning.training.sampler import DurationBatchSampler
+
+    settings, tokenizer, config = unequal
+    mixing = {"SPEAKER_MIXING": "balanced", "SPEAKER_MIXING_ALPHA": alpha, "SPEAKER_MAX_REPEAT": max_repeat}
+    stream = _stream(settings, tokenizer, config, **mixing)
+    batches = list(stream)
+    seen = Counter(i for batch in batches for i in batch["id"])
+    speakers = Counter(s for batch in batches for s in batch["speaker"].tolist())
+    examples, _ = load_examples(settings, tokenizer, "train", streaming=False)
+    by_speaker = [[e.id for e in examples if e.speaker == s] for s in (0, 1)]
+    assert len(by_speaker[0]) == 14 and len(by_speaker[1]) == SMALL_SPEAKER_ROWS
+    expected = {0: 14, 1: {(0.0, 0.0): 14, (0.5, 0.0): 7, (0.0, 1.5): 6, (0.5, 8.0): 7}[(alpha, max_repeat)]}
+    map_style = DurationBatchSampler(
+        [1] * len(examples),
+        [e.speaker for e in examples],
+        batch_size=2,
+        mixing="balanced",
+        mixing_alpha=alpha,
+        max_repeat=max_repeat,
+    )
+    assert speakers == expected == map_style.samples_per_speaker()
+    assert all(seen[i] == 1 for i in by_speaker[0])  # the largest speaker: every row once
+    small = [seen[i] for i in by_speaker[1]]
+    assert max(small) - min(small) <= 1 and min(small) >= 1  # the small one cycles through its rows evenly
+    # spread through the epoch, not one speaker after the other: the small speaker shows up in both halves
+    halves = [batches[: len(batches) // 2], batches[len(batches) // 2 :]]
+    assert all(any(1 in batch["speaker"].tolist() for batch in half) for half in halves)
 
 
 def test_resumed_stream_continues_exactly(prepared):

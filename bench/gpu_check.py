@@ -194,8 +194,19 @@ def train_case(name: str, config: dict, device: torch.device, args, workdir: Pat
         "estimate_gib": round(estimate / GIB, 2),
         "estimate_error_pct": round(100 * (estimate - measured) / measured, 1) if measured else None,
     }
-    accelerator.free_memory()
+    release(accelerator)
     return row
+
+
+def release(accelerator) -> None:
+    """End a case's accelerator and forget its state: the next case (or a caller in the same process, such as the
+    test suite) creates its own with other settings (mixed precision), which accelerate refuses while one lives."""
+    from accelerate.state import AcceleratorState
+
+    from finetuning.training import engines
+
+    engines.finish(accelerator)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def pipeline(device: torch.device, workdir: Path, steps: int) -> dict:
@@ -231,6 +242,9 @@ def pipeline(device: torch.device, workdir: Path, steps: int) -> dict:
     )
     prepare_dataset(settings, max_samples=4, report=lambda _: None)
     result = train(settings)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # as ``release``: later runs bring other settings
     wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
         str(result.export_dir), dtype=torch.float32, device_map=str(device)
     )

@@ -187,10 +187,30 @@ def shift_labels_once_more(inputs):
 _MARGINS: dict[str, dict[str, float]] = {}
 
 
-@pytest.fixture(scope="session")
-def margin_log() -> dict[str, dict[str, float]]:
+class MarginLog(dict):
+    """Smallest teacher-forced margins per overfit case; each entry also rides on the test's report, so the run's
+    summary has them when the tests run in worker processes (pytest-xdist)."""
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def __setitem__(self, case, margins):
+        super().__setitem__(case, margins)
+        _MARGINS[case] = margins
+        self.node.user_properties.append(("margins", {case: margins}))
+
+
+@pytest.fixture
+def margin_log(request) -> MarginLog:
     """Smallest teacher-forced margins per overfit case, printed at the end of the run (CPU kernels differ)."""
-    return _MARGINS
+    return MarginLog(request.node)
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "margins":
+            _MARGINS.update(value)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -94,6 +94,7 @@ def test_shipped_accelerate_configs_parse():
         kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
     assert kinds == {
         "deepspeed_zero2": "DistributedType.DEEPSPEED",
+        "deepspeed_zero2_offload": "DistributedType.DEEPSPEED",
         "deepspeed_zero3": "DistributedType.DEEPSPEED",
         "fsdp": "DistributedType.FSDP",
         "multi_gpu_ddp": "DistributedType.MULTI_GPU",

@@ -187,8 +187,9 @@ def test_a_new_run_refuses_an_output_dir_holding_another_runs_states(custom_voic
 
 
 def test_speaker_embedding_clips_adds_the_first_training_clips_to_the_references(prepared):
-    """SPEAKER_EMBEDDING_CLIPS=N: each speaker's embedding is the mean x-vector over its reference clip(s) and its
-    first N training clips (computed here from the prepared folder and the stock speaker encoder), streamed or not."""
+    """SPEAKER_EMBEDDING_CLIPS=N: each speaker's embedding is the norm-matched mean x-vector (the mean's direction at
+    the clips' mean norm) over its reference clip(s) and its first N training clips (computed here from the prepared
+    folder and the stock speaker encoder), streamed or not."""
     import datasets
     import numpy as np
     import qwen_tts
@@ -205,8 +206,10 @@ def test_speaker_embedding_clips_adds_the_first_training_clips_to_the_references
         splits = datasets.load_dataset(str(root / "dataset"), name=speaker)
         audio = [row["audio"]["array"] for row in splits[REFERENCE_SPLIT]]
         audio += [splits["train"][i]["audio"]["array"] for i in range(clips)]
-        vectors = [model.extract_speaker_embedding(np.asarray(a, dtype=np.float32), 24000) for a in audio]
-        torch.testing.assert_close(embeds[index], torch.stack(vectors).float().mean(dim=0), rtol=1e-5, atol=1e-6)
+        vectors = torch.stack([model.extract_speaker_embedding(np.asarray(a, dtype=np.float32), 24000) for a in audio])
+        mean = vectors.float().mean(dim=0)
+        expected = mean / mean.norm() * vectors.float().norm(dim=-1).mean()
+        torch.testing.assert_close(embeds[index], expected, rtol=1e-5, atol=1e-6)
     streamed = compute_speaker_embeddings(
         model, _settings(prepared, "embeddings", SPEAKER_EMBEDDING_CLIPS=clips, DATA_STREAMING=True)
     )

@@ -141,6 +141,7 @@ def train_case(name: str, config: dict, device: torch.device, args, workdir: Pat
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         left_over = torch.cuda.memory_allocated(device)  # anything an earlier case left is not this case's
+    forget_accelerator_state()
     accelerator = engines.make_accelerator(settings, [])
     qwen_config = qwen3_tts_config(config)
     _set_attention(qwen_config, settings.ATTN_IMPLEMENTATION)
@@ -199,13 +200,18 @@ def train_case(name: str, config: dict, device: torch.device, args, workdir: Pat
 
 
 def release(accelerator) -> None:
-    """End a case's accelerator and forget its state: the next case (or a caller in the same process, such as the
-    test suite) creates its own with other settings (mixed precision), which accelerate refuses while one lives."""
-    from accelerate.state import AcceleratorState
-
+    """End a case's accelerator and forget its state (``forget_accelerator_state``)."""
     from finetuning.training import engines
 
     engines.finish(accelerator)
+    forget_accelerator_state()
+
+
+def forget_accelerator_state() -> None:
+    """Each case (and a caller in the same process, such as the test suite) creates its accelerator with its own
+    settings (mixed precision), which accelerate refuses while an earlier one's state lives in the process."""
+    from accelerate.state import AcceleratorState
+
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -241,10 +247,9 @@ def pipeline(device: torch.device, workdir: Path, steps: int) -> dict:
         },
     )
     prepare_dataset(settings, max_samples=4, report=lambda _: None)
+    forget_accelerator_state()
     result = train(settings)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # as ``release``: later runs bring other settings
+    forget_accelerator_state()
     wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
         str(result.export_dir), dtype=torch.float32, device_map=str(device)
     )

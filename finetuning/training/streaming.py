@@ -106,7 +106,9 @@ class StreamingBatches(DataPosition):
                 )
         mixing = (settings.SPEAKER_MIXING, settings.SPEAKER_MIXING_ALPHA, settings.SPEAKER_MAX_REPEAT)
         self.quotas = tuple(speaker_samples(rows, *mixing).values())  # each speaker's samples per epoch
-        lengths = [length for _, length in self._lengths(0, rank)]
+        # The bucket edges of the whole stream (every process's share), so that every process buckets alike and
+        # computes the same batch counts for all of them.
+        lengths = [length for r in range(num_replicas) for _, length in self._lengths(0, r)]
         if not lengths:
             raise ValueError("the training stream is empty; re-run data preparation")
         self.edges = bucket_edges(lengths, settings.NUM_BUCKETS)

@@ -192,7 +192,9 @@ def test_perplexity_is_exp_of_the_steps_cross_entropy(comparison, trained):
     settings, export = trained
     row = load_split(settings, "english_speaker", "validation")[0]
     reference = np.asarray(load_split(settings, "english_speaker", "reference")[0]["audio"]["array"], "float32")
-    layout = read_info(export)["training_layout"]
+    from finetuning.evaluation.speech import speaking_layout
+
+    layout = speaking_layout(read_info(export)["training_layout"], "custom_voice")  # what evaluation speaks in
     for role, path in (("candidate", export), ("baseline", settings.INIT_MODEL_PATH)):
         model = qwen_tts.Qwen3TTSModel.from_pretrained(str(path))
         inner = model.model

@@ -214,3 +214,31 @@ def test_a_corrupt_resume_state_is_named_with_the_previous_one(saved_run, tiny_m
     env = model_env(root, tiny_model_dir, **values, RESUME_FROM="latest")
     proc = run([str(COMMANDS / "finetune.py"), "--env-file", str(env)], root)
     assert_one_line_error(proc, 1, "step-00000002", "truncated or corrupt", f"RESUME_FROM={states / 'step-00000001'}")
+
+
+def test_an_export_dir_that_would_delete_inputs_is_refused_before_training(tmp_path, tiny_model_dir):
+    """EXPORT_DIR = OUTPUT_DIR, a parent of OUTPUT_DIR holding an unrelated file, the Base model folder or a folder
+    inside the dataset: each stops with one line naming the conflict, and nothing is written or removed."""
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")  # a copy: a broken guard must not touch the fixture
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "notes.txt").write_text("mine")
+    run_dir, dataset = tmp_path / "outputs" / "run", tmp_path / "dataset"
+    finetune = str(COMMANDS / "finetune.py")
+    cases = {  # name: (EXPORT_DIR, what the error line must name)
+        "output_dir": (run_dir, ["is OUTPUT_DIR="]),
+        "parent_of_output_dir": (tmp_path / "outputs", ["contains OUTPUT_DIR="]),
+        "base_model": (base, ["is INIT_MODEL_PATH="]),
+        "inside_dataset": (dataset / "model", ["is inside DATASET_DIR="]),
+    }
+    envs = {
+        name: model_env(tmp_path, base, OUTPUT_DIR=run_dir, DATASET_DIR=dataset, EXPORT_DIR=export)
+        for name, (export, _) in cases.items()
+    }
+    with ThreadPoolExecutor(PARALLEL_COMMANDS) as pool:
+        outcomes = pool.map(lambda env: run([finetune, "--env-file", str(env)], tmp_path), envs.values())
+        procs = dict(zip(cases, outcomes, strict=True))
+    for name, (export, names) in cases.items():
+        print(f"{name}: {assert_one_line_error(procs[name], 1, f'EXPORT_DIR={export}', *names, 'EXPORT_DIR to a new')}")
+    assert not run_dir.exists() and not dataset.exists()  # refused before anything was written
+    assert (tmp_path / "outputs" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in base.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())

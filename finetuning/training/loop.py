@@ -38,6 +38,7 @@ from finetuning.training.data import (
     speaker_languages,
 )
 from finetuning.training.export import RunExports, speaker_rows
+from finetuning.training.guards import check_export_dir
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import make_optimizer, make_scheduler, optimizer_step
@@ -228,9 +229,10 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     if settings.CPU_HEAP_CACHE and accelerator.device.type == "cpu" and keep_freed_memory():
         logger.info("CPU_HEAP_CACHE: freed tensor memory stays in the heap")
     set_seed(settings.SEED)
-    resume_path = prepare_output_dir(settings, accelerator)
     token = settings.HF_TOKEN or None
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
+    check_export_dir(settings, model_dir)  # before anything is written
+    resume_path = prepare_output_dir(settings, accelerator)
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
     train_loader, sampler, languages, val_examples, speaker_embeds = make_train_data(

@@ -94,3 +94,12 @@ def restore_previous(final: str | os.PathLike) -> None:
     if previous.exists() and not final.exists():
         previous.rename(final)
         fsync_dir(final.parent)
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The JSON in ``path``, or None when the file is missing or not valid JSON (cut short by a crash, or
+    damaged); the caller says what that means for its file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        return None

@@ -7,12 +7,12 @@ order ``.env.training.example`` lists them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetuning import atomic
 from finetuning.settings_rules import BOUNDS, check_device, check_repo_id, check_speakers, check_trackers
 
 BUNDLED_SPEAKERS = ("english_speaker", "swahili_speaker")
@@ -318,5 +318,5 @@ class Settings:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the public (secret-free) settings as JSON."""
-        Path(path).write_text(json.dumps(self.public_dict(), indent=2, sort_keys=True))
+        """Write the public (secret-free) settings as JSON (atomically: a reader never sees half a file)."""
+        atomic.write_json(path, self.public_dict(), indent=2, sort_keys=True)

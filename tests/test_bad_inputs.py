@@ -242,3 +242,30 @@ def test_an_export_dir_that_would_delete_inputs_is_refused_before_training(tmp_p
     assert not run_dir.exists() and not dataset.exists()  # refused before anything was written
     assert (tmp_path / "outputs" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in base.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
+
+
+def test_files_cut_short_by_a_crash_are_named_or_skipped_never_a_json_error(saved_run, tiny_model_dir, tmp_path):
+    """Copies of a saved run: the newest state's marker and identity file cut short, the last metrics line torn.
+    RESUME_FROM=latest skips the state whose marker is torn and finishes; RESUME_FROM naming the state with the
+    torn identity file stops with one line naming the file and the older state."""
+    root, values = saved_run
+    envs = {}
+    for name in ("named", "latest"):
+        run_dir = shutil.copytree(root / "run", tmp_path / name, ignore=shutil.ignore_patterns("model"))
+        newest = run_dir / "states" / "step-00000002"
+        (newest / "run_identity.json").write_text('{"SEED": 4')
+        (newest / "progress.done").write_text("")
+        metrics = run_dir / "metrics.jsonl"
+        metrics.write_text(metrics.read_text() + '{"step": 2, "train/lo')
+        resume = newest if name == "named" else "latest"
+        paths = {"DATASET_DIR": root / "dataset", "OUTPUT_DIR": run_dir, "RESUME_FROM": resume}
+        envs[name] = model_env(tmp_path, tiny_model_dir, **{**values, **paths})
+    finetune = str(COMMANDS / "finetune.py")
+    with ThreadPoolExecutor(2) as pool:
+        refused, resumed = pool.map(lambda env: run([finetune, "--env-file", str(env)], tmp_path), envs.values())
+    older = tmp_path / "named" / "states" / "step-00000001"
+    assert_one_line_error(refused, 1, "run_identity.json is damaged", f"RESUME_FROM={older}")
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert "dropped 1 damaged line" in resumed.stderr
+    metrics = tmp_path / "latest" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1] == 2  # the torn line gone

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetuning import atomic
 from finetuning.constants import SAMPLE_RATE
 from finetuning.preparation import schema
 from finetuning.preparation.audio import (
@@ -260,9 +261,12 @@ def prepare_speaker(
         items = items[:max_samples]
     duplicate_ids = unique_ids(spec.name, items)
     print_ = fingerprint(spec, items, settings, tokenizer_id)
+    atomic.restore_previous(output_dir / spec.name)  # a config a crash left aside
     info_path = output_dir / spec.name / schema.INFO_FILE
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
+    info = atomic.read_json(info_path)
+    if info is None and info_path.exists():
+        logger.warning("speaker %s: %s is damaged (cut short by a crash?); preparing again", spec.name, info_path)
+    if info is not None:
         if info.get("fingerprint") == print_:
             logger.info("speaker %s: unchanged (fingerprint %s), nothing to prepare", spec.name, print_[:12])
             report = SpeakerReport(speaker=spec.name, prepared=False, fingerprint=print_)
@@ -355,12 +359,7 @@ def prepare_speaker(
     summary = report.as_dict()
     summary.pop("prepared_this_run")
     (staging / schema.INFO_FILE).write_text(json.dumps({"fingerprint": print_, "summary": summary}, indent=2))
-    final, previous = output_dir / spec.name, output_dir / f".{spec.name}.previous"
-    if final.exists():  # swap by renames: a crash never leaves a half-deleted config (the old one waits aside)
-        shutil.rmtree(previous, ignore_errors=True)
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
+    atomic.replace_folder(staging, output_dir / spec.name)  # the old config waits aside until the new one is in
     return report
 
 

@@ -20,6 +20,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from finetuning import atomic
 from finetuning.resources import one_line
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 STATES_DIR = "states"
 STATE_PREFIX = "step-"
 IDENTITY_FILE = "run_identity.json"
+DONE_FILE = "progress.done"  # the completion marker: the state's step, written once its files are on disk
 # Settings that decide the epoch plan, the micro-batch order or the speaker each embedding row belongs to.
 IDENTITY_SETTINGS = (
     "SEED",
@@ -51,12 +53,20 @@ def state_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def saved_states(output_dir: str | Path) -> list[Path]:
-    """Complete saved states, oldest first (a state is complete once its ``progress.done`` marker exists)."""
+    """Complete saved states, oldest first (a state is complete once its ``progress.done`` marker holds its step)."""
     root = Path(output_dir) / STATES_DIR
     if not root.exists():
         return []
-    states = [p for p in root.glob(f"{STATE_PREFIX}*") if (p / "progress.done").exists()]
+    states = [p for p in root.glob(f"{STATE_PREFIX}*") if is_complete(p)]
     return sorted(states, key=lambda p: int(p.name[len(STATE_PREFIX) :]))
+
+
+def is_complete(path: Path) -> bool:
+    """The marker exists and names the step in the folder's name (a marker cut short by a crash does not)."""
+    try:
+        return int((path / DONE_FILE).read_text()) == int(path.name[len(STATE_PREFIX) :])
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
@@ -68,7 +78,7 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
         states = saved_states(output_dir)
         return states[-1] if states else None
     path = Path(resume_from)
-    if not (path / "progress.done").exists():
+    if not (path / DONE_FILE).exists():
         raise ResumeError(f"RESUME_FROM={resume_from} is not a complete saved state (no progress.done in it)")
     return path
 
@@ -86,7 +96,11 @@ def check_run_identity(path: Path, identity: dict) -> None:
     file = path / IDENTITY_FILE
     if not file.exists():
         raise ResumeError(f"cannot resume from {path}: it has no {IDENTITY_FILE} (saved by an older version)")
-    saved = json.loads(file.read_text())
+    saved = atomic.read_json(file)
+    if not isinstance(saved, dict):
+        raise ResumeError(
+            f"cannot resume from {path}: its {IDENTITY_FILE} is damaged (cut short by a crash?); {_older_hint(path)}"
+        )
     differing = [
         f"{key} (saved {saved.get(key)!r}, now {identity.get(key)!r})"
         for key in sorted(set(saved) | set(identity))
@@ -109,11 +123,16 @@ def load_training_state(accelerator, path: Path, identity: dict) -> None:
     except ValueError as error:
         raise ResumeError(f"cannot resume from {path}: {error}") from error
     except Exception as error:  # safetensors, torch.load and pickle each raise their own types on a damaged file
-        older = [p for p in saved_states(path.parent.parent) if p.name < path.name]
-        hint = f"resume from the previous one with RESUME_FROM={older[-1]}" if older else "no older state is left"
         raise ResumeError(
-            f"the training state {path} is truncated or corrupt ({type(error).__name__}: {one_line(error)}); {hint}"
+            f"the training state {path} is truncated or corrupt ({type(error).__name__}: {one_line(error)}); "
+            f"{_older_hint(path)}"
         ) from error
+
+
+def _older_hint(path: Path) -> str:
+    """What to resume from instead of the damaged state at ``path``."""
+    older = [p for p in saved_states(path.parent.parent) if p.name < path.name]
+    return f"resume from the previous one with RESUME_FROM={older[-1]}" if older else "no older state is left"
 
 
 def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int, identity: dict) -> Path:
@@ -121,13 +140,14 @@ def save_training_state(accelerator, output_dir: str | Path, step: int, keep: in
     newest ``keep``."""
     path = state_dir(output_dir, step)
     if accelerator.is_main_process:  # a state being rewritten is incomplete until its marker is written again
-        (path / "progress.done").unlink(missing_ok=True)
+        (path / DONE_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # the marker goes to disk after everything it vouches for
         (path / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
-        (path / "progress.done").write_text(str(step))
+        atomic.fsync_tree(path)
+        atomic.write_text(path / DONE_FILE, str(step))
         for old in saved_states(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved training state %s", path)

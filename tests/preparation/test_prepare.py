@@ -214,3 +214,23 @@ def test_split_is_deterministic_and_order_free(tiny_model_dir, tmp_path):
     assert assign_splits(ids, [None] * 20, other_seed, "spk") != list(first.values())
     given = assign_splits(["a", "b"], ["validation", None], settings, "spk")
     assert given == ["validation", "train"]
+
+
+def test_a_torn_info_file_or_a_staging_folder_is_never_taken_for_a_config(tmp_path, tiny_model_dir):
+    """After a crash: a staging folder ``.X.tmp`` with its info file is not a config, a config whose
+    prepare_info.json was cut short is prepared again (preparation) or named with the fix (training)."""
+    from finetuning.preparation.writing import local_configs
+    from finetuning.training.data import DataError, load_split
+
+    settings = make_settings(tmp_path, tiny_model_dir, TRAIN_SPEAKERS="english_speaker", VALIDATION_FRACTION=0.0)
+    prepare_dataset(settings, encoder=encoder_for(settings), max_samples=2, report=lambda _: None)
+    dataset = tmp_path / "dataset"
+    shutil.copytree(dataset / "english_speaker", dataset / ".english_speaker.tmp")
+    assert list(local_configs(dataset)) == ["english_speaker"]
+    info = dataset / "english_speaker" / schema.INFO_FILE
+    info.write_text(info.read_text()[:20])  # cut short
+    with pytest.raises(DataError, match=r"prepare_info.json is damaged.*data_preparation.py --speaker english_speaker"):
+        load_split(settings, "english_speaker", "train")
+    assert local_configs(dataset) == {}
+    reports = prepare_dataset(settings, encoder=encoder_for(settings), max_samples=2, report=lambda _: None)
+    assert reports[0].prepared and json.loads(info.read_text())["fingerprint"] == reports[0].fingerprint

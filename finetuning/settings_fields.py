@@ -233,9 +233,12 @@ class Settings:
         2, "processes", "dataloader worker processes; 0 = load in the main process", ge=0
     )
     SAVE_STEPS: int = _setting(
-        500, "optimizer steps", "save a resumable training state every this many steps; 0 = off", ge=0
+        500,
+        "optimizer steps",
+        "save a resumable training state every this many steps; 0 = off (the last step is kept until exported)",
+        ge=0,
     )
-    SAVE_TOTAL_LIMIT: int = _setting(2, "states", "keep only the newest N saved training states", ge=1)
+    SAVE_TOTAL_LIMIT: int = _setting(2, "states", "keep only the N training states saved last", ge=1)
     RESUME_FROM: str = _setting("", "latest or path", "resume from OUTPUT_DIR's latest state or a state folder")
     REPORT_TO: tuple[str, ...] = _setting(
         ("tensorboard",), "comma-separated names", "trackers: tensorboard, wandb, or none", check=check_trackers

@@ -6,6 +6,12 @@ position, and the step counts). States are written only at optimizer-step bounda
 with the next micro-batch of the same epoch plan and ends with the same weights as an uninterrupted run.
 SIGTERM / SIGINT ask the loop to save a state and stop after the current step.
 
+Rotation removes the states saved longest ago (by when their marker was written, not by step number). Resuming
+from a state that is not the newest first moves the newer ones aside to ``OUTPUT_DIR/superseded_states/``: the
+resumed run saves states under the same step names, and neither they nor the named state may be deleted or
+overwritten by it. A state is complete once ``progress.done`` holds its step; the marker is written (atomically)
+only after every file of the state is flushed to disk.
+
 Every state also holds the run's identity (``run_identity.json``): the settings and facts that decide the epoch
 plan and which embedding each utterance gets (seed, speaker order, batching, accumulation, process count, layout,
 examples per speaker). Resuming with any of them changed would silently train on another plan, so it is refused
@@ -18,6 +24,7 @@ import json
 import logging
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from finetuning import atomic
@@ -29,6 +36,7 @@ STATES_DIR = "states"
 STATE_PREFIX = "step-"
 IDENTITY_FILE = "run_identity.json"
 DONE_FILE = "progress.done"  # the completion marker: the state's step, written once its files are on disk
+SUPERSEDED_DIR = "superseded_states"  # newer states moved aside when a run resumes from an older one
 # Settings that decide the epoch plan, the micro-batch order or the speaker each embedding row belongs to.
 IDENTITY_SETTINGS = (
     "SEED",
@@ -64,9 +72,32 @@ def saved_states(output_dir: str | Path) -> list[Path]:
 def is_complete(path: Path) -> bool:
     """The marker exists and names the step in the folder's name (a marker cut short by a crash does not)."""
     try:
-        return int((path / DONE_FILE).read_text()) == int(path.name[len(STATE_PREFIX) :])
+        return int((path / DONE_FILE).read_text()) == _step(path)
     except (OSError, ValueError):
         return False
+
+
+def _step(path: Path) -> int:
+    return int(path.name[len(STATE_PREFIX) :])
+
+
+def set_aside_newer_states(output_dir: str | Path, resumed: Path) -> Path | None:
+    """Move every state of ``output_dir`` with a higher step than the state ``resumed`` (complete or not; the
+    resumed state may be another folder's) into ``OUTPUT_DIR/superseded_states/after-<resumed>-<time>/``; returns
+    that folder, None when there were none."""
+    root = Path(output_dir) / STATES_DIR
+    step = int((resumed / DONE_FILE).read_text())
+    newer = [p for p in root.glob(f"{STATE_PREFIX}*") if p.is_dir() and _step(p) > step]
+    if not newer:
+        return None
+    aside = Path(output_dir) / SUPERSEDED_DIR / f"after-{resumed.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True)
+    for path in newer:
+        path.rename(aside / path.name)
+    atomic.fsync_dir(root)
+    atomic.fsync_dir(aside)
+    logger.warning("resuming from %s: the newer states %s were moved to %s", resumed, [p.name for p in newer], aside)
+    return aside
 
 
 def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
@@ -113,8 +144,9 @@ def check_run_identity(path: Path, identity: dict) -> None:
         )
 
 
-def load_training_state(accelerator, path: Path, identity: dict) -> None:
-    """Restore every process from a saved state of the same run (``check_run_identity`` first). Raises
+def load_training_state(accelerator, path: Path, identity: dict, output_dir: str | Path) -> None:
+    """Restore every process from a saved state of the same run (``check_run_identity`` first), then set the
+    states of ``output_dir`` newer than it aside (``set_aside_newer_states``). Raises
     ResumeError when the identity differs, a registered object refuses the state, or the state's files are
     truncated or corrupt; the latter names the newest older state to resume from instead."""
     check_run_identity(path, identity)
@@ -127,6 +159,9 @@ def load_training_state(accelerator, path: Path, identity: dict) -> None:
             f"the training state {path} is truncated or corrupt ({type(error).__name__}: {one_line(error)}); "
             f"{_older_hint(path)}"
         ) from error
+    if accelerator.is_main_process:
+        set_aside_newer_states(output_dir, path)
+    accelerator.wait_for_everyone()
 
 
 def _older_hint(path: Path) -> str:
@@ -137,7 +172,7 @@ def _older_hint(path: Path) -> str:
 
 def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int, identity: dict) -> Path:
     """Save the state for ``step`` and the run's ``identity`` on every process, mark it complete, and prune to the
-    newest ``keep``."""
+    ``keep`` saved last."""
     path = state_dir(output_dir, step)
     if accelerator.is_main_process:  # a state being rewritten is incomplete until its marker is written again
         (path / DONE_FILE).unlink(missing_ok=True)
@@ -148,7 +183,8 @@ def save_training_state(accelerator, output_dir: str | Path, step: int, keep: in
         (path / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
         atomic.fsync_tree(path)
         atomic.write_text(path / DONE_FILE, str(step))
-        for old in saved_states(output_dir)[:-keep]:
+        by_age = sorted(saved_states(output_dir), key=lambda p: (p / DONE_FILE).stat().st_mtime_ns)
+        for old in by_age[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved training state %s", path)
     accelerator.wait_for_everyone()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,9 +270,10 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     accelerator.register_for_checkpointing(scheduler, sampler, result)  # sampler: the data position
     log = MetricsLog(accelerator, settings.OUTPUT_DIR)
     if resume_path is not None:
-        load_training_state(accelerator, resume_path, identity)
+        load_training_state(accelerator, resume_path, identity, settings.OUTPUT_DIR)
         logger.info("resumed from %s at step %d", resume_path, result.optimizer_steps)
         log.truncate(result.optimizer_steps)
+    saved_step = result.optimizer_steps if resume_path is not None else None  # the step a state on disk holds
     aux_losses = accelerator.unwrap_model(step_module).aux_losses
     if aux_losses is not None:  # states are saved at optimizer steps: micro-batches so far = steps x accumulation
         aux_losses.training_calls = result.optimizer_steps * settings.GRADIENT_ACCUMULATION_STEPS
@@ -331,6 +333,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
                 stop_now = stop.on_any_process(accelerator)
                 if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
                     save_training_state(accelerator, settings.OUTPUT_DIR, step, settings.SAVE_TOTAL_LIMIT, identity)
+                    saved_step = step
                 result.interrupted = stop_now
                 if step >= total_steps or stop_now:
                     break
@@ -341,6 +344,11 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     if result.interrupted:
         logger.warning("stopped on a signal at step %d; resume with RESUME_FROM=latest", result.optimizer_steps)
         return result
+    final_state = None  # the last steps reach the disk before validation, export and merge can fail
+    if saved_step != result.optimizer_steps:  # kept beside the SAVE_TOTAL_LIMIT states until the export is in place
+        final_state = save_training_state(
+            accelerator, settings.OUTPUT_DIR, result.optimizer_steps, settings.SAVE_TOTAL_LIMIT + 1, identity
+        )
     audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
     if val_examples:
         eval_metrics = validation_losses(step_module, val_examples, settings, accelerator)
@@ -351,6 +359,8 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     result.export_dir = exports.export(accelerator, step_module, settings.export_dir, result.optimizer_steps)
     if result.export_dir is not None:
         logger.info("exported %s", result.export_dir)
+        if final_state is not None:
+            shutil.rmtree(final_state, ignore_errors=True)
     if hook.active:
         hook.call(accelerator, result.export_dir, result.optimizer_steps)
     accelerator.wait_for_everyone()

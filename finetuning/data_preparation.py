@@ -20,6 +20,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 
+from finetuning.locks import FolderBusy  # noqa: E402
 from finetuning.preparation.prepare import PreparationError, prepare_dataset  # noqa: E402
 from finetuning.preparation.upload import HubRemote, sync_dataset  # noqa: E402
 from finetuning.resources import ModelUnavailable  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         reports = prepare_dataset(settings, speakers, max_samples=args.max_samples)
-    except (PreparationError, ModelUnavailable) as error:
+    except (PreparationError, ModelUnavailable, FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"dataset: {Path(settings.DATASET_DIR).resolve()}")

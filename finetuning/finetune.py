@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return preflight(settings, args)
     # torch, accelerate and qwen_tts load only now: --help and settings errors answer at once.
     from finetuning.evaluation.in_training import SpeechEvaluation
+    from finetuning.locks import FolderBusy
     from finetuning.resources import ModelUnavailable
     from finetuning.training.checkpointing import ResumeError
     from finetuning.training.data import DataError
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         LoraError,
         ModelUnavailable,
         SettingsError,
+        FolderBusy,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

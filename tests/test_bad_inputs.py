@@ -269,3 +269,57 @@ def test_files_cut_short_by_a_crash_are_named_or_skipped_never_a_json_error(save
     assert "dropped 1 damaged line" in resumed.stderr
     metrics = tmp_path / "latest" / "metrics.jsonl"
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1] == 2  # the torn line gone
+
+
+def test_a_second_run_on_the_same_folders_stops_with_the_lock_and_a_dead_owner_is_taken_over(
+    saved_run, tiny_model_dir, tmp_path
+):
+    """Two concurrent training runs on one OUTPUT_DIR: the first is paused (SIGSTOP) once it holds the lock; the
+    second stops with one line naming the first's pid, and the first then finishes. A preparation while this
+    process holds DATASET_DIR stops the same way; a lock left by a process that is gone is taken over."""
+    import os
+    import signal
+    import time
+
+    from finetuning.locks import LOCK_FILE, folder_lock
+
+    root, values = saved_run
+    env = model_env(
+        tmp_path, tiny_model_dir, **{**values, "SAVE_STEPS": 0, "MAX_STEPS": 1}, DATASET_DIR=root / "dataset"
+    )
+    finetune = [sys.executable, str(COMMANDS / "finetune.py"), "--env-file", str(env)]
+    first = subprocess.Popen(
+        finetune, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lock = tmp_path / "run" / LOCK_FILE
+    deadline = time.monotonic() + 240
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert lock.read_text() == str(first.pid)
+        second = run(finetune[1:], tmp_path)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert_one_line_error(second, 1, f"another run is using OUTPUT_DIR={tmp_path / 'run'} (pid {first.pid})")
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert not lock.exists()  # released at the end
+
+    prepare = [str(COMMANDS / "data_preparation.py"), "--env-file", str(env)]
+    with folder_lock(root / "dataset", "DATASET_DIR"):
+        busy = run(prepare, tmp_path)
+    assert_one_line_error(busy, 1, f"another run is using DATASET_DIR={root / 'dataset'} (pid {os.getpid()})")
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "run" / LOCK_FILE).write_text(gone.stdout.strip())  # its owner has exited
+    env_again = model_env(
+        tmp_path,
+        tiny_model_dir,
+        **{**values, "SAVE_STEPS": 0, "MAX_STEPS": 1},
+        DATASET_DIR=root / "dataset",
+        OUTPUT_DIR=tmp_path / "run",
+        EXPORT_DIR=tmp_path / "again",
+    )
+    again = run([str(COMMANDS / "finetune.py"), "--env-file", str(env_again)], tmp_path)
+    assert again.returncode == 0 and (tmp_path / "again" / "finetune_info.json").exists(), again.stderr[-3000:]

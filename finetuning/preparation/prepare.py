@@ -21,6 +21,7 @@ import numpy as np
 
 from finetuning import atomic
 from finetuning.constants import SAMPLE_RATE
+from finetuning.locks import folder_lock
 from finetuning.preparation import schema
 from finetuning.preparation.audio import (
     AudioDecodeError,
@@ -386,6 +387,19 @@ def prepare_dataset(
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PreparationError(f"DATASET_DIR={output} cannot be created ({error.strerror}); choose another") from error
+    with folder_lock(output, "DATASET_DIR"):  # FolderBusy while another preparation writes there
+        return _prepare_all(settings, speakers, encoder, output, max_samples, report, processor)
+
+
+def _prepare_all(
+    settings: Settings,
+    speakers: Sequence[str] | None,
+    encoder: SpeechEncoder | None,
+    output: Path,
+    max_samples: int | None,
+    report: Callable[[str], None],
+    processor: ClipProcessor | None,
+) -> list[SpeakerReport]:
     plan = plan_speakers(settings, speakers)
     if encoder is None:
         encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)

@@ -25,9 +25,11 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from finetuning import atomic
+from finetuning import atomic, locks
 from finetuning.resources import one_line
 
 logger = logging.getLogger(__name__)
@@ -189,6 +191,29 @@ def save_training_state(accelerator, output_dir: str | Path, step: int, keep: in
         logger.info("saved training state %s", path)
     accelerator.wait_for_everyone()
     return path
+
+
+@contextmanager
+def output_dir_lock(accelerator, output_dir: str | Path) -> Iterator[None]:
+    """Hold OUTPUT_DIR's lock (``finetuning.locks``; the main process takes it) for a ``with`` block. Raises
+    FolderBusy on every process while another live run holds it."""
+    path, busy = None, None
+    if accelerator.is_main_process:
+        try:
+            path = locks.acquire(output_dir, "OUTPUT_DIR")
+        except locks.FolderBusy as error:
+            busy = str(error)
+    if accelerator.num_processes > 1:  # every process stops, not only the one that looked
+        from accelerate.utils import broadcast_object_list
+
+        busy = broadcast_object_list([busy])[0]
+    if busy is not None:
+        raise locks.FolderBusy(busy)
+    try:
+        yield
+    finally:
+        if path is not None:
+            locks.release(path)
 
 
 class StopRequest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from finetuning.training.callbacks import ExportCallback, ExportHook
 from finetuning.training.checkpointing import (
     StopRequest,
     load_training_state,
+    output_dir_lock,
     resolve_resume,
     run_identity,
     save_training_state,
@@ -190,20 +192,22 @@ def make_train_data(settings: Settings, tokenizer, model, accelerator):
     return loader, sampler, languages, validation, compute_speaker_embeddings(model, settings)
 
 
-def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
+def prepare_output_dir(settings: Settings, accelerator, held: ExitStack) -> Path | None:
     """The state to resume from (RESUME_FROM), or None for a new run, which must not mix with an earlier run's
-    states; the run folder is created and the settings are saved in it."""
+    states; the run folder is created, locked for this run until ``held`` closes (FolderBusy while another run
+    holds it), and the settings are saved in it."""
     output_dir = Path(settings.OUTPUT_DIR)
+    try:  # on every process, so that all of them stop on an OUTPUT_DIR that cannot be created
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"OUTPUT_DIR={output_dir} cannot be created ({error.strerror}); choose another") from error
+    held.enter_context(output_dir_lock(accelerator, output_dir))
     resume_path = resolve_resume(settings.RESUME_FROM, output_dir)
     if resume_path is None and saved_states(output_dir):
         raise TrainingError(
             f"{output_dir} holds saved training states of an earlier run ({saved_states(output_dir)[-1].name}); "
             "set RESUME_FROM=latest to continue it, or use another OUTPUT_DIR (or delete its states/ folder)"
         )
-    try:  # on every process, so that all of them stop on an OUTPUT_DIR that cannot be created
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise TrainingError(f"OUTPUT_DIR={output_dir} cannot be created ({error.strerror}); choose another") from error
     if accelerator.is_main_process:
         settings.save(output_dir / "training_settings.json")
     return resume_path
@@ -218,12 +222,13 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     message naming the fix.
     """
     accelerator = make_accelerator(settings)
-    result = _train(settings, on_export, accelerator)
+    with ExitStack() as held:  # OUTPUT_DIR's lock, from the first write to the last
+        result = _train(settings, on_export, accelerator, held)
     engines.finish(accelerator)  # the run's engine and process groups go now, not at interpreter exit
     return result
 
 
-def _train(settings: Settings, on_export: ExportCallback | None, accelerator) -> TrainResult:
+def _train(settings: Settings, on_export: ExportCallback | None, accelerator, held: ExitStack) -> TrainResult:
     from accelerate.utils import send_to_device, set_seed
 
     check_speed_options(settings, accelerator.device)
@@ -233,7 +238,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     token = settings.HF_TOKEN or None
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
     check_export_dir(settings, model_dir)  # before anything is written
-    resume_path = prepare_output_dir(settings, accelerator)
+    resume_path = prepare_output_dir(settings, accelerator, held)
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
     train_loader, sampler, languages, val_examples, speaker_embeds = make_train_data(

@@ -25,6 +25,7 @@ from finetuning.preparation.prepare import PreparationError, prepare_dataset  # 
 from finetuning.preparation.upload import HubRemote, sync_dataset  # noqa: E402
 from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
+from finetuning.settings_rules import check_speakers  # noqa: E402
 
 ALL_SPEAKERS = ("all", "both")
 LAUNCHER_WORLD_SIZE = "WORLD_SIZE"  # several processes of one launch would write the same folders
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     speakers = None if args.speaker.lower() in ALL_SPEAKERS else [s.strip() for s in args.speaker.split(",")]
+    try:  # a name becomes a folder of DATASET_DIR: "../x" would write outside it
+        check_speakers("--speaker", tuple(speakers or ()) or settings.TRAIN_SPEAKERS)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.max_samples is not None and args.max_samples < 1:
         print("error: --max_samples must be >= 1", file=sys.stderr)
         return 2

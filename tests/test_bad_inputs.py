@@ -111,12 +111,17 @@ def test_commands_name_the_bad_path_in_one_line(tmp_path, tiny_model_dir):
             ["no_config", "config.json"],
         ),
         "empty_text": ([generate, "--checkpoint", str(tiny_model_dir), "--text", "   ", *speak], 2, ["--text"]),
+        "speaker_leaving_dataset_dir": (
+            [prepare, "--env-file", str(model_env(tmp_path, tiny_model_dir)), "--speaker", "english_speaker,../x"],
+            2,
+            ["--speaker='../x' is not allowed", "lower-case names"],
+        ),
     }
     with ThreadPoolExecutor(PARALLEL_COMMANDS) as pool:
         procs = dict(zip(cases, pool.map(lambda case: run(case[0], tmp_path), cases.values()), strict=True))
     for name, (_, code, names) in cases.items():
         print(f"{name}: {assert_one_line_error(procs[name], code, *names)}")
-    assert not (tmp_path / "out.wav").exists()
+    assert not (tmp_path / "out.wav").exists() and not (tmp_path / "x").exists()
 
 
 def test_hub_id_that_cannot_be_fetched_offline_is_told_apart_from_a_missing_folder(tmp_path, monkeypatch):

@@ -48,7 +48,8 @@ from finetuning.preparation.sources import (
 )
 from finetuning.preparation.writing import SpeakerReport, make_row, write_card, write_split
 from finetuning.resources import is_hub_id
-from finetuning.settings import Settings
+from finetuning.settings import Settings, SettingsError
+from finetuning.settings_rules import check_speakers
 
 logger = logging.getLogger(__name__)
 
@@ -382,6 +383,10 @@ def prepare_dataset(
     they are counted by reason in the summary and logged. ``processor`` (a caller's, left open) runs the clip
     work; by default one is made for PREPARATION_WORKERS processes and closed at the end.
     """
+    try:  # each name becomes a folder of DATASET_DIR: "../x" would write outside it
+        check_speakers("speakers", tuple(speakers or ()) or settings.TRAIN_SPEAKERS)
+    except SettingsError as error:
+        raise PreparationError(str(error)) from None
     output = Path(output_dir or settings.DATASET_DIR)
     try:
         output.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import os  # noqa: E402
 
 from finetuning.locks import FolderBusy  # noqa: E402
 from finetuning.preparation.prepare import PreparationError, prepare_dataset  # noqa: E402
-from finetuning.preparation.upload import HubRemote, sync_dataset  # noqa: E402
+from finetuning.preparation.upload import HubRemote, PublicRepoError, sync_dataset  # noqa: E402
 from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
 from finetuning.settings_rules import check_speakers  # noqa: E402
@@ -94,8 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dataset: {Path(settings.DATASET_DIR).resolve()}")
     print(json.dumps([r.as_dict() for r in reports], indent=2))
     if args.upload:
-        remote = HubRemote(settings.HF_DATASET_REPO, token=settings.HF_TOKEN, private=settings.HF_DATASET_PRIVATE)
-        result = sync_dataset(settings.DATASET_DIR, remote, [r.speaker for r in reports])
+        remote = HubRemote(
+            settings.HF_DATASET_REPO,
+            token=settings.HF_TOKEN,
+            private=settings.HF_DATASET_PRIVATE,
+            public_ok=settings.HF_DATASET_PUBLIC_OK,
+        )
+        try:
+            result = sync_dataset(settings.DATASET_DIR, remote, [r.speaker for r in reports])
+        except PublicRepoError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(
             f"upload to {settings.HF_DATASET_REPO}: uploaded {result.uploaded or 'nothing'}, "
             f"already there {result.skipped or 'none'}"

@@ -50,6 +50,10 @@ class Settings:
         check=check_repo_id,
     )
     HF_DATASET_PRIVATE: bool = _setting(True, "bool", "create the Hub dataset repo as private")
+    # --- nothing lost: guards on what a run may overwrite or publish ---------------------------------------
+    HF_DATASET_PUBLIC_OK: bool = _setting(
+        False, "bool", "upload to an existing public Hub dataset repo (voices are personal data: off refuses it)"
+    )
     HF_TOKEN: str = _setting("", "secret", "Hugging Face token for upload and private repos", secret=True)
     VALIDATION_FRACTION: float = _setting(
         0.1, "fraction", "share of each speaker's clips held out for validation when no split is given", ge=0, lt=1

@@ -32,7 +32,7 @@ from finetuning.preparation.audio import (
 )
 from finetuning.preparation.clips import ClipProcessor, ClipWork, log_rejections
 from finetuning.preparation.encoder import SpeechEncoder
-from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
+from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity, unreadable_files
 from finetuning.preparation.from_recordings import CACHE_DIR as RECORDINGS_CACHE
 from finetuning.preparation.from_recordings import read_recordings
 from finetuning.preparation.languages import LanguageError, ModelLanguages, read_model_languages, resolve_labels
@@ -284,6 +284,12 @@ def prepare_speaker(
             report.languages = summary.get("languages", {})
             report.auto_prefix_languages = summary.get("auto_prefix_languages", [])
             return report
+        unreadable = unreadable_files(spec, items)
+        if unreadable:  # a read error, not a change of the source: the good config stays
+            raise PreparationError(
+                f"speaker {spec.name}: {len(unreadable)} file(s) exist but cannot be read (first: {unreadable[0]}); "
+                "the prepared config is kept as it is. Fix the access (permissions, disk, network share) and run again"
+            )
 
     if model_languages is None:
         model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))

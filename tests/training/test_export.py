@@ -2,6 +2,7 @@
 a diverged run leaves behind are refused, and an earlier export survives the refusal."""
 
 import hashlib
+import json
 import shutil
 
 import pytest
@@ -92,3 +93,8 @@ def test_in_training_exports_never_write_into_an_earlier_export_they_train_from(
     assert "adapter/adapter_config.json" in exported[0][1]
     assert exported[0][1]["finetune_info.json"] != before["finetune_info.json"]
     assert _hashes(earlier) == before
+    # no local path leaves the machine in an export: settings, info and the adapter config name the base by name
+    for export in (earlier, settings.export_dir):
+        for path in export.rglob("*.json"):
+            assert str(tmp_path) not in path.read_text(), path
+    assert json.loads((settings.export_dir / "finetune_info.json").read_text())["base_model"] == "<local>/earlier"

@@ -46,7 +46,7 @@ from finetuning.preparation.sources import (
     read_source,
     unique_ids,
 )
-from finetuning.preparation.writing import SpeakerReport, make_row, write_card, write_split
+from finetuning.preparation.writing import SpeakerReport, format_report, make_row, write_card, write_split
 from finetuning.resources import is_hub_id
 from finetuning.settings import Settings, SettingsError
 from finetuning.settings_rules import check_speakers
@@ -435,7 +435,7 @@ def _prepare_all(
                 continue
             reports.append(result)
             write_card(output)
-            report(_format_report(result))
+            report(format_report(result))
     finally:
         if own_processor:
             processor.close()
@@ -444,16 +444,3 @@ def _prepare_all(
         raise PreparationError(" | ".join(failures) + done)
     write_card(output)
     return reports
-
-
-def _format_report(r: SpeakerReport) -> str:
-    if not r.prepared:
-        return f"{r.speaker}: unchanged, skipped ({r.kept} clips, {r.hours_kept * 60:.1f} min)"
-    rejected = ", ".join(f"{k}={v}" for k, v in sorted(r.rejected.items())) or "none"
-    splits = ", ".join(f"{k}={v}" for k, v in r.splits.items())
-    auto_prefix = ", ".join(r.auto_prefix_languages)
-    auto_prefix = f"; trains with the auto prefix: {auto_prefix}" if auto_prefix else ""
-    return (
-        f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} of {r.hours_in * 60:.2f} min); "
-        f"splits: {splits}; rejected: {rejected}{auto_prefix}"
-    )

@@ -113,3 +113,17 @@ class SpeakerReport:
             "languages": dict(sorted(self.languages.items())),
             "auto_prefix_languages": self.auto_prefix_languages,
         }
+
+
+def format_report(r: SpeakerReport) -> str:
+    """One line per speaker for the command's output."""
+    if not r.prepared:
+        return f"{r.speaker}: unchanged, skipped ({r.kept} clips, {r.hours_kept * 60:.1f} min)"
+    rejected = ", ".join(f"{k}={v}" for k, v in sorted(r.rejected.items())) or "none"
+    splits = ", ".join(f"{k}={v}" for k, v in r.splits.items())
+    auto_prefix = ", ".join(r.auto_prefix_languages)
+    auto_prefix = f"; trains with the auto prefix: {auto_prefix}" if auto_prefix else ""
+    return (
+        f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} of {r.hours_in * 60:.2f} min); "
+        f"splits: {splits}; rejected: {rejected}{auto_prefix}"
+    )

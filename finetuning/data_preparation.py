@@ -20,10 +20,12 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 
+from finetuning.locks import FolderBusy  # noqa: E402
 from finetuning.preparation.prepare import PreparationError, prepare_dataset  # noqa: E402
-from finetuning.preparation.upload import HubRemote, sync_dataset  # noqa: E402
+from finetuning.preparation.upload import HubRemote, PublicRepoError, sync_dataset  # noqa: E402
 from finetuning.resources import ModelUnavailable  # noqa: E402
 from finetuning.settings import SettingsError, add_settings_arguments, settings_from_args  # noqa: E402
+from finetuning.settings_rules import check_speakers  # noqa: E402
 
 ALL_SPEAKERS = ("all", "both")
 LAUNCHER_WORLD_SIZE = "WORLD_SIZE"  # several processes of one launch would write the same folders
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     speakers = None if args.speaker.lower() in ALL_SPEAKERS else [s.strip() for s in args.speaker.split(",")]
+    try:  # a name becomes a folder of DATASET_DIR: "../x" would write outside it
+        check_speakers("--speaker", tuple(speakers or ()) or settings.TRAIN_SPEAKERS)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.max_samples is not None and args.max_samples < 1:
         print("error: --max_samples must be >= 1", file=sys.stderr)
         return 2
@@ -81,14 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         reports = prepare_dataset(settings, speakers, max_samples=args.max_samples)
-    except (PreparationError, ModelUnavailable) as error:
+    except (PreparationError, ModelUnavailable, FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"dataset: {Path(settings.DATASET_DIR).resolve()}")
     print(json.dumps([r.as_dict() for r in reports], indent=2))
     if args.upload:
-        remote = HubRemote(settings.HF_DATASET_REPO, token=settings.HF_TOKEN, private=settings.HF_DATASET_PRIVATE)
-        result = sync_dataset(settings.DATASET_DIR, remote, [r.speaker for r in reports])
+        remote = HubRemote(
+            settings.HF_DATASET_REPO,
+            token=settings.HF_TOKEN,
+            private=settings.HF_DATASET_PRIVATE,
+            public_ok=settings.HF_DATASET_PUBLIC_OK,
+        )
+        try:
+            result = sync_dataset(settings.DATASET_DIR, remote, [r.speaker for r in reports])
+        except PublicRepoError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(
             f"upload to {settings.HF_DATASET_REPO}: uploaded {result.uploaded or 'nothing'}, "
             f"already there {result.skipped or 'none'}"

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.preflight:
         return preflight(settings, args)
     # torch, accelerate and qwen_tts load only now: --help and settings errors answer at once.
+    from finetuning.evaluation.in_training import SpeechEvaluation
+    from finetuning.locks import FolderBusy
     from finetuning.resources import ModelUnavailable
     from finetuning.training.checkpointing import ResumeError
     from finetuning.training.data import DataError
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         LoraError,
         ModelUnavailable,
         SettingsError,
+        FolderBusy,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

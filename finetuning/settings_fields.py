@@ -7,12 +7,12 @@ order ``.env.training.example`` lists them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetuning import atomic
 from finetuning.settings_rules import BOUNDS, check_device, check_repo_id, check_speakers, check_trackers
 
 BUNDLED_SPEAKERS = ("english_speaker", "swahili_speaker")
@@ -63,6 +63,10 @@ class Settings:
         check=check_repo_id,
     )
     HF_DATASET_PRIVATE: bool = _setting(True, "bool", "create the Hub dataset repo as private")
+    # --- nothing lost: guards on what a run may overwrite or publish ---------------------------------------
+    HF_DATASET_PUBLIC_OK: bool = _setting(
+        False, "bool", "upload to an existing public Hub dataset repo (voices are personal data: off refuses it)"
+    )
     HF_TOKEN: str = _setting("", "secret", "Hugging Face token for upload and private repos", secret=True)
     VALIDATION_FRACTION: float = _setting(
         0.1, "fraction", "share of each speaker's clips held out for validation when no split is given", ge=0, lt=1
@@ -274,9 +278,12 @@ class Settings:
         2, "processes", "dataloader worker processes; 0 = load in the main process", ge=0
     )
     SAVE_STEPS: int = _setting(
-        500, "optimizer steps", "save a resumable training state every this many steps; 0 = off", ge=0
+        500,
+        "optimizer steps",
+        "save a resumable training state every this many steps; 0 = off (the last step is kept until exported)",
+        ge=0,
     )
-    SAVE_TOTAL_LIMIT: int = _setting(2, "states", "keep only the newest N saved training states", ge=1)
+    SAVE_TOTAL_LIMIT: int = _setting(2, "states", "keep only the N training states saved last", ge=1)
     RESUME_FROM: str = _setting("", "latest or path", "resume from OUTPUT_DIR's latest state or a state folder")
     REPORT_TO: tuple[str, ...] = _setting(
         ("tensorboard",), "comma-separated names", "trackers: tensorboard, wandb, or none", check=check_trackers
@@ -359,5 +366,5 @@ class Settings:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the public (secret-free) settings as JSON."""
-        Path(path).write_text(json.dumps(self.public_dict(), indent=2, sort_keys=True))
+        """Write the public (secret-free) settings as JSON (atomically: a reader never sees half a file)."""
+        atomic.write_json(path, self.public_dict(), indent=2, sort_keys=True)

@@ -111,12 +111,17 @@ def test_commands_name_the_bad_path_in_one_line(tmp_path, tiny_model_dir):
             ["no_config", "config.json"],
         ),
         "empty_text": ([generate, "--checkpoint", str(tiny_model_dir), "--text", "   ", *speak], 2, ["--text"]),
+        "speaker_leaving_dataset_dir": (
+            [prepare, "--env-file", str(model_env(tmp_path, tiny_model_dir)), "--speaker", "english_speaker,../x"],
+            2,
+            ["--speaker='../x' is not allowed", "lower-case names"],
+        ),
     }
     with ThreadPoolExecutor(PARALLEL_COMMANDS) as pool:
         procs = dict(zip(cases, pool.map(lambda case: run(case[0], tmp_path), cases.values()), strict=True))
     for name, (_, code, names) in cases.items():
         print(f"{name}: {assert_one_line_error(procs[name], code, *names)}")
-    assert not (tmp_path / "out.wav").exists()
+    assert not (tmp_path / "out.wav").exists() and not (tmp_path / "x").exists()
 
 
 def test_hub_id_that_cannot_be_fetched_offline_is_told_apart_from_a_missing_folder(tmp_path, monkeypatch):
@@ -214,3 +219,98 @@ def test_a_corrupt_resume_state_is_named_with_the_previous_one(saved_run, tiny_m
     env = model_env(root, tiny_model_dir, **values, RESUME_FROM="latest")
     proc = run([str(COMMANDS / "finetune.py"), "--env-file", str(env)], root)
     assert_one_line_error(proc, 1, "step-00000002", "truncated or corrupt", f"RESUME_FROM={states / 'step-00000001'}")
+
+
+def test_an_export_dir_that_would_delete_inputs_is_refused_before_training(tmp_path, tiny_model_dir):
+    """EXPORT_DIR = OUTPUT_DIR, a parent of OUTPUT_DIR holding an unrelated file, the Base model folder or a folder
+    inside the dataset: each stops with one line naming the conflict, and nothing is written or removed."""
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")  # a copy: a broken guard must not touch the fixture
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "notes.txt").write_text("mine")
+    run_dir, dataset = tmp_path / "outputs" / "run", tmp_path / "dataset"
+    finetune = str(COMMANDS / "finetune.py")
+    cases = {  # name: (EXPORT_DIR, what the error line must name)
+        "output_dir": (run_dir, ["is OUTPUT_DIR="]),
+        "parent_of_output_dir": (tmp_path / "outputs", ["contains OUTPUT_DIR="]),
+        "base_model": (base, ["is INIT_MODEL_PATH="]),
+        "inside_dataset": (dataset / "model", ["is inside DATASET_DIR="]),
+    }
+    envs = {
+        name: model_env(tmp_path, base, OUTPUT_DIR=run_dir, DATASET_DIR=dataset, EXPORT_DIR=export)
+        for name, (export, _) in cases.items()
+    }
+    with ThreadPoolExecutor(PARALLEL_COMMANDS) as pool:
+        outcomes = pool.map(lambda env: run([finetune, "--env-file", str(env)], tmp_path), envs.values())
+        procs = dict(zip(cases, outcomes, strict=True))
+    for name, (export, names) in cases.items():
+        print(f"{name}: {assert_one_line_error(procs[name], 1, f'EXPORT_DIR={export}', *names, 'EXPORT_DIR to a new')}")
+    assert not run_dir.exists() and not dataset.exists()  # refused before anything was written
+    assert (tmp_path / "outputs" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in base.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
+
+
+def test_files_cut_short_by_a_crash_are_named_or_skipped_never_a_json_error(saved_run, tiny_model_dir, tmp_path):
+    """Copies of a saved run: the newest state's marker and identity file cut short, the last metrics line torn.
+    RESUME_FROM=latest skips the state whose marker is torn and finishes; RESUME_FROM naming the state with the
+    torn identity file stops with one line naming the file and the older state."""
+    root, values = saved_run
+    envs = {}
+    for name in ("named", "latest"):
+        run_dir = shutil.copytree(root / "run", tmp_path / name, ignore=shutil.ignore_patterns("model"))
+        newest = run_dir / "states" / "step-00000002"
+        (newest / "run_identity.json").write_text('{"SEED": 4')
+        (newest / "progress.done").write_text("")
+        metrics = run_dir / "metrics.jsonl"
+        metrics.write_text(metrics.read_text() + '{"step": 2, "train/lo')
+        resume = newest if name == "named" else "latest"
+        paths = {"DATASET_DIR": root / "dataset", "OUTPUT_DIR": run_dir, "RESUME_FROM": resume}
+        envs[name] = model_env(tmp_path, tiny_model_dir, **{**values, **paths})
+    finetune = str(COMMANDS / "finetune.py")
+    with ThreadPoolExecutor(2) as pool:
+        refused, resumed = pool.map(lambda env: run([finetune, "--env-file", str(env)], tmp_path), envs.values())
+    older = tmp_path / "named" / "states" / "step-00000001"
+    assert_one_line_error(refused, 1, "run_identity.json is damaged", f"RESUME_FROM={older}")
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert "dropped 1 damaged line" in resumed.stderr
+    metrics = tmp_path / "latest" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1] == 2  # the torn line gone
+
+
+def test_a_second_run_on_the_same_folders_stops_with_the_lock(saved_run, tiny_model_dir, tmp_path):
+    """Two concurrent training runs on one OUTPUT_DIR: the first is paused (SIGSTOP) once it holds the lock; the
+    second stops with one line naming the first's pid, and the first then finishes and releases it. A preparation
+    while this process holds DATASET_DIR stops the same way. (A lock left by a process that is gone is taken over:
+    ``tests/test_locks.py``.)"""
+    import os
+    import signal
+    import time
+
+    from finetuning.locks import LOCK_FILE, folder_lock
+
+    root, values = saved_run
+    env = model_env(
+        tmp_path, tiny_model_dir, **{**values, "SAVE_STEPS": 0, "MAX_STEPS": 1}, DATASET_DIR=root / "dataset"
+    )
+    finetune = [sys.executable, str(COMMANDS / "finetune.py"), "--env-file", str(env)]
+    first = subprocess.Popen(
+        finetune, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lock = tmp_path / "run" / LOCK_FILE
+    deadline = time.monotonic() + 240
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert lock.read_text() == str(first.pid)
+        second = run(finetune[1:], tmp_path)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert_one_line_error(second, 1, f"another run is using OUTPUT_DIR={tmp_path / 'run'} (pid {first.pid})")
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert not lock.exists()  # released at the end
+
+    prepare = [str(COMMANDS / "data_preparation.py"), "--env-file", str(env)]
+    with folder_lock(root / "dataset", "DATASET_DIR"):
+        busy = run(prepare, tmp_path)
+    assert_one_line_error(busy, 1, f"another run is using DATASET_DIR={root / 'dataset'} (pid {os.getpid()})")

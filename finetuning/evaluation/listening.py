@@ -14,6 +14,7 @@ from pathlib import Path
 
 import soundfile as sf
 
+from finetuning import atomic
 from finetuning.evaluation.plots import save_utterance_figure
 
 HTML_FILE = "evaluation.html"
@@ -109,5 +110,5 @@ def render_listening_report(report: dict, output_dir: str | Path) -> str:
 def write_listening_report(report: dict, output_dir: str | Path) -> Path:
     """Write ``evaluation.html`` (and its pictures) into ``output_dir``; returns the page's path."""
     path = Path(output_dir) / HTML_FILE
-    path.write_text(render_listening_report(report, output_dir), encoding="utf-8")
+    atomic.write_text(path, render_listening_report(report, output_dir))
     return path

@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+from finetuning import atomic
 from finetuning.evaluation.listening import HTML_FILE, render_listening_report
 from finetuning.evaluation.metrics import NAN_REASON
 from finetuning.evaluation.plots import utterance_figure
@@ -34,7 +35,7 @@ def write_report(report: dict, output_dir: str | Path, settings: Settings) -> tu
         render_listening_report(report, output_dir),
     )
     for path, text in zip(paths, texts, strict=True):
-        path.write_text(text.replace(settings.HF_TOKEN, "***") if settings.HF_TOKEN else text, encoding="utf-8")
+        atomic.write_text(path, text.replace(settings.HF_TOKEN, "***") if settings.HF_TOKEN else text)
     return paths
 
 

@@ -28,6 +28,15 @@ def hash_audio(audio: Path | bytes | None) -> str:
         return f"unreadable:{audio}"
 
 
+def unreadable_files(spec: SpeakerSpec, items: list[SourceItem]) -> list[Path]:
+    """Files of ``items`` (audio and references) and ``spec``'s references that exist but cannot be read
+    (permissions, I/O errors, a folder in a file's place): their fingerprint would change without the source
+    changing. Reads every file, like ``fingerprint``."""
+    paths = [Path(r) for r in spec.references]
+    paths += [a for item in items for a in (item.audio, *item.reference_audio) if isinstance(a, Path)]
+    return [p for p in paths if p.exists() and hash_audio(p).startswith("unreadable:")]
+
+
 def tokenizer_identity(path: str) -> str:
     """Content hash of a local speech tokenizer (config + weights), or the Hub id for a remote one."""
     folder = Path(path)

@@ -10,7 +10,9 @@ For each recording (a file, or every file of a folder with one of RECORDING_EXTE
 4. write the clips (24 kHz FLAC) and a ``segments.json`` (times, text, confidence, similarity) to
    ``DATASET_DIR/.recordings/<speaker>/<key>/``; ``key`` hashes the recording's and sidecar's bytes and every
    setting that changes the cut, the text or the similarity, so a re-run reads the cache and adding one
-   recording segments only that one. Entries of recordings no longer in the source are removed.
+   recording segments only that one. Entries of recordings no longer in the source are removed (none while a
+recording cannot be read: its entry may be one of them). An entry is written to a staging folder, flushed and
+renamed into place (``atomic.replace_folder``).
 
 The clips then become ordinary ``SourceItem``s that go through the quality gate, the encoder and the speaker
 config like any other source. A clip below ``MIN_ASR_CONFIDENCE`` is rejected as ``low_asr_confidence``, one
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from finetuning import atomic
 from finetuning.constants import SAMPLE_RATE
 from finetuning.preparation.audio import AudioDecodeError, encode_flac, load_mono_24k
 from finetuning.preparation.fingerprint import hash_audio
@@ -205,8 +208,7 @@ def _segment(recording: Path, sidecar: Path | None, folder: Path, models: _Model
         )
     entry = {"recording": str(recording), "duration_s": duration_s, "segments": rows}
     (staging / ENTRY_FILE).write_text(json.dumps(entry, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    atomic.replace_folder(staging, folder)
 
 
 def _items(entry: dict, folder: Path, recording: Path, settings: Settings) -> list[SourceItem]:
@@ -234,23 +236,28 @@ def read_recordings(spec: SpeakerSpec, settings: Settings, cache_root: Path) -> 
     """
     recordings = list_recordings(spec.source)
     models = _Models(spec, settings)
-    read, keys = RecordingsRead(), set()
+    read, keys, unreadable = RecordingsRead(), set(), False
     for recording in recordings:
         sidecar = find_sidecar(recording)
         try:
             key = _cache_key(recording, sidecar, spec, settings)
             folder = cache_root / key
-            if not (folder / ENTRY_FILE).exists():
+            atomic.restore_previous(folder)
+            entry = atomic.read_json(folder / ENTRY_FILE)
+            if entry is None:  # never segmented, or the entry was cut short
                 _segment(recording, sidecar, folder, models)
                 read.segmented.append(str(recording))
+                entry = json.loads((folder / ENTRY_FILE).read_text())
         except (FileNotFoundError, PermissionError, AudioDecodeError) as error:
             read.items.append(rejected_item(recording.stem, str(recording), RowError("unreadable", str(error))))
+            unreadable = True
             continue
         keys.add(key)
-        entry = json.loads((folder / ENTRY_FILE).read_text())
         read.seconds_in += entry["duration_s"]
         read.items.extend(_items(entry, folder, recording, settings))
-    for stale in (p for p in cache_root.glob("*") if p.name not in keys):
-        shutil.rmtree(stale, ignore_errors=True)
+    # An unreadable recording has no key this run: its cache may be one of the unmatched ones, so none is removed.
+    stale = [] if unreadable else [p for p in cache_root.glob("*") if p.name not in keys and not p.name.startswith(".")]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
     logger.info("speaker %s: %d recordings, %d segmented this run", spec.name, len(recordings), len(read.segmented))
     return read

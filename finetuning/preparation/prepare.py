@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from finetuning import atomic
 from finetuning.constants import SAMPLE_RATE
+from finetuning.locks import folder_lock
 from finetuning.preparation import schema
 from finetuning.preparation.audio import (
     AudioDecodeError,
@@ -30,7 +32,7 @@ from finetuning.preparation.audio import (
 )
 from finetuning.preparation.clips import ClipProcessor, ClipWork, log_rejections
 from finetuning.preparation.encoder import SpeechEncoder
-from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity
+from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity, unreadable_files
 from finetuning.preparation.from_recordings import CACHE_DIR as RECORDINGS_CACHE
 from finetuning.preparation.from_recordings import read_recordings
 from finetuning.preparation.languages import LanguageError, ModelLanguages, read_model_languages, resolve_labels
@@ -44,9 +46,10 @@ from finetuning.preparation.sources import (
     read_source,
     unique_ids,
 )
-from finetuning.preparation.writing import SpeakerReport, make_row, write_card, write_split
+from finetuning.preparation.writing import SpeakerReport, format_report, make_row, write_card, write_split
 from finetuning.resources import is_hub_id
-from finetuning.settings import Settings
+from finetuning.settings import Settings, SettingsError
+from finetuning.settings_rules import check_speakers
 
 logger = logging.getLogger(__name__)
 
@@ -260,9 +263,12 @@ def prepare_speaker(
         items = items[:max_samples]
     duplicate_ids = unique_ids(spec.name, items)
     print_ = fingerprint(spec, items, settings, tokenizer_id)
+    atomic.restore_previous(output_dir / spec.name)  # a config a crash left aside
     info_path = output_dir / spec.name / schema.INFO_FILE
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
+    info = atomic.read_json(info_path)
+    if info is None and info_path.exists():
+        logger.warning("speaker %s: %s is damaged (cut short by a crash?); preparing again", spec.name, info_path)
+    if info is not None:
         if info.get("fingerprint") == print_:
             logger.info("speaker %s: unchanged (fingerprint %s), nothing to prepare", spec.name, print_[:12])
             report = SpeakerReport(speaker=spec.name, prepared=False, fingerprint=print_)
@@ -278,6 +284,12 @@ def prepare_speaker(
             report.languages = summary.get("languages", {})
             report.auto_prefix_languages = summary.get("auto_prefix_languages", [])
             return report
+        unreadable = unreadable_files(spec, items)
+        if unreadable:  # a read error, not a change of the source: the good config stays
+            raise PreparationError(
+                f"speaker {spec.name}: {len(unreadable)} file(s) exist but cannot be read (first: {unreadable[0]}); "
+                "the prepared config is kept as it is. Fix the access (permissions, disk, network share) and run again"
+            )
 
     if model_languages is None:
         model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
@@ -355,12 +367,7 @@ def prepare_speaker(
     summary = report.as_dict()
     summary.pop("prepared_this_run")
     (staging / schema.INFO_FILE).write_text(json.dumps({"fingerprint": print_, "summary": summary}, indent=2))
-    final, previous = output_dir / spec.name, output_dir / f".{spec.name}.previous"
-    if final.exists():  # swap by renames: a crash never leaves a half-deleted config (the old one waits aside)
-        shutil.rmtree(previous, ignore_errors=True)
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
+    atomic.replace_folder(staging, output_dir / spec.name)  # the old config waits aside until the new one is in
     return report
 
 
@@ -382,11 +389,28 @@ def prepare_dataset(
     they are counted by reason in the summary and logged. ``processor`` (a caller's, left open) runs the clip
     work; by default one is made for PREPARATION_WORKERS processes and closed at the end.
     """
+    try:  # each name becomes a folder of DATASET_DIR: "../x" would write outside it
+        check_speakers("speakers", tuple(speakers or ()) or settings.TRAIN_SPEAKERS)
+    except SettingsError as error:
+        raise PreparationError(str(error)) from None
     output = Path(output_dir or settings.DATASET_DIR)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PreparationError(f"DATASET_DIR={output} cannot be created ({error.strerror}); choose another") from error
+    with folder_lock(output, "DATASET_DIR"):  # FolderBusy while another preparation writes there
+        return _prepare_all(settings, speakers, encoder, output, max_samples, report, processor)
+
+
+def _prepare_all(
+    settings: Settings,
+    speakers: Sequence[str] | None,
+    encoder: SpeechEncoder | None,
+    output: Path,
+    max_samples: int | None,
+    report: Callable[[str], None],
+    processor: ClipProcessor | None,
+) -> list[SpeakerReport]:
     plan = plan_speakers(settings, speakers)
     if encoder is None:
         encoder = SpeechEncoder(settings.TOKENIZER_PATH, settings.DEVICE, settings.ENCODE_BATCH_SIZE, settings.HF_TOKEN)
@@ -411,7 +435,7 @@ def prepare_dataset(
                 continue
             reports.append(result)
             write_card(output)
-            report(_format_report(result))
+            report(format_report(result))
     finally:
         if own_processor:
             processor.close()
@@ -420,16 +444,3 @@ def prepare_dataset(
         raise PreparationError(" | ".join(failures) + done)
     write_card(output)
     return reports
-
-
-def _format_report(r: SpeakerReport) -> str:
-    if not r.prepared:
-        return f"{r.speaker}: unchanged, skipped ({r.kept} clips, {r.hours_kept * 60:.1f} min)"
-    rejected = ", ".join(f"{k}={v}" for k, v in sorted(r.rejected.items())) or "none"
-    splits = ", ".join(f"{k}={v}" for k, v in r.splits.items())
-    auto_prefix = ", ".join(r.auto_prefix_languages)
-    auto_prefix = f"; trains with the auto prefix: {auto_prefix}" if auto_prefix else ""
-    return (
-        f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} of {r.hours_in * 60:.2f} min); "
-        f"splits: {splits}; rejected: {rejected}{auto_prefix}"
-    )

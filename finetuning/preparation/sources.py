@@ -20,7 +20,9 @@ Formats (``format`` in the speakers manifest, or detected from the path):
                   ``finetuning.preparation.from_recordings``; not read here.
 
 Relative audio paths resolve against the source's folder and must stay inside it: one that leaves it (``..``) is
-rejected as ``outside_source``; an absolute path is taken as given on purpose.
+rejected as ``outside_source``; an absolute path is taken as given on purpose. An ``hf`` dataset may come from
+anyone: its rows name no file outside its own local folder (absolute or relative, symlinks resolved), and a Hub
+dataset's rows name no local file at all (audio must be embedded bytes).
 """
 
 from __future__ import annotations
@@ -141,6 +143,17 @@ def _resolve(base: Path, value: str) -> Path:
     if not resolved.is_relative_to(root):
         raise RowError("outside_source", f"{value!r} leaves the source folder {base}; give an absolute path")
     return base / candidate
+
+
+def _inside_dataset(folder: Path | None, value: str) -> Path:
+    """An ``hf`` row's audio path: the file it names after resolving symlinks, which must lie inside the dataset's
+    local ``folder`` (None for a Hub dataset: no local path is read). RowError ``outside_source`` otherwise."""
+    if folder is None:
+        raise RowError("outside_source", f"{value!r}: a Hub dataset's audio must be embedded, not a local path")
+    root, resolved = Path(os.path.realpath(folder)), Path(os.path.realpath(folder / value))
+    if not resolved.is_relative_to(root):
+        raise RowError("outside_source", f"{value!r} is outside the dataset folder {folder} (links resolved)")
+    return resolved
 
 
 def _jsonl_item(path: Path, line: str, line_no: int, origin: str, speaker_column: str) -> SourceItem:
@@ -308,10 +321,10 @@ def read_hf(
                 continue
             audio = row["audio"]
             if isinstance(audio, dict):
-                audio = audio.get("bytes") or (Path(audio["path"]) if audio.get("path") else None)
-            elif isinstance(audio, str):
+                audio = audio.get("bytes") or audio.get("path")
+            if isinstance(audio, str):
                 try:
-                    audio = _resolve(path if path.is_dir() else Path("."), audio)
+                    audio = _inside_dataset(path if path.is_dir() else None, audio)
                 except RowError as error:
                     yield rejected_item(f"{split_name or 'row'}-{index:06d}", f"{source}[{split_name}][{index}]", error)
                     continue

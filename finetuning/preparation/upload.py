@@ -2,9 +2,12 @@
 
 The decision logic (``sync_dataset``) is one code path for every remote. ``HubRemote`` talks to the Hugging
 Face Hub with huggingface_hub; ``FolderRemote`` is a local folder with the same interface (tests, air-gapped
-mirrors). Per config, data files go first and ``prepare_info.json`` (which holds the fingerprint) last, so a
-remote fingerprint only exists once that config's data is complete. An interrupted upload is resumed by
-running again: the Hub skips LFS files it already has, ``FolderRemote`` skips files with equal content.
+mirrors). On the Hub each config is one commit (its shards, the deletion of an older preparation's shards and
+``prepare_info.json``, which holds the fingerprint), so the repo never shows a config pointing at deleted or
+missing shards; ``FolderRemote`` writes data files first and ``prepare_info.json`` last. An interrupted upload is
+resumed by running again: the Hub skips LFS files it already has, ``FolderRemote`` skips files with equal content.
+An existing public Hub repo is refused unless HF_DATASET_PUBLIC_OK (or HF_DATASET_PRIVATE=false) says so: voice
+data is personal.
 """
 
 from __future__ import annotations
@@ -53,18 +56,31 @@ def _info_fingerprint(text: str | None) -> str | None:
         return None
 
 
-class HubRemote:
-    """A Hub dataset repo. The token is passed to huggingface_hub only; it is never logged or written."""
+class PublicRepoError(RuntimeError):
+    """The Hub repo exists and is public while the settings ask for a private one."""
 
-    def __init__(self, repo_id: str, token: str | None = None, private: bool = True, api=None):
+
+class HubRemote:
+    """A Hub dataset repo. The token is passed to huggingface_hub only; it is never logged or written.
+
+    ``private``: create the repo private; an existing public repo is then refused unless ``public_ok``."""
+
+    def __init__(self, repo_id: str, token: str | None = None, private: bool = True, api=None, public_ok=False):
         from huggingface_hub import HfApi
 
         self.repo_id = repo_id
         self.private = private
+        self.public_ok = public_ok
         self.api = api or HfApi(token=token or None)
 
     def ensure_exists(self) -> None:
+        """Create the repo (private by default); raise PublicRepoError for an existing public one."""
         self.api.create_repo(self.repo_id, repo_type="dataset", private=self.private, exist_ok=True)
+        if self.private and not self.public_ok and not self.api.repo_info(self.repo_id, repo_type="dataset").private:
+            raise PublicRepoError(
+                f"HF_DATASET_REPO={self.repo_id} is a public dataset repo: the voices would be published. Make it "
+                "private on the Hub, choose another repo, or set HF_DATASET_PUBLIC_OK=true to publish them"
+            )
 
     def read_text(self, path_in_repo: str) -> str | None:
         from huggingface_hub.utils import EntryNotFoundError
@@ -83,30 +99,30 @@ class HubRemote:
         return sorted({f.split("/")[0] for f in files if f.endswith(f"/{schema.INFO_FILE}")})
 
     def upload_config(self, local_config_dir: Path, config: str) -> None:
-        self.api.upload_folder(
+        """One commit: the config's shards, the deletion of remote shards it no longer has, its info file."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        shards = sorted(local_config_dir.glob("*.parquet"))
+        wanted = {f"{config}/{shard.name}" for shard in shards}
+        remote = self.api.list_repo_files(self.repo_id, repo_type="dataset")
+        stale = [f for f in remote if f.startswith(f"{config}/") and f.endswith(".parquet") and f not in wanted]
+        operations = [CommitOperationAdd(f"{config}/{shard.name}", str(shard)) for shard in shards]
+        operations += [CommitOperationDelete(path) for path in stale]
+        info = local_config_dir / schema.INFO_FILE
+        operations.append(CommitOperationAdd(f"{config}/{schema.INFO_FILE}", str(info)))
+        self.api.create_commit(
             repo_id=self.repo_id,
             repo_type="dataset",
-            folder_path=str(local_config_dir),
-            path_in_repo=config,
-            allow_patterns=["*.parquet"],
-            delete_patterns=["*.parquet"],  # shards of an older preparation of this config
-            commit_message=f"Add data of speaker config {config}",
-        )
-        self.api.upload_file(
-            repo_id=self.repo_id,
-            repo_type="dataset",
-            path_or_fileobj=str(local_config_dir / schema.INFO_FILE),
-            path_in_repo=f"{config}/{schema.INFO_FILE}",
-            commit_message=f"Mark speaker config {config} complete",
+            operations=operations,
+            commit_message=f"Speaker config {config}",
         )
 
     def write_text(self, path_in_repo: str, text: str, message: str) -> None:
-        self.api.upload_file(
-            repo_id=self.repo_id,
-            repo_type="dataset",
-            path_or_fileobj=text.encode("utf-8"),
-            path_in_repo=path_in_repo,
-            commit_message=message,
+        from huggingface_hub import CommitOperationAdd
+
+        operation = CommitOperationAdd(path_in_repo, text.encode("utf-8"))
+        self.api.create_commit(
+            repo_id=self.repo_id, repo_type="dataset", operations=[operation], commit_message=message
         )
 
 

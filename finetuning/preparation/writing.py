@@ -5,15 +5,17 @@ See ``schema`` for the layout and columns.
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from finetuning import atomic
 from finetuning.constants import NUM_CODEBOOKS, SAMPLE_RATE
 from finetuning.preparation import schema
+
+logger = logging.getLogger(__name__)
 
 
 def write_split(rows: list[dict], folder: Path, split: str, fingerprint: str, max_shard_bytes: float) -> None:
@@ -54,8 +56,14 @@ def make_row(
 def local_configs(dataset_dir: Path) -> dict[str, dict]:
     """Every finished speaker config in a local dataset folder: speaker -> its prepare_info.json content."""
     configs = {}
-    for info in sorted(dataset_dir.glob(f"*/{schema.INFO_FILE}")):
-        configs[info.parent.name] = json.loads(info.read_text())
+    for path in sorted(dataset_dir.glob(f"*/{schema.INFO_FILE}")):
+        if path.parent.name.startswith("."):  # a staging folder or an earlier copy waiting aside
+            continue
+        info = atomic.read_json(path)
+        if info is None:
+            logger.warning("%s is damaged (cut short by a crash?); preparing that speaker again rebuilds it", path)
+            continue
+        configs[path.parent.name] = info
     return configs
 
 
@@ -64,16 +72,10 @@ def write_card(dataset_dir: Path) -> Path:
     replaced atomically, so a reader (or ``load_dataset``) never sees a half-written card."""
     infos = local_configs(dataset_dir)
     card = dataset_dir / schema.CARD_FILE
-    _write_atomically(card, schema.render_card(infos))
+    atomic.write_text(card, schema.render_card(infos))
     summaries = {name: info.get("summary", {}) for name, info in infos.items()}
-    _write_atomically(dataset_dir / schema.SUMMARY_FILE, json.dumps(summaries, indent=2, sort_keys=True))
+    atomic.write_json(dataset_dir / schema.SUMMARY_FILE, summaries, indent=2, sort_keys=True)
     return card
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 @dataclass
@@ -111,3 +113,17 @@ class SpeakerReport:
             "languages": dict(sorted(self.languages.items())),
             "auto_prefix_languages": self.auto_prefix_languages,
         }
+
+
+def format_report(r: SpeakerReport) -> str:
+    """One line per speaker for the command's output."""
+    if not r.prepared:
+        return f"{r.speaker}: unchanged, skipped ({r.kept} clips, {r.hours_kept * 60:.1f} min)"
+    rejected = ", ".join(f"{k}={v}" for k, v in sorted(r.rejected.items())) or "none"
+    splits = ", ".join(f"{k}={v}" for k, v in r.splits.items())
+    auto_prefix = ", ".join(r.auto_prefix_languages)
+    auto_prefix = f"; trains with the auto prefix: {auto_prefix}" if auto_prefix else ""
+    return (
+        f"{r.speaker}: kept {r.kept}/{r.clips_total} clips ({r.hours_kept * 60:.2f} of {r.hours_in * 60:.2f} min); "
+        f"splits: {splits}; rejected: {rejected}{auto_prefix}"
+    )

@@ -6,6 +6,12 @@ position, and the step counts). States are written only at optimizer-step bounda
 with the next micro-batch of the same epoch plan and ends with the same weights as an uninterrupted run.
 SIGTERM / SIGINT ask the loop to save a state and stop after the current step.
 
+Rotation removes the states saved longest ago (by when their marker was written, not by step number). Resuming
+from a state that is not the newest first moves the newer ones aside to ``OUTPUT_DIR/superseded_states/``: the
+resumed run saves states under the same step names, and neither they nor the named state may be deleted or
+overwritten by it. A state is complete once ``progress.done`` holds its step; the marker is written (atomically)
+only after every file of the state is flushed to disk.
+
 Every state also holds the run's identity (``run_identity.json``): the settings and facts that decide the epoch
 plan and which embedding each utterance gets (seed, speaker order, batching, accumulation, process count, layout,
 examples per speaker). Resuming with any of them changed would silently train on another plan, so it is refused
@@ -18,8 +24,12 @@ import json
 import logging
 import shutil
 import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from finetuning import atomic, locks
 from finetuning.resources import one_line
 
 logger = logging.getLogger(__name__)
@@ -27,6 +37,8 @@ logger = logging.getLogger(__name__)
 STATES_DIR = "states"
 STATE_PREFIX = "step-"
 IDENTITY_FILE = "run_identity.json"
+DONE_FILE = "progress.done"  # the completion marker: the state's step, written once its files are on disk
+SUPERSEDED_DIR = "superseded_states"  # newer states moved aside when a run resumes from an older one
 # Settings that decide the epoch plan, the micro-batch order or the speaker each embedding row belongs to.
 IDENTITY_SETTINGS = (
     "SEED",
@@ -63,12 +75,43 @@ def state_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def saved_states(output_dir: str | Path) -> list[Path]:
-    """Complete saved states, oldest first (a state is complete once its ``progress.done`` marker exists)."""
+    """Complete saved states, oldest first (a state is complete once its ``progress.done`` marker holds its step)."""
     root = Path(output_dir) / STATES_DIR
     if not root.exists():
         return []
-    states = [p for p in root.glob(f"{STATE_PREFIX}*") if (p / "progress.done").exists()]
+    states = [p for p in root.glob(f"{STATE_PREFIX}*") if is_complete(p)]
     return sorted(states, key=lambda p: int(p.name[len(STATE_PREFIX) :]))
+
+
+def is_complete(path: Path) -> bool:
+    """The marker exists and names the step in the folder's name (a marker cut short by a crash does not)."""
+    try:
+        return int((path / DONE_FILE).read_text()) == _step(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _step(path: Path) -> int:
+    return int(path.name[len(STATE_PREFIX) :])
+
+
+def set_aside_newer_states(output_dir: str | Path, resumed: Path) -> Path | None:
+    """Move every state of ``output_dir`` with a higher step than the state ``resumed`` (complete or not; the
+    resumed state may be another folder's) into ``OUTPUT_DIR/superseded_states/after-<resumed>-<time>/``; returns
+    that folder, None when there were none."""
+    root = Path(output_dir) / STATES_DIR
+    step = int((resumed / DONE_FILE).read_text())
+    newer = [p for p in root.glob(f"{STATE_PREFIX}*") if p.is_dir() and _step(p) > step]
+    if not newer:
+        return None
+    aside = Path(output_dir) / SUPERSEDED_DIR / f"after-{resumed.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True)
+    for path in newer:
+        path.rename(aside / path.name)
+    atomic.fsync_dir(root)
+    atomic.fsync_dir(aside)
+    logger.warning("resuming from %s: the newer states %s were moved to %s", resumed, [p.name for p in newer], aside)
+    return aside
 
 
 def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
@@ -80,7 +123,7 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
         states = saved_states(output_dir)
         return states[-1] if states else None
     path = Path(resume_from)
-    if not (path / "progress.done").exists():
+    if not (path / DONE_FILE).exists():
         raise ResumeError(f"RESUME_FROM={resume_from} is not a complete saved state (no progress.done in it)")
     return path
 
@@ -98,7 +141,12 @@ def check_run_identity(path: Path, identity: dict) -> None:
     file = path / IDENTITY_FILE
     if not file.exists():
         raise ResumeError(f"cannot resume from {path}: it has no {IDENTITY_FILE} (saved by an older version)")
-    saved = {**IDENTITY_BEFORE_KEY, **json.loads(file.read_text())}
+    saved = atomic.read_json(file)
+    if not isinstance(saved, dict):
+        raise ResumeError(
+            f"cannot resume from {path}: its {IDENTITY_FILE} is damaged (cut short by a crash?); {_older_hint(path)}"
+        )
+    saved = {**IDENTITY_BEFORE_KEY, **saved}
     differing = [
         f"{key} (saved {saved.get(key)!r}, now {identity.get(key)!r})"
         for key in sorted(set(saved) | set(identity))
@@ -111,8 +159,9 @@ def check_run_identity(path: Path, identity: dict) -> None:
         )
 
 
-def load_training_state(accelerator, path: Path, identity: dict) -> None:
-    """Restore every process from a saved state of the same run (``check_run_identity`` first). Raises
+def load_training_state(accelerator, path: Path, identity: dict, output_dir: str | Path) -> None:
+    """Restore every process from a saved state of the same run (``check_run_identity`` first), then set the
+    states of ``output_dir`` newer than it aside (``set_aside_newer_states``). Raises
     ResumeError when the identity differs, a registered object refuses the state, or the state's files are
     truncated or corrupt; the latter names the newest older state to resume from instead."""
     check_run_identity(path, identity)
@@ -121,30 +170,63 @@ def load_training_state(accelerator, path: Path, identity: dict) -> None:
     except ValueError as error:
         raise ResumeError(f"cannot resume from {path}: {error}") from error
     except Exception as error:  # safetensors, torch.load and pickle each raise their own types on a damaged file
-        older = [p for p in saved_states(path.parent.parent) if p.name < path.name]
-        hint = f"resume from the previous one with RESUME_FROM={older[-1]}" if older else "no older state is left"
         raise ResumeError(
-            f"the training state {path} is truncated or corrupt ({type(error).__name__}: {one_line(error)}); {hint}"
+            f"the training state {path} is truncated or corrupt ({type(error).__name__}: {one_line(error)}); "
+            f"{_older_hint(path)}"
         ) from error
+    if accelerator.is_main_process:
+        set_aside_newer_states(output_dir, path)
+    accelerator.wait_for_everyone()
+
+
+def _older_hint(path: Path) -> str:
+    """What to resume from instead of the damaged state at ``path``."""
+    older = [p for p in saved_states(path.parent.parent) if p.name < path.name]
+    return f"resume from the previous one with RESUME_FROM={older[-1]}" if older else "no older state is left"
 
 
 def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int, identity: dict) -> Path:
     """Save the state for ``step`` and the run's ``identity`` on every process, mark it complete, and prune to the
-    newest ``keep``."""
+    ``keep`` saved last."""
     path = state_dir(output_dir, step)
     if accelerator.is_main_process:  # a state being rewritten is incomplete until its marker is written again
-        (path / "progress.done").unlink(missing_ok=True)
+        (path / DONE_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # the marker goes to disk after everything it vouches for
         (path / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
-        (path / "progress.done").write_text(str(step))
-        for old in saved_states(output_dir)[:-keep]:
+        atomic.fsync_tree(path)
+        atomic.write_text(path / DONE_FILE, str(step))
+        by_age = sorted(saved_states(output_dir), key=lambda p: (p / DONE_FILE).stat().st_mtime_ns)
+        for old in by_age[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved training state %s", path)
     accelerator.wait_for_everyone()
     return path
+
+
+@contextmanager
+def output_dir_lock(accelerator, output_dir: str | Path) -> Iterator[None]:
+    """Hold OUTPUT_DIR's lock (``finetuning.locks``; the main process takes it) for a ``with`` block. Raises
+    FolderBusy on every process while another live run holds it."""
+    path, busy = None, None
+    if accelerator.is_main_process:
+        try:
+            path = locks.acquire(output_dir, "OUTPUT_DIR")
+        except locks.FolderBusy as error:
+            busy = str(error)
+    if accelerator.num_processes > 1:  # every process stops, not only the one that looked
+        from accelerate.utils import broadcast_object_list
+
+        busy = broadcast_object_list([busy])[0]
+    if busy is not None:
+        raise locks.FolderBusy(busy)
+    try:
+        yield
+    finally:
+        if path is not None:
+            locks.release(path)
 
 
 class StopRequest:

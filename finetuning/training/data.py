@@ -6,7 +6,6 @@ is set, from the Hub. Training never decodes audio for codes: ``audio_codes`` we
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetuning import atomic
 from finetuning.constants import NUM_CODEBOOKS, SAMPLE_RATE
 from finetuning.preparation import schema
 from finetuning.settings import Settings
@@ -68,7 +68,13 @@ def load_split(
             f"speaker {speaker} is not prepared in {root} (no {schema.INFO_FILE}); run "
             "`uv run python finetuning/data_preparation.py` first or set HF_DATASET_REPO"
         )
-    fingerprint = json.loads(info_path.read_text())["fingerprint"]
+    info = atomic.read_json(info_path)
+    if not isinstance(info, dict) or "fingerprint" not in info:
+        raise DataError(
+            f"{info_path} is damaged (cut short by a crash?); run `uv run python finetuning/data_preparation.py "
+            f"--speaker {speaker}` again"
+        )
+    fingerprint = info["fingerprint"]
     files = sorted((root / speaker).glob(schema.split_pattern(speaker, split, fingerprint).split("/", 1)[1]))
     if not files:
         return None

@@ -4,8 +4,10 @@ The directory loads with ``qwen_tts.Qwen3TTSModel.from_pretrained(dir)``; every 
 ``talker_config.spk_id`` whose codec-embedding row holds that speaker's embedding (the mean x-vector used in
 training), so ``generate_custom_voice(speaker=name)`` conditions exactly as training did. The speaker encoder is
 not part of a custom-voice model and is left out. The resolved settings (no secrets) and a ``finetune_info.json``
-(speakers, rows, languages) are saved beside the weights. The directory is written to a temporary sibling and
-renamed into place, so a crash never leaves a half-written checkpoint.
+(speakers, rows, languages) are saved beside the weights, local paths reduced to their last part
+(``portable_path``). The directory is written to a temporary sibling and renamed into place
+(``atomic.replace_folder``: flushed first, the earlier export removed last), so a crash never leaves a half-written
+checkpoint or neither copy.
 
 A voice-clone run (TRAINING_MODE=voice_clone) exports a ``base`` model instead: the Base config unchanged (no
 speaker rows) and the frozen speaker encoder kept, so stock ``generate_voice_clone`` clones with it as it does
@@ -14,6 +16,7 @@ with the Base model.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -27,9 +30,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from finetuning import atomic
 from finetuning.constants import FIRST_SPEAKER_ROW
+from finetuning.resources import is_hub_id
 from finetuning.settings import Settings
-from finetuning.training.lora import LoraAdapter
+from finetuning.training.lora import ADAPTER_DIR, LoraAdapter
 
 # The base model's own weights (single or sharded, safetensors or bin, with their index): never copied, the export
 # writes its own model.safetensors. Subfolders (the speech tokenizer's weights) are copied whole.
@@ -41,6 +46,10 @@ WEIGHT_FILE_PATTERNS = (
 )
 INFO_FILE = "finetune_info.json"
 SETTINGS_FILE = "training_settings.json"
+LOCAL_PATH_PREFIX = "<local>/"  # an absolute local path in an export keeps only its last part
+# What every export writes itself: never taken from the base folder (an earlier export holds them), so a file of
+# the base is never linked into the staging folder and then rewritten through the link.
+WRITTEN_NAMES = ("config.json", INFO_FILE, SETTINGS_FILE, ADAPTER_DIR)
 
 
 class ExportError(RuntimeError):
@@ -118,11 +127,12 @@ def export_checkpoint(
     ``speakers`` order; ``languages`` maps speaker -> the language it was trained with (for ``generate.py``'s
     default). An existing ``output_dir`` is replaced only once the new one is complete. ``link_base_files``
     hard-links the base folder's unchanged files (tokenizers, speech tokenizer) instead of copying them where the
-    filesystem allows, for the repeated exports of in-training evaluation. ``state_dict`` replaces
-    ``model.state_dict()`` (a full state gathered from sharded training). ``write_extra(folder)`` adds files to
-    the checkpoint before it is renamed into place (the LoRA adapter). With ``speaker_encoder`` (voice-clone
-    training) the checkpoint is a ``base`` model holding that encoder, with no speaker rows; ``speakers`` and
-    ``languages`` are then only recorded as the speakers trained on.
+    filesystem allows, for the repeated exports of in-training evaluation; the files an export writes
+    (``WRITTEN_NAMES``) are never taken from the base, so nothing is written through a link into it.
+    ``state_dict`` replaces ``model.state_dict()`` (a full state gathered from sharded training).
+    ``write_extra(folder)`` adds files to the checkpoint before it is renamed into place (the LoRA adapter). With
+    ``speaker_encoder`` (voice-clone training) the checkpoint is a ``base`` model holding that encoder, with no
+    speaker rows; ``speakers`` and ``languages`` are then only recorded as the speakers trained on.
 
     Raises ExportError when the speakers do not fit the vocabulary, the base folder lacks config.json, or a weight
     is NaN or infinite (a diverged run: nothing is written and an earlier export stays in place).
@@ -140,10 +150,11 @@ def export_checkpoint(
         raise ExportError(f"{len(speakers)} speakers but {speaker_embeds.shape[0]} embeddings")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic.restore_previous(output_dir)  # an earlier export a crash left aside
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         for item in base.iterdir():
-            if _is_weight_file(item) or item.name == "config.json" or item.name.startswith("."):
+            if _is_weight_file(item) or item.name in WRITTEN_NAMES or item.name.startswith("."):
                 continue
             copy = _link_or_copy if link_base_files else shutil.copy2
             if item.is_dir():
@@ -167,26 +178,40 @@ def export_checkpoint(
             **(
                 {} if clone else {"speakers": {name: {"row": rows[name.lower()], **trained[name]} for name in speakers}}
             ),
-            "base_model": str(settings.INIT_MODEL_PATH) if settings else str(base),
+            "base_model": portable_path(settings.INIT_MODEL_PATH if settings else str(base)),
             **(extra_info or {}),
         }
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         if settings is not None:
-            settings.save(staging / SETTINGS_FILE)
+            atomic.write_json(staging / SETTINGS_FILE, portable_settings(settings), indent=2, sort_keys=True)
         if write_extra is not None:
             write_extra(staging)
-        previous = output_dir.with_name(f".{output_dir.name}.previous")
-        if previous.exists():
-            shutil.rmtree(previous)
-        if output_dir.exists():
-            output_dir.rename(previous)
-        staging.rename(output_dir)
-        if previous.exists():
-            shutil.rmtree(previous)
+        atomic.replace_folder(staging, output_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return output_dir
+
+
+def portable_path(value: str) -> str:
+    """A path as an export carries it: a Hub id or a relative path as given; any other local path reduced to
+    ``<local>/<last part>``, so user names and folder layouts stay on this machine."""
+    text = str(value)
+    path = Path(text).expanduser()
+    if not text or (is_hub_id(text) and not path.exists()):
+        return text
+    if not path.is_absolute() and ".." not in path.parts and not text.startswith("~"):
+        return text
+    return f"{LOCAL_PATH_PREFIX}{path.name}"
+
+
+def portable_settings(settings: Settings) -> dict:
+    """``settings.public_dict()`` with every path setting passed through ``portable_path`` (what exports save)."""
+    values = settings.public_dict()
+    for f in dataclasses.fields(settings):
+        if "path" in f.metadata["unit"] and f.name in values:
+            values[f.name] = portable_path(values[f.name])
+    return values
 
 
 def _refuse_non_finite(state: dict[str, torch.Tensor]) -> None:
@@ -231,7 +256,7 @@ class RunExports:
         settings = self.settings
         write_adapter = None
         if self.lora is not None:  # the adapter from the trained state, the checkpoint from the merged one
-            write_adapter = partial(self.lora.save_adapter, state, base_model=settings.INIT_MODEL_PATH)
+            write_adapter = partial(self.lora.save_adapter, state, base_model=portable_path(settings.INIT_MODEL_PATH))
             state = self.lora.merged_state_dict(state)
         return export_checkpoint(
             accelerator.unwrap_model(step_module).model,

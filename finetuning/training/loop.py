@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from finetuning.training.callbacks import ExportCallback, ExportHook
 from finetuning.training.checkpointing import (
     StopRequest,
     load_training_state,
+    output_dir_lock,
     resolve_resume,
     run_identity,
     save_training_state,
@@ -39,6 +42,7 @@ from finetuning.training.data import (
     speaker_languages,
 )
 from finetuning.training.export import RunExports, checkpoint_dtype, speaker_rows
+from finetuning.training.guards import check_export_dir
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import check_optimizer, make_optimizer, make_scheduler, optimizer_step
@@ -217,20 +221,22 @@ def build_step_module(model, settings: Settings, conditioning_table: torch.Tenso
     )
 
 
-def prepare_output_dir(settings: Settings, accelerator) -> Path | None:
+def prepare_output_dir(settings: Settings, accelerator, held: ExitStack) -> Path | None:
     """The state to resume from (RESUME_FROM), or None for a new run, which must not mix with an earlier run's
-    states; the run folder is created and the settings are saved in it."""
+    states; the run folder is created, locked for this run until ``held`` closes (FolderBusy while another run
+    holds it), and the settings are saved in it."""
     output_dir = Path(settings.OUTPUT_DIR)
+    try:  # on every process, so that all of them stop on an OUTPUT_DIR that cannot be created
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"OUTPUT_DIR={output_dir} cannot be created ({error.strerror}); choose another") from error
+    held.enter_context(output_dir_lock(accelerator, output_dir))
     resume_path = resolve_resume(settings.RESUME_FROM, output_dir)
     if resume_path is None and saved_states(output_dir):
         raise TrainingError(
             f"{output_dir} holds saved training states of an earlier run ({saved_states(output_dir)[-1].name}); "
             "set RESUME_FROM=latest to continue it, or use another OUTPUT_DIR (or delete its states/ folder)"
         )
-    try:  # on every process, so that all of them stop on an OUTPUT_DIR that cannot be created
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise TrainingError(f"OUTPUT_DIR={output_dir} cannot be created ({error.strerror}); choose another") from error
     if accelerator.is_main_process:
         settings.save(output_dir / "training_settings.json")
     return resume_path
@@ -245,12 +251,13 @@ def train(settings: Settings, on_export: ExportCallback | None = None) -> TrainR
     OptimizerError with a message naming the fix.
     """
     accelerator = make_accelerator(settings)
-    result = _train(settings, on_export, accelerator)
+    with ExitStack() as held:  # OUTPUT_DIR's lock, from the first write to the last
+        result = _train(settings, on_export, accelerator, held)
     engines.finish(accelerator)  # the run's engine and process groups go now, not at interpreter exit
     return result
 
 
-def _train(settings: Settings, on_export: ExportCallback | None, accelerator) -> TrainResult:
+def _train(settings: Settings, on_export: ExportCallback | None, accelerator, held: ExitStack) -> TrainResult:
     from accelerate.utils import send_to_device, set_seed
 
     check_speed_options(settings, accelerator.device)
@@ -258,9 +265,10 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     if settings.CPU_HEAP_CACHE and accelerator.device.type == "cpu" and keep_freed_memory():
         logger.info("CPU_HEAP_CACHE: freed tensor memory stays in the heap")
     set_seed(settings.SEED)
-    resume_path = prepare_output_dir(settings, accelerator)
     token = settings.HF_TOKEN or None
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
+    check_export_dir(settings, model_dir)  # before anything is written
+    resume_path = prepare_output_dir(settings, accelerator, held)
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
     train_loader, sampler, languages, val_sets, speaker_embeds = make_train_data(
@@ -291,9 +299,10 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     accelerator.register_for_checkpointing(scheduler, sampler, result)  # sampler: the data position
     log = MetricsLog(accelerator, settings.OUTPUT_DIR)
     if resume_path is not None:
-        load_training_state(accelerator, resume_path, identity)
+        load_training_state(accelerator, resume_path, identity, settings.OUTPUT_DIR)
         logger.info("resumed from %s at step %d", resume_path, result.optimizer_steps)
         log.truncate(result.optimizer_steps)
+    saved_step = result.optimizer_steps if resume_path is not None else None  # the step a state on disk holds
     aux_losses = accelerator.unwrap_model(step_module).aux_losses
     if aux_losses is not None:  # states are saved at optimizer steps: micro-batches so far = steps x accumulation
         aux_losses.training_calls = result.optimizer_steps * settings.GRADIENT_ACCUMULATION_STEPS
@@ -352,6 +361,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
                 stop_now = stop.on_any_process(accelerator)
                 if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
                     save_training_state(accelerator, settings.OUTPUT_DIR, step, settings.SAVE_TOTAL_LIMIT, identity)
+                    saved_step = step
                 result.interrupted = stop_now
                 if step >= total_steps or stop_now:
                     break
@@ -362,6 +372,11 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     if result.interrupted:
         logger.warning("stopped on a signal at step %d; resume with RESUME_FROM=latest", result.optimizer_steps)
         return result
+    final_state = None  # the last steps reach the disk before validation, export and merge can fail
+    if saved_step != result.optimizer_steps:  # kept beside the SAVE_TOTAL_LIMIT states until the export is in place
+        final_state = save_training_state(
+            accelerator, settings.OUTPUT_DIR, result.optimizer_steps, settings.SAVE_TOTAL_LIMIT + 1, identity
+        )
     audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
     if val_examples:
         eval_metrics = validation_losses(step_module, val_sets, settings, accelerator)
@@ -372,6 +387,8 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator) ->
     result.export_dir = exports.export(accelerator, step_module, settings.export_dir, result.optimizer_steps)
     if result.export_dir is not None:
         logger.info("exported %s", result.export_dir)
+        if final_state is not None:
+            shutil.rmtree(final_state, ignore_errors=True)
     if hook.active:
         hook.call(accelerator, result.export_dir, result.optimizer_steps)
     accelerator.wait_for_everyone()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from finetuning import atomic
 from finetuning.constants import FRAME_RATE_HZ
 from finetuning.settings import Settings
 
@@ -107,9 +108,18 @@ class MetricsLog:
         """Drop records logged after ``last_step`` (the interrupted run got further than its last save)."""
         if not self.accelerator.is_main_process or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["step"] <= last_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept, torn = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash (blank lines too)
+                torn += bool(line.strip())
+                continue
+            if record["step"] <= last_step:
+                kept.append(line)
+        if torn:
+            logger.warning("%s: dropped %d damaged line(s) (cut short by a crash?)", self.path, torn)
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         self.history.append(record)

@@ -221,3 +221,44 @@ def test_split_is_deterministic_and_order_free(tiny_model_dir, tmp_path):
     assert assign_splits(ids, [None] * 20, other_seed, "spk") != list(first.values())
     given = assign_splits(["a", "b"], ["validation", None], settings, "spk")
     assert given == ["validation", "train"]
+
+
+def test_a_torn_info_file_or_a_staging_folder_is_never_taken_for_a_config(tmp_path, tiny_model_dir):
+    """After a crash: a staging folder ``.X.tmp`` with its info file is not a config, a config whose
+    prepare_info.json was cut short is prepared again (preparation) or named with the fix (training)."""
+    from finetuning.preparation.writing import local_configs
+    from finetuning.training.data import DataError, load_split
+
+    settings = make_settings(tmp_path, tiny_model_dir, TRAIN_SPEAKERS="english_speaker", VALIDATION_FRACTION=0.0)
+    prepare_dataset(settings, encoder=encoder_for(settings), max_samples=2, report=lambda _: None)
+    dataset = tmp_path / "dataset"
+    shutil.copytree(dataset / "english_speaker", dataset / ".english_speaker.tmp")
+    assert list(local_configs(dataset)) == ["english_speaker"]
+    info = dataset / "english_speaker" / schema.INFO_FILE
+    info.write_text(info.read_text()[:20])  # cut short
+    with pytest.raises(DataError, match=r"prepare_info.json is damaged.*data_preparation.py --speaker english_speaker"):
+        load_split(settings, "english_speaker", "train")
+    assert local_configs(dataset) == {}
+    reports = prepare_dataset(settings, encoder=encoder_for(settings), max_samples=2, report=lambda _: None)
+    assert reports[0].prepared and json.loads(info.read_text())["fingerprint"] == reports[0].fingerprint
+
+
+def test_a_clip_that_exists_but_cannot_be_read_keeps_the_prepared_config(tmp_path, tiny_model_dir):
+    """A read error (here a folder where the clip was: it exists and cannot be read) must not rebuild the config
+    without that clip: the run stops for that speaker naming the file, the config stays byte-identical, and once
+    the clip reads again nothing is prepared."""
+    voices = copy_voices(tmp_path)
+    settings = make_settings(tmp_path, tiny_model_dir, VOICES_DIR=voices, TRAIN_SPEAKERS="english_speaker")
+    (first,) = prepare_dataset(settings, encoder=encoder_for(settings), max_samples=3, report=lambda _: None)
+    config = tmp_path / "dataset" / "english_speaker"
+    before = {p.name: p.read_bytes() for p in config.iterdir()}
+    clip = voices / "english_speaker" / "clips" / "english_speaker_002.flac"
+    clip.rename(tmp_path / "aside.flac")
+    clip.mkdir()
+    with pytest.raises(PreparationError, match="english_speaker_002.flac.*the prepared config is kept"):
+        prepare_dataset(settings, encoder=encoder_for(settings), max_samples=3, report=lambda _: None)
+    assert {p.name: p.read_bytes() for p in config.iterdir()} == before
+    clip.rmdir()
+    (tmp_path / "aside.flac").rename(clip)
+    (again,) = prepare_dataset(settings, encoder=encoder_for(settings), max_samples=3, report=lambda _: None)
+    assert not again.prepared and again.fingerprint == first.fingerprint

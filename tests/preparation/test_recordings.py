@@ -277,6 +277,24 @@ def test_srt_sidecar_gives_exactly_its_texts_and_adding_a_recording_segments_onl
     (third,) = prepare_dataset(settings, report=lambda _: None)
     assert third.prepared and third.kept == first.kept + 1
 
+    # one.flac cannot be read for a moment (a network share dropping out): its cache entry must survive
+    from finetuning.preparation import from_recordings
+
+    real_digest = from_recordings._file_digest
+
+    def flaky_digest(path):
+        if Path(path).name == "one.flac":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_digest(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(from_recordings, "_file_digest", flaky_digest)
+        assert [item.problem for item in read_recordings(spec, settings, cache).items if item.audio is None] == [
+            "unreadable"
+        ]
+    assert entry.exists() and os.stat(entry).st_mtime_ns == written
+    assert read_recordings(spec, settings, cache).segmented == []
+
 
 def test_a_recording_without_subtitles_and_without_asr_model_stops_the_speaker(tmp_path, tiny_model_dir, recording):
     folder = tmp_path / "talks"

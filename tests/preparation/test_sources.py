@@ -128,3 +128,22 @@ def test_ljspeech_line_that_is_not_utf8_is_rejected_alone(tmp_path):
     bad, good = read_source(str(tmp_path), None, "spk")
     assert bad.problem == "bad_encoding" and bad.origin.endswith("metadata.csv:1")
     assert good.id == "c1" and good.text == "fine" and good.problem is None
+
+
+def test_hf_rows_name_no_file_outside_their_folder_even_through_a_link(tmp_path):
+    import datasets
+
+    outside = write_wav(tmp_path / "outside.wav", speechlike(1.0))
+    folder = tmp_path / "hf"
+    names = ["in.wav", "../outside.wav", str(outside), "link.wav", str(folder / "in.wav")]
+    datasets.Dataset.from_dict({"audio": names, "text": list("abcde")}).save_to_disk(str(folder))
+    write_wav(folder / "in.wav", speechlike(1.0))
+    (folder / "link.wav").symlink_to(outside)
+    items = list(read_source(str(folder), None, "spk"))
+    assert [(i.problem, i.audio) for i in items] == [
+        (None, folder / "in.wav"),
+        ("outside_source", None),
+        ("outside_source", None),
+        ("outside_source", None),
+        (None, folder / "in.wav"),
+    ]

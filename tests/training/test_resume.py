@@ -280,3 +280,46 @@ def test_each_optimizer_resumes_to_the_same_weights(prepared, tmp_path, optimize
                 root, model_dir, **{**common, "OPTIMIZER": "adamw"}, OUTPUT_DIR=tmp_path / "changed", RESUME_FROM=middle
             )
         )
+
+
+def test_resuming_from_an_older_state_sets_newer_ones_aside_and_rotation_keeps_it(prepared, tmp_path):
+    """States 1, 2, 3; resume from step 1 (as the message about a corrupt state suggests) with 2 kept: the
+    original 2 and 3 are moved aside untouched, the named state 1 and the new 2 stay, and 'latest' is the new 2.
+    With SAVE_STEPS=0 the last step is saved before the export and removed once the export is in place."""
+    from conftest import make_settings
+
+    from finetuning.training.checkpointing import SUPERSEDED_DIR, resolve_resume, saved_states
+    from finetuning.training.loop import train
+
+    root, model_dir = prepared
+    common = {"OUTPUT_DIR": tmp_path / "run", "DATASET_DIR": root / "dataset", "VALIDATION_FRACTION": 0.0}
+    common.update({"GRADIENT_ACCUMULATION_STEPS": 1, "EVAL_STEPS": 0, "REPORT_TO": "none", "SAVE_STEPS": 1})
+    train(make_settings(tmp_path, model_dir, **common, MAX_STEPS=3, SAVE_TOTAL_LIMIT=3))
+    states = tmp_path / "run" / "states"
+    original = {p.name: (p / "model.safetensors").read_bytes() for p in saved_states(tmp_path / "run")}
+    assert sorted(original) == ["step-00000001", "step-00000002", "step-00000003"]
+
+    named = states / "step-00000001"
+    train(make_settings(tmp_path, model_dir, **common, MAX_STEPS=2, SAVE_TOTAL_LIMIT=2, RESUME_FROM=named))
+    assert [p.name for p in saved_states(tmp_path / "run")] == ["step-00000001", "step-00000002"]
+    assert (named / "model.safetensors").read_bytes() == original["step-00000001"]
+    (aside,) = (tmp_path / "run" / SUPERSEDED_DIR).iterdir()
+    assert {p.name: (p / "model.safetensors").read_bytes() for p in aside.iterdir()} == {
+        name: data for name, data in original.items() if name != "step-00000001"
+    }
+    assert resolve_resume("latest", tmp_path / "run") == states / "step-00000002"
+
+    saved = []
+    import finetuning.training.loop as loop
+
+    real_save = loop.save_training_state
+
+    def recording_save(*args):
+        saved.append((args[2], (tmp_path / "b" / "model").exists()))  # (step, exported yet?)
+        return real_save(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "save_training_state", recording_save)
+        no_saves = {**common, "OUTPUT_DIR": tmp_path / "b", "SAVE_STEPS": 0, "MAX_STEPS": 2}
+        result = train(make_settings(tmp_path / "b", model_dir, **no_saves))
+    assert saved == [(2, False)] and result.export_dir is not None and saved_states(tmp_path / "b") == []

@@ -29,10 +29,12 @@ NaN, never a made-up number.
 from __future__ import annotations
 
 import math
+import tempfile
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,6 +60,7 @@ SYLLABLE_PROMINENCE_DB = 2.0  # an energy peak must stand this far above its sur
 SYLLABLE_MIN_GAP_S = 0.05
 ENVELOPE_SMOOTH_FRAMES = 3
 F0_RANGE_PERCENTILES = (5.0, 95.0)
+KERNEL_LOCK_NAME = "finetuning-numba-kernels.lock"  # in the temporary folder, shared by every process on the machine
 MIN_FRAMES_FOR_CORRELATION = 10
 SEMITONES_PER_OCTAVE = 12.0
 
@@ -210,6 +213,7 @@ def analyse_clip(audio: np.ndarray, sample_rate: int) -> ClipAnalysis:
     """
     import librosa
 
+    compile_kernels()
     wav = resample(np.asarray(audio, dtype=np.float32), sample_rate, ANALYSIS_SAMPLE_RATE)
     if not np.any(wav):
         raise ValueError("cannot analyse a silent clip")
@@ -231,6 +235,32 @@ def analyse_clip(audio: np.ndarray, sample_rate: int) -> ClipAnalysis:
     return ClipAnalysis(f0_hz=f0_hz, energy_db=energy_db[:frames], content=mfcc[:, :frames])
 
 
+@cache
+def compile_kernels() -> None:
+    """Load librosa's numba kernels that the metrics use (pYIN, DTW), compiling them into numba's on-disk cache
+    under a machine-wide file lock; once per process, before the first analysis.
+
+    Two processes that compile a cached ``guvectorize`` kernel at the same time can leave a cache whose files come
+    from different processes; every later load of it crashes with a segmentation fault (numba issue 10128). The
+    lock makes the first compile on a fresh install happen in one process; the others then read its cache.
+    """
+    import librosa
+    from filelock import FileLock
+
+    tone = np.sin(2 * np.pi * 150.0 * np.arange(ANALYSIS_SAMPLE_RATE // 4) / ANALYSIS_SAMPLE_RATE).astype(np.float32)
+    with FileLock(Path(tempfile.gettempdir()) / KERNEL_LOCK_NAME):
+        librosa.pyin(
+            tone,
+            fmin=F0_MIN_HZ,
+            fmax=F0_MAX_HZ,
+            sr=ANALYSIS_SAMPLE_RATE,
+            frame_length=PITCH_FRAME_LENGTH,
+            hop_length=HOP_LENGTH,
+        )
+        features = np.random.default_rng(0).standard_normal((4, 8))
+        librosa.sequence.dtw(X=features, Y=features, metric="euclidean")
+
+
 def align(generated: ClipAnalysis, reference: ClipAnalysis) -> tuple[np.ndarray, np.ndarray]:
     """DTW path over content features: (P,) frame indices into generated and reference, in time order.
 
@@ -238,6 +268,7 @@ def align(generated: ClipAnalysis, reference: ClipAnalysis) -> tuple[np.ndarray,
     """
     import librosa
 
+    compile_kernels()
     _, path = librosa.sequence.dtw(X=generated.content, Y=reference.content, metric="euclidean")
     path = path[::-1]
     return path[:, 0], path[:, 1]

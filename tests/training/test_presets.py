@@ -11,13 +11,12 @@ from finetuning.training.presets import InitModelError, check_init_model
 PRESETS = {"vivian": 3000, "eric": 3002}  # a gap at 3001, as released checkpoints leave gaps between their rows
 
 
-def _custom_voice_dir(tmp_path, tiny_model_dir):
-    """A folder whose config.json is a custom_voice one (all these checks read)."""
-    folder = tmp_path / "cv"
+def _model_dir(tmp_path, kind: str):
+    """A folder whose config.json names ``kind`` and, for a custom_voice one, its presets: all these checks read."""
+    folder = tmp_path / kind
     folder.mkdir()
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    config["tts_model_type"] = "custom_voice"
-    config["talker_config"].update(spk_id=PRESETS, spk_is_dialect={"vivian": False, "eric": "sichuan_dialect"})
+    talker = {"spk_id": PRESETS, "spk_is_dialect": {"vivian": False, "eric": "sichuan_dialect"}, "vocab_size": 3072}
+    config = {"tts_model_type": kind, "talker_config": talker if kind == "custom_voice" else {"spk_id": {}}}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -31,29 +30,29 @@ def test_new_speakers_take_the_free_rows_beside_the_presets():
         speaker_rows(["a", "b", "c"], 3004, PRESETS)
 
 
-def test_custom_voice_init_checks_name_the_key_and_the_fix(tmp_path, tiny_model_dir):
-    folder = _custom_voice_dir(tmp_path, tiny_model_dir)
-    ok = make_settings(tmp_path, folder, TRAIN_SPEAKERS="alice", SPEAKER_ENCODER_PATH=tiny_model_dir)
+def test_custom_voice_init_checks_name_the_key_and_the_fix(tmp_path):
+    folder, base_dir = _model_dir(tmp_path, "custom_voice"), _model_dir(tmp_path, "base")
+    ok = make_settings(tmp_path, folder, TRAIN_SPEAKERS="alice", SPEAKER_ENCODER_PATH=base_dir)
     assert check_init_model(ok, folder) == "custom_voice"
     cases = {
         "SPEAKER_ENCODER_PATH to the Base model": dict(TRAIN_SPEAKERS="alice"),
-        "vivian is already a preset speaker": dict(TRAIN_SPEAKERS="vivian", SPEAKER_ENCODER_PATH=tiny_model_dir),
+        "vivian is already a preset speaker": dict(TRAIN_SPEAKERS="vivian", SPEAKER_ENCODER_PATH=base_dir),
         "TRAINING_MODE=voice_clone needs a Base model": dict(
-            TRAIN_SPEAKERS="alice", SPEAKER_ENCODER_PATH=tiny_model_dir, TRAINING_MODE="voice_clone"
+            TRAIN_SPEAKERS="alice", SPEAKER_ENCODER_PATH=base_dir, TRAINING_MODE="voice_clone"
         ),
     }
     for message, values in cases.items():
         with pytest.raises(InitModelError, match=message):
             check_init_model(make_settings(tmp_path, folder, **values), folder)
-    base = make_settings(tmp_path, tiny_model_dir, REPLAY_FRACTION=0.3)
+    base = make_settings(tmp_path, base_dir, REPLAY_FRACTION=0.3)
     with pytest.raises(InitModelError, match="REPLAY_FRACTION=0.3 replays the preset speakers"):
-        check_init_model(base, tiny_model_dir)
+        check_init_model(base, base_dir)
 
 
-def test_export_config_keeps_the_presets_dialects(tmp_path, tiny_model_dir):
+def test_export_config_keeps_the_presets_dialects(tmp_path):
     from finetuning.training.export import custom_voice_config
 
-    folder = _custom_voice_dir(tmp_path, tiny_model_dir)
+    folder = _model_dir(tmp_path, "custom_voice")
     config = custom_voice_config(
         json.loads((folder / "config.json").read_text()), speaker_rows(["alice"], 3072, PRESETS)
     )

@@ -48,7 +48,7 @@ from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import check_optimizer, make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.presets import CUSTOM_VOICE, PresetSpeakers, check_init_model, load_speaker_encoder
-from finetuning.training.replay import ReplayMixed, load_or_generate, replay_examples
+from finetuning.training.replay import ReplayMixed, replay_source
 from finetuning.training.sampler import DurationBatchSampler
 from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
 from finetuning.training.speed import (
@@ -298,14 +298,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     with engines.whole_model_loading(accelerator):
         model, tokenizer, stock = load_base_model(model_dir, accelerator.device, settings)
     presets = PresetSpeakers.from_model(model)
-    make_replay = None
-    if settings.REPLAY_FRACTION > 0:
-        write = accelerator.is_main_process
-
-        def make_replay(examples: list[Example]) -> list[Example]:
-            rows = load_or_generate(settings, model_dir, stock, presets, examples, tokenizer, write)
-            return replay_examples(rows, presets, len(settings.TRAIN_SPEAKERS), tokenizer)
-
+    make_replay = replay_source(settings, model_dir, stock, presets, tokenizer, accelerator.is_main_process)
     train_loader, sampler, languages, val_sets, speaker_embeds = make_train_data(
         settings, tokenizer, model, accelerator, checkpoint_dtype(model_dir), presets, make_replay
     )

@@ -173,6 +173,19 @@ def replay_examples(rows: list[ReplayRow], presets: PresetSpeakers, num_speakers
     ]
 
 
+def replay_source(settings: Settings, model_dir: Path, stock, presets: PresetSpeakers, tokenizer, write: bool):
+    """None without replay (REPLAY_FRACTION 0); else ``make(train examples) -> replay examples`` for
+    ``make_train_data``: the cached or generated rows (``load_or_generate``) as examples (``replay_examples``)."""
+    if settings.REPLAY_FRACTION == 0:
+        return None
+
+    def make(examples: list[Example]) -> list[Example]:
+        rows = load_or_generate(settings, model_dir, stock, presets, examples, tokenizer, write)
+        return replay_examples(rows, presets, len(settings.TRAIN_SPEAKERS), tokenizer)
+
+    return make
+
+
 class ReplayMixed(TrainingExamples):
     """``TrainingExamples`` whose item ``(epoch, i)`` is, with probability ``fraction``, a replay example instead
     (drawn as the module docstring says). Lengths, sampling and resume work as for the plain examples."""

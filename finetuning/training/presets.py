@@ -16,6 +16,7 @@ A ``custom_voice`` checkpoint (``tts_model_type``) names its preset speakers in 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch
 
 from finetuning.resources import one_line, resolve_model_dir
 from finetuning.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 BASE, CUSTOM_VOICE = "base", "custom_voice"
 ENCODER_PREFIX = "speaker_encoder."
@@ -81,6 +84,8 @@ def check_init_model(settings: Settings, model_dir: Path) -> str:
                 f"REPLAY_FRACTION={settings.REPLAY_FRACTION} replays the preset speakers of a CustomVoice init, but "
                 f"{where} is a Base model (no presets); set REPLAY_FRACTION=0"
             )
+        if settings.SPEAKER_ENCODER_PATH:
+            logger.warning("%s is a Base model: its own speaker encoder is used, SPEAKER_ENCODER_PATH is not", where)
         return kind
     if settings.TRAINING_MODE != CUSTOM_VOICE:
         raise InitModelError(

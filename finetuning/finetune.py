@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from finetuning.training.export import ExportError
     from finetuning.training.loop import TrainingError, train
     from finetuning.training.lora import LoraError
+    from finetuning.training.presets import InitModelError
+    from finetuning.training.replay import ReplayError
 
     speech_evaluation = None
     if settings.EVAL_GENERATE_STEPS:  # the evaluation stack (scorers, reports) loads only for a run that uses it
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         ResumeError,
         ExportError,
         LoraError,
+        InitModelError,
+        ReplayError,
         ModelUnavailable,
         SettingsError,
         FolderBusy,

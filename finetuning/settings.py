@@ -56,6 +56,11 @@ def validate(settings: Settings) -> None:
     require(not (s.FUSED_CROSS_ENTROPY and s.USE_AUXILIARY_LOSSES), "FUSED_CROSS_ENTROPY", True, fused_rule)
     clone_rule = "false with TRAINING_MODE=voice_clone (references are drawn from every clip of a speaker in memory)"
     require(not (s.DATA_STREAMING and s.TRAINING_MODE == "voice_clone"), "DATA_STREAMING", True, clone_rule)
+    replay_rule = (
+        "0 with TRAINING_MODE=voice_clone or DATA_STREAMING=true (replay is mixed into in-memory custom voice data)"
+    )
+    replay_off = s.TRAINING_MODE == "custom_voice" and not s.DATA_STREAMING
+    require(s.REPLAY_FRACTION == 0 or replay_off, "REPLAY_FRACTION", s.REPLAY_FRACTION, replay_rule)
 
 
 # Keys of earlier versions: naming one is an error that names its successor, never a silently ignored key.

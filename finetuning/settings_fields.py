@@ -133,7 +133,15 @@ class Settings:
     ASR_BATCH_SIZE: int = _setting(8, "clips", "recordings: clips per ASR_MODEL batch when transcribing", ge=1)
     # --- model -------------------------------------------------------------------------------------------
     INIT_MODEL_PATH: str = _setting(
-        "Qwen/Qwen3-TTS-12Hz-1.7B-Base", "Hub id or path", "Base model to fine-tune (12 Hz, 0.6B or 1.7B)"
+        "Qwen/Qwen3-TTS-12Hz-1.7B-Base",
+        "Hub id or path",
+        "model to fine-tune (12 Hz, 0.6B or 1.7B): a Base model, or a CustomVoice one whose preset speakers are kept",
+    )
+    SPEAKER_ENCODER_PATH: str = _setting(
+        "",
+        "Hub id or path",
+        "a custom_voice INIT_MODEL_PATH only (it ships no speaker encoder): the Base model of the same size whose "
+        "speaker encoder computes the new speakers' x-vectors",
     )
     TOKENIZER_PATH: str = _setting(
         "Qwen/Qwen3-TTS-Tokenizer-12Hz", "Hub id or path", "12 Hz speech tokenizer used to precompute codes"
@@ -194,6 +202,17 @@ class Settings:
         "voice_clone: longest clip drawn as an ICL reference (users give 3-10 s); x-vectors use at most the first "
         "this many seconds of a clip",
         gt=0,
+    )
+    REPLAY_FRACTION: float = _setting(
+        0.0,
+        "fraction",
+        "a custom_voice INIT_MODEL_PATH only: share of training samples that replay the init model's own greedy "
+        "speech of its preset speakers (generated once before training, cached), so they are not forgotten; 0 = off",
+        ge=0,
+        lt=1,
+    )
+    REPLAY_SAMPLES: int = _setting(
+        4, "texts", "replay: texts each preset speaker says (the first distinct training texts)", ge=1
     )
     SUB_TALKER_LOSS_WEIGHT: float = _setting(0.3, "weight", "weight of the sub-talker (codebooks 2-16) loss", ge=0)
     WEIGHT_DECAY: float = _setting(

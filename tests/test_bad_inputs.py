@@ -76,6 +76,9 @@ def test_commands_name_the_bad_path_in_one_line(tmp_path, tiny_model_dir):
     (no_weights / "model.safetensors").unlink()
     no_config = shutil.copytree(tiny_model_dir, tmp_path / "no_config")
     (no_config / "config.json").unlink()
+    custom_voice = shutil.copytree(tiny_model_dir, tmp_path / "custom_voice")  # no speaker encoder config needed
+    config = json.loads((custom_voice / "config.json").read_text())
+    (custom_voice / "config.json").write_text(json.dumps({**config, "tts_model_type": "custom_voice"}))
     finetune, generate = str(COMMANDS / "finetune.py"), str(COMMANDS / "generate.py")
     prepare = str(COMMANDS / "data_preparation.py")
     speak = ["--speaker", "english_speaker", "--output", str(tmp_path / "out.wav")]
@@ -89,6 +92,11 @@ def test_commands_name_the_bad_path_in_one_line(tmp_path, tiny_model_dir):
             [finetune, "--env-file", str(model_env(tmp_path, tiny_model_dir, INIT_MODEL_PATH=tmp_path / "nope"))],
             1,
             ["INIT_MODEL_PATH=", "no such folder"],
+        ),
+        "custom_voice_init_without_speaker_encoder": (
+            [finetune, "--env-file", str(model_env(tmp_path, custom_voice))],
+            1,
+            ["INIT_MODEL_PATH=", "CustomVoice", "SPEAKER_ENCODER_PATH"],
         ),
         "tokenizer_path_missing": (
             [prepare, "--env-file", str(model_env(tmp_path, tiny_model_dir, TOKENIZER_PATH="./tokenizers/nope"))],

@@ -35,6 +35,7 @@ from finetuning.constants import FIRST_SPEAKER_ROW
 from finetuning.resources import is_hub_id
 from finetuning.settings import Settings
 from finetuning.training.lora import ADAPTER_DIR, LoraAdapter
+from finetuning.training.presets import PresetSpeakers
 
 # The base model's own weights (single or sharded, safetensors or bin, with their index): never copied, the export
 # writes its own model.safetensors. Subfolders (the speech tokenizer's weights) are copied whole.
@@ -56,27 +57,34 @@ class ExportError(RuntimeError):
     """The model cannot be exported as asked; the message says why."""
 
 
-def speaker_rows(speakers: list[str], vocab_size: int) -> dict[str, int]:
-    """Codec-embedding row of each speaker, keyed by the lower-case name that generation looks up."""
+def speaker_rows(speakers: list[str], vocab_size: int, presets: dict[str, int] | None = None) -> dict[str, int]:
+    """Codec-embedding row of each speaker, keyed by the lower-case name that generation looks up: ``presets``
+    (a CustomVoice init's name -> row) as they are, then ``speakers`` in the free rows from FIRST_SPEAKER_ROW on."""
     names = [s.lower() for s in speakers]
     if len(set(names)) != len(names):
         raise ExportError(f"speaker names must differ ignoring case: {speakers}")
-    rows = {name: FIRST_SPEAKER_ROW + i for i, name in enumerate(names)}
-    if rows and max(rows.values()) >= vocab_size:
+    presets = dict(presets or {})
+    if set(names) & set(presets):
+        raise ExportError(f"new speakers {sorted(set(names) & set(presets))} are already preset speakers")
+    taken = set(presets.values())
+    free = [row for row in range(FIRST_SPEAKER_ROW, vocab_size) if row not in taken][: len(names)]
+    if len(free) < len(names):
+        last = FIRST_SPEAKER_ROW + len(names) + len(taken) - 1
         raise ExportError(
-            f"{len(names)} speakers need codec rows up to {max(rows.values())}, but the talker vocabulary has "
-            f"{vocab_size} rows"
+            f"{len(names)} speakers need codec rows up to {last}, but the talker vocabulary has {vocab_size} rows"
         )
-    return rows
+    return {**presets, **dict(zip(names, free, strict=True))}
 
 
 def custom_voice_config(base_config: dict, rows: dict[str, int]) -> dict:
-    """The base model's config.json turned into a custom-voice config listing ``rows``' speakers."""
+    """The base model's config.json turned into a custom-voice config listing ``rows``' speakers (a CustomVoice
+    base's presets keep their ``spk_is_dialect`` values; new speakers speak no dialect)."""
     config = json.loads(json.dumps(base_config))
     config["tts_model_type"] = "custom_voice"
     talker = config["talker_config"]
+    dialects = {name.lower(): value for name, value in (talker.get("spk_is_dialect") or {}).items()}
     talker["spk_id"] = dict(rows)
-    talker["spk_is_dialect"] = {name: False for name in rows}
+    talker["spk_is_dialect"] = {name: dialects.get(name, False) for name in rows}
     return config
 
 
@@ -120,6 +128,7 @@ def export_checkpoint(
     state_dict: dict | None = None,
     write_extra: Callable[[Path], None] | None = None,
     speaker_encoder: torch.nn.Module | None = None,
+    presets: PresetSpeakers | None = None,
 ) -> Path:
     """Write a custom-voice checkpoint of ``model`` (a ``Qwen3TTSForConditionalGeneration``) to ``output_dir``.
 
@@ -132,7 +141,8 @@ def export_checkpoint(
     ``state_dict`` replaces ``model.state_dict()`` (a full state gathered from sharded training).
     ``write_extra(folder)`` adds files to the checkpoint before it is renamed into place (the LoRA adapter). With
     ``speaker_encoder`` (voice-clone training) the checkpoint is a ``base`` model holding that encoder, with no
-    speaker rows; ``speakers`` and ``languages`` are then only recorded as the speakers trained on.
+    speaker rows; ``speakers`` and ``languages`` are then only recorded as the speakers trained on. ``presets`` (a
+    CustomVoice init's speakers) keep their names, rows and embeddings beside the new ``speakers``.
 
     Raises ExportError when the speakers do not fit the vocabulary, the base folder lacks config.json, or a weight
     is NaN or infinite (a diverged run: nothing is written and an earlier export stays in place).
@@ -143,11 +153,14 @@ def export_checkpoint(
         raise ExportError(f"{base} has no config.json; INIT_MODEL_PATH must be a Qwen3-TTS model folder or Hub id")
     base_config = json.loads((base / "config.json").read_text())
     clone = speaker_encoder is not None
-    rows = {} if clone else speaker_rows(speakers, base_config["talker_config"]["vocab_size"])
+    presets = presets or PresetSpeakers.none()
+    rows = {} if clone else speaker_rows(speakers, base_config["talker_config"]["vocab_size"], presets.rows)
     if clone:
         speaker_embeds = speaker_embeds[:0]
     elif speaker_embeds.shape[0] != len(speakers):
         raise ExportError(f"{len(speakers)} speakers but {speaker_embeds.shape[0]} embeddings")
+    elif presets.rows:  # in ``rows`` order: the presets' own rows first
+        speaker_embeds = torch.cat([presets.embeds.to(speaker_embeds), speaker_embeds])
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     atomic.restore_previous(output_dir)  # an earlier export a crash left aside
@@ -178,6 +191,7 @@ def export_checkpoint(
             **(
                 {} if clone else {"speakers": {name: {"row": rows[name.lower()], **trained[name]} for name in speakers}}
             ),
+            **({"preset_speakers": {name: {"row": row} for name, row in presets.rows.items()}} if presets.rows else {}),
             "base_model": portable_path(settings.INIT_MODEL_PATH if settings else str(base)),
             **(extra_info or {}),
         }
@@ -243,6 +257,7 @@ class RunExports:
     settings: Settings
     lora: LoraAdapter | None = None
     speaker_encoder: torch.nn.Module | None = None  # kept in voice-clone exports (TRAINING_MODE=voice_clone)
+    presets: PresetSpeakers | None = None  # a CustomVoice init's speakers, kept beside the new ones
 
     def export(self, accelerator, step_module, output_dir: str | Path, step: int, link_base_files: bool = False):
         """``export_checkpoint`` of the model being trained, with the run's settings and ``step`` recorded.
@@ -262,7 +277,7 @@ class RunExports:
             accelerator.unwrap_model(step_module).model,
             self.base_model_dir,
             list(settings.TRAIN_SPEAKERS),
-            self.speaker_embeds,
+            self.speaker_embeds[: len(settings.TRAIN_SPEAKERS)],  # the presets' rows after them: replay only
             self.languages,
             output_dir,
             settings=settings,
@@ -277,6 +292,7 @@ class RunExports:
             state_dict=state,
             write_extra=write_adapter,
             speaker_encoder=self.speaker_encoder if settings.TRAINING_MODE == "voice_clone" else None,
+            presets=self.presets,
         )
 
 

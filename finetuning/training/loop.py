@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ from finetuning.training.guards import check_export_dir
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import check_optimizer, make_optimizer, make_scheduler, optimizer_step
+from finetuning.training.presets import CUSTOM_VOICE, PresetSpeakers, check_init_model, load_speaker_encoder
+from finetuning.training.replay import ReplayMixed, replay_source
 from finetuning.training.sampler import DurationBatchSampler
 from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
 from finetuning.training.speed import (
@@ -95,10 +98,12 @@ class TrainResult:
 
 
 def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
-    """The Base model to fine-tune, in float32 (master weights; autocast supplies mixed precision), with its
-    speaker encoder frozen, ATTN_IMPLEMENTATION's attention and (TORCH_COMPILE) compiled transformers, and its text
-    tokenizer. Fails before training (ExportError) when TRAIN_SPEAKERS do not fit the codec vocabulary,
-    TrainingError when the folder does not load as a Qwen3-TTS model."""
+    """(model, text tokenizer, stock wrapper): the model to fine-tune, in float32 (master weights; autocast supplies
+    mixed precision), with its speaker encoder frozen (a CustomVoice init's from SPEAKER_ENCODER_PATH,
+    ``training.presets``), ATTN_IMPLEMENTATION's attention and (TORCH_COMPILE) compiled transformers; the stock
+    ``Qwen3TTSModel`` around it generates replay rows. Fails before training (ExportError) when TRAIN_SPEAKERS do
+    not fit the codec vocabulary beside a CustomVoice init's presets, TrainingError when the folder does not load
+    as a Qwen3-TTS model."""
     import qwen_tts
 
     try:
@@ -111,6 +116,8 @@ def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
             f"{one_line(error)}); give a 12 Hz Base model folder or Hub id"
         ) from error
     model = wrapper.model
+    if model.speaker_encoder is None and model.tts_model_type == CUSTOM_VOICE:
+        model.speaker_encoder = load_speaker_encoder(settings, model.config.talker_config.hidden_size)
     if model.speaker_encoder is None:
         raise TrainingError(
             f"INIT_MODEL_PATH={model_dir} is a {model.tts_model_type!r} model without a speaker encoder; "
@@ -118,10 +125,11 @@ def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
         )
     freeze_speaker_encoder(model)
     if settings.TRAINING_MODE == "custom_voice":  # a voice-clone export stays a Base model: no speaker rows
-        speaker_rows(list(settings.TRAIN_SPEAKERS), model.config.talker_config.vocab_size)
+        vocab_size = model.config.talker_config.vocab_size
+        speaker_rows(list(settings.TRAIN_SPEAKERS), vocab_size, PresetSpeakers.from_model(model).rows)
     if settings.TORCH_COMPILE:
         compile_transformers(model)
-    return model.to(device), wrapper.processor.tokenizer
+    return model.to(device), wrapper.processor.tokenizer, wrapper
 
 
 def make_accelerator(settings: Settings):
@@ -174,11 +182,21 @@ def _longest_reference(dataset: TrainingExamples, index: int) -> int:
     return dataset.pool.longest_reference(dataset.examples[index].speaker)
 
 
-def make_train_data(settings: Settings, tokenizer, model, accelerator, xvector_dtype: torch.dtype):
+def make_train_data(
+    settings: Settings,
+    tokenizer,
+    model,
+    accelerator,
+    xvector_dtype: torch.dtype,
+    presets: PresetSpeakers | None = None,
+    make_replay: Callable[[list[Example]], list[Example]] | None = None,
+):
     """(train batches, their sampler, each speaker's language, validation sets, conditioning): the conditioning is
     the (S, D) speaker embeddings, or with TRAINING_MODE=voice_clone every training clip's x-vector (C, D)
     (``training.clone``), computed once here by the frozen speaker encoder in ``xvector_dtype``. The validation
-    sets are ``Conditioning.validation``'s (row languages, and "auto").
+    sets are ``Conditioning.validation``'s (row languages, and "auto"). A CustomVoice init's ``presets`` follow the
+    new speakers' rows in the table, and ``make_replay(train examples)`` (REPLAY_FRACTION) gives the replay examples
+    mixed into the training samples (``training.replay``).
 
     Map-style: every example in memory (codes int16), batches chosen by ``DurationBatchSampler`` and collated by
     a DataLoader. ``DATA_STREAMING``: a ``StreamingBatches`` stream is both (memory bounded by its buffers)."""
@@ -200,8 +218,15 @@ def make_train_data(settings: Settings, tokenizer, model, accelerator, xvector_d
         validation = dataset.validation(validation)
         conditioning_table = pool.xvectors
     else:
-        dataset = TrainingExamples(train_examples, conditioning, talker_config)
         conditioning_table = compute_speaker_embeddings(model, settings, xvector_dtype)
+        if presets is not None and presets.rows:  # replayed presets: speakers S .. S + P - 1 of the table
+            conditioning_table = torch.cat([conditioning_table, presets.embeds.to(conditioning_table.dtype)])
+        if make_replay is None:
+            dataset = TrainingExamples(train_examples, conditioning, talker_config)
+        else:
+            replay = make_replay(train_examples)
+            fraction = settings.REPLAY_FRACTION
+            dataset = ReplayMixed(train_examples, conditioning, talker_config, replay, fraction, settings.SEED)
     sampler = make_sampler(train_examples, settings, talker_config, accelerator, dataset)
     loader = make_train_loader(dataset, EpochIndices(sampler), settings.DATALOADER_WORKERS, pin_memory)
     return loader, sampler, languages, conditioning.validation(validation), conditioning_table
@@ -267,16 +292,19 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     set_seed(settings.SEED)
     token = settings.HF_TOKEN or None
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
+    check_init_model(settings, model_dir)
     check_export_dir(settings, model_dir)  # before anything is written
     resume_path = prepare_output_dir(settings, accelerator, held)
     with engines.whole_model_loading(accelerator):
-        model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
+        model, tokenizer, stock = load_base_model(model_dir, accelerator.device, settings)
+    presets = PresetSpeakers.from_model(model)
+    make_replay = replay_source(settings, model_dir, stock, presets, tokenizer, accelerator.is_main_process)
     train_loader, sampler, languages, val_sets, speaker_embeds = make_train_data(
-        settings, tokenizer, model, accelerator, checkpoint_dtype(model_dir)
+        settings, tokenizer, model, accelerator, checkpoint_dtype(model_dir), presets, make_replay
     )
     val_examples = val_sets[""]
     lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
-    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora, model.speaker_encoder)
+    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora, model.speaker_encoder, presets)
     if not settings.DATA_STREAMING:  # a stream's batches are formed as it is read
         engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)

@@ -207,13 +207,13 @@ def save_training_state(accelerator, output_dir: str | Path, step: int, keep: in
 
 
 @contextmanager
-def output_dir_lock(accelerator, output_dir: str | Path) -> Iterator[None]:
-    """Hold OUTPUT_DIR's lock (``finetuning.locks``; the main process takes it) for a ``with`` block. Raises
-    FolderBusy on every process while another live run holds it."""
+def run_lock(accelerator, folder: str | Path, key: str, shared: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s lock (``finetuning.locks``; the main process takes it; a reader's share when ``shared``)
+    for a ``with`` block. Raises FolderBusy on every process while another live run holds it."""
     path, busy = None, None
     if accelerator.is_main_process:
         try:
-            path = locks.acquire(output_dir, "OUTPUT_DIR")
+            path = (locks.acquire_shared if shared else locks.acquire)(folder, key)
         except locks.FolderBusy as error:
             busy = str(error)
     if accelerator.num_processes > 1:  # every process stops, not only the one that looked

@@ -42,6 +42,7 @@ SUPERSEDED_DIR = "superseded_states"  # newer states moved aside when a run resu
 # Settings that decide the epoch plan, the micro-batch order or the speaker each embedding row belongs to.
 IDENTITY_SETTINGS = (
     "SEED",
+    "HF_DATASET_REVISION",  # the commit a Hub dataset was read at (``data.pin_dataset_revision``)
     "TRAIN_SPEAKERS",
     "SPEAKER_MIXING",
     "SPEAKER_MIXING_ALPHA",
@@ -59,6 +60,7 @@ IDENTITY_SETTINGS = (
 # What states saved before a key existed trained with (before the conditioning draws: languages as labelled,
 # every ICL reference allowed).
 IDENTITY_BEFORE_KEY = {
+    "HF_DATASET_REVISION": "",
     "OPTIMIZER": "adamw",
     "LANGUAGE_AUTO_FRACTION": 0.0,
     "CLONE_ICL_FRACTION": 0.5,

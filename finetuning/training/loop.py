@@ -39,6 +39,7 @@ from finetuning.training.data import (
     load_examples,
     load_training_examples,
     make_train_loader,
+    pin_dataset_revision,
     speaker_languages,
 )
 from finetuning.training.export import RunExports, checkpoint_dtype, speaker_rows
@@ -271,6 +272,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     token = settings.HF_TOKEN or None
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
     check_export_dir(settings, model_dir)  # before anything is written
+    settings = pin_dataset_revision(settings, accelerator)  # every process reads one Hub commit, saved with the run
     resume_path = prepare_output_dir(settings, accelerator, held)
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)

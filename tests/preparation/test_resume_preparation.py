@@ -33,7 +33,7 @@ def test_killed_mid_speaker_resumes_from_stored_batches(tmp_path, tiny_model_dir
     straight = _settings(tmp_path / "straight", tiny_model_dir)
     _prepare(straight)
     killed = _settings(tmp_path / "killed", tiny_model_dir)
-    assert run_killed(lambda: _prepare(killed), [(clip_cache.ClipCache, "store")], kill_at=2) == (True, 2)
+    assert run_killed(lambda: _prepare(killed), [(clip_cache.ClipCache, "store")], kill_at=2) == (True, ["store"] * 2)
     dataset = Path(killed.DATASET_DIR)
     assert len(list((dataset / clip_cache.CACHE_DIR / SPEAKER).glob("*.npz"))) == 1
     assert not (dataset / SPEAKER).exists()
@@ -45,7 +45,7 @@ def test_killed_mid_speaker_resumes_from_stored_batches(tmp_path, tiny_model_dir
 
 def test_finished_staging_folder_is_put_in_place_without_encoding(tmp_path, tiny_model_dir):
     settings = _settings(tmp_path, tiny_model_dir)
-    assert run_killed(lambda: _prepare(settings), [(atomic, "replace_folder")], kill_at=1) == (True, 1)
+    assert run_killed(lambda: _prepare(settings), [(atomic, "replace_folder")], kill_at=1) == (True, ["replace_folder"])
     dataset = Path(settings.DATASET_DIR)
     assert (dataset / f".{SPEAKER}.tmp" / schema.INFO_FILE).exists() and not (dataset / SPEAKER).exists()
     encoder = _prepare(settings)

@@ -10,12 +10,15 @@ over. The owner removes its file when it is done.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from finetuning import atomic
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 READER_PREFIX = ".lock.reader."
@@ -76,11 +79,16 @@ def acquire(folder: str | os.PathLike, key: str) -> Path:
     return path
 
 
-def acquire_shared(folder: str | os.PathLike, key: str) -> Path:
-    """Take a reader's share of ``folder`` (the folder must exist); returns this reader's lock file. Other readers
-    are welcome; raises FolderBusy naming the writer's pid while a live writer holds ``folder``."""
+def acquire_shared(folder: str | os.PathLike, key: str) -> Path | None:
+    """Take a reader's share of ``folder`` (the folder must exist); returns this reader's lock file, or None for a
+    folder this process cannot write (read-only: nobody prepares into it from here either). Other readers are
+    welcome; raises FolderBusy naming the writer's pid while a live writer holds ``folder``."""
     path = Path(folder) / f"{READER_PREFIX}{os.getpid()}"
-    _write_pid(path)
+    try:
+        _write_pid(path)
+    except OSError as error:
+        logger.warning("%s=%s cannot hold a reader's lock file (%s); reading it without one", key, folder, error)
+        return None
     writer = _owner(Path(folder) / LOCK_FILE)
     if writer is not None and writer != os.getpid() and _alive(writer):
         path.unlink(missing_ok=True)
@@ -126,10 +134,11 @@ def release(path: Path) -> None:
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike, key: str, shared: bool = False) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, key: str, shared: bool = False) -> Iterator[Path | None]:
     """``acquire`` (``acquire_shared`` when ``shared``) for the duration of a ``with`` block."""
     path = (acquire_shared if shared else acquire)(folder, key)
     try:
         yield path
     finally:
-        release(path)
+        if path is not None:
+            release(path)

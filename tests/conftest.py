@@ -250,6 +250,14 @@ def margin_log(request) -> MarginLog:
     return MarginLog(request.node)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--kill-every-site",
+        action="store_true",
+        help="tests/test_kill_anywhere.py: also kill at every write call of every phase (minutes)",
+    )
+
+
 def pytest_runtest_logreport(report):
     for name, value in report.user_properties:
         if name == "margins":

@@ -7,8 +7,9 @@ N (before that call does anything) is followed by the same run again. Each time:
 (a config, the previous export: the old copy or the new one is complete), the re-run finishes, and its outputs
 equal an uninterrupted run's (dataset files byte for byte; final weights equal, bit for bit where the resume is).
 
-The suite tries ``POINTS`` kill points per phase, spread evenly over that phase's write calls; ``-m slow`` adds
-the run over every write call of every phase (``test_kill_at_every_write_site``).
+The suite tries ``POINTS`` kill points per phase, spread evenly over that phase's write calls;
+``--kill-every-site`` adds the run over every write call of every phase (``test_kill_at_every_write_site``, minutes:
+too long for the suite).
 """
 
 import hashlib
@@ -35,7 +36,8 @@ POINTS = 4  # kill points per phase in the quick run
 SPEAKER = "english_speaker"
 WRITES = [(atomic, name) for name in ("fsync_file", "fsync_dir", "write_bytes", "replace_folder")]
 PREPARATION_SITES = [*WRITES, (clip_cache.ClipCache, "store"), (datasets.Dataset, "to_parquet")]
-TRAINING_SITES = [*WRITES, (Accelerator, "save_state"), (RunExports, "export")]
+COPIES = [(shutil, "copy2"), (shutil, "copyfile")]  # base-model files copied into an export
+TRAINING_SITES = [*WRITES, *COPIES, (Accelerator, "save_state"), (RunExports, "export")]
 TRAINING = {
     "MAX_STEPS": 4,
     "SAVE_STEPS": 1,
@@ -156,7 +158,8 @@ def training_kills(root: Path, tiny_model_dir: Path, points: int | None) -> dict
         shutil.rmtree(root / f"kill{kill_at}")
     print(
         f"kill points: {len(phases['training'])} training, {len(phases['export'])} export "
-        f"({len(trace)} write calls); final weights bit-identical after {bit_identical} of them"
+        f"of {export_call - 1} and {len(trace) - export_call + 1} write calls; final weights bit-identical after "
+        f"{bit_identical} of {sum(map(len, phases.values()))} re-runs"
     )
     return {phase: len(kills) for phase, kills in phases.items()}
 
@@ -171,7 +174,8 @@ def test_kill_anywhere_a_few_points_per_phase(prepared_root, tiny_model_dir, tmp
     assert training_kills(prepared_root, tiny_model_dir, POINTS) == {"training": POINTS, "export": POINTS}
 
 
-@pytest.mark.slow
-def test_kill_at_every_write_site(prepared_root, tiny_model_dir, tmp_path):
+def test_kill_at_every_write_site(prepared_root, tiny_model_dir, tmp_path, request):
+    if not request.config.getoption("--kill-every-site"):
+        pytest.skip("the run over every write call takes minutes: pytest --kill-every-site")
     assert preparation_kills(tmp_path / "prepare", tiny_model_dir, None) >= 20
     assert min(training_kills(prepared_root, tiny_model_dir, None).values()) >= 20

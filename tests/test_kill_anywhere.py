@@ -5,7 +5,7 @@ A forked copy of this process (all imports done once, here) counts the calls to 
 of ``finetuning.atomic``, clip-cache entries, parquet shards, training states and the export. A run killed at call
 N (before that call does anything) is followed by the same run again. Each time: nothing good was lost at the kill
 (a config, the previous export: the old copy or the new one is complete), the re-run finishes, and its outputs
-equal an uninterrupted run's (dataset files byte for byte; final weights equal, bit for bit where the resume is).
+equal an uninterrupted run's (dataset files byte for byte, final weights bit for bit).
 
 The suite tries ``POINTS`` kill points per phase, spread evenly over that phase's write calls;
 ``--kill-every-site`` adds the run over every write call of every phase (``test_kill_at_every_write_site``, minutes:
@@ -140,7 +140,6 @@ def training_kills(root: Path, tiny_model_dir: Path, points: int | None) -> dict
     export_call = trace.index("export") + 1
     phases = {"training": spread(export_call - 1, points), "export": spread(len(trace) - export_call + 1, points)}
     phases["export"] = [export_call - 1 + n for n in phases["export"]]
-    bit_identical = 0
     for kill_at in phases["training"] + phases["export"]:
         killed = settings(f"kill{kill_at}", EXPORT_DIR=root / f"kill{kill_at}" / "export")
         shutil.copytree(earlier_export, killed.EXPORT_DIR)
@@ -148,18 +147,19 @@ def training_kills(root: Path, tiny_model_dir: Path, points: int | None) -> dict
         assert run_killed(run, TRAINING_SITES, kill_at)[0], kill_at
         _export_complete(Path(killed.EXPORT_DIR), exports)  # the earlier export or the new one, whole
         latest = resolve_resume("latest", killed.OUTPUT_DIR)
-        assert latest is None or (latest / "progress.done").read_text() == str(int(latest.name.split("-")[1]))
+        newest = 0 if latest is None else int(latest.name.split("-")[1])
+        assert latest is None or (latest / "progress.done").read_text() == str(newest)
+        saved_before = trace[: kill_at - 1].count("save_state") - 1  # the last one begun may be cut short
+        assert newest >= saved_before, kill_at  # the newest state saved before the kill is kept
         assert not run_killed(run, [])[0], kill_at
         weights = load_file(str(Path(killed.EXPORT_DIR) / "model.safetensors"))
         assert weights.keys() == final.keys()
-        for name in final:
-            torch.testing.assert_close(weights[name], final[name], rtol=1e-5, atol=1e-6, msg=f"{kill_at}: {name}")
-        bit_identical += all(torch.equal(weights[name], final[name]) for name in final)
+        differing = [name for name in final if not torch.equal(weights[name], final[name])]
+        assert not differing, f"kill at call {kill_at}: weights differ from the uninterrupted run's: {differing[:3]}"
         shutil.rmtree(root / f"kill{kill_at}")
     print(
         f"kill points: {len(phases['training'])} training, {len(phases['export'])} export "
-        f"of {export_call - 1} and {len(trace) - export_call + 1} write calls; final weights bit-identical after "
-        f"{bit_identical} of {sum(map(len, phases.values()))} re-runs"
+        f"of {export_call - 1} and {len(trace) - export_call + 1} write calls"
     )
     return {phase: len(kills) for phase, kills in phases.items()}
 

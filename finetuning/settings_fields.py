@@ -62,6 +62,11 @@ class Settings:
         "dataset repo to upload to / train from, e.g. user/qwen3-tts-voices; empty = local only",
         check=check_repo_id,
     )
+    HF_DATASET_REVISION: str = _setting(
+        "",
+        "commit, branch or tag",
+        "Hub dataset revision training reads; empty = the repo's commit at the start, recorded with every state",
+    )
     HF_DATASET_PRIVATE: bool = _setting(True, "bool", "create the Hub dataset repo as private")
     # --- nothing lost: guards on what a run may overwrite or publish ---------------------------------------
     HF_DATASET_PUBLIC_OK: bool = _setting(

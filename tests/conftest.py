@@ -96,6 +96,49 @@ def assert_stock_loadable_export(export_dir: Path, base_dir: Path, speakers) -> 
         torch.testing.assert_close(loaded[key], trained[key])
 
 
+def run_killed(target, sites: list[tuple[object, str]], kill_at: int | None = None) -> tuple[bool, list[str]]:
+    """Run ``target()`` in a forked copy of this process (everything already imported: no start-up cost) whose
+    ``sites`` (``(module or class, function name)``) count their calls together; at call number ``kill_at`` the
+    child SIGKILLs itself before the call runs (``None``: never). Returns (killed, the names of the sites called
+    in order, up to the kill); a child that raised fails the caller's test."""
+    import signal
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: patch, run, and leave without running the parent's exit handlers
+        os.close(read_end)
+
+        def counting(name, function):
+            def call(*args, **kwargs):
+                os.write(write_end, f"{name}\n".encode())  # reaches the parent even if this call is the kill
+                if kill_at is not None and kill_at == counting.calls + 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                counting.calls += 1
+                return function(*args, **kwargs)
+
+            return call
+
+        counting.calls = 0
+        code = 0
+        try:
+            for owner, name in sites:
+                setattr(owner, name, counting(name, getattr(owner, name)))
+            target()
+        except BaseException:  # noqa: BLE001 - reported through the exit code
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        trace = pipe.read().split()
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert killed or os.WEXITSTATUS(status) == 0, "the forked run failed (its traceback is above)"
+    return killed, trace
+
+
 def write_wav(path: Path, samples, sample_rate: int = 24000) -> Path:
     import soundfile as sf
 
@@ -205,6 +248,14 @@ class MarginLog(dict):
 def margin_log(request) -> MarginLog:
     """Smallest teacher-forced margins per overfit case, printed at the end of the run (CPU kernels differ)."""
     return MarginLog(request.node)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--kill-every-site",
+        action="store_true",
+        help="tests/test_kill_anywhere.py: also kill at every write call of every phase (minutes)",
+    )
 
 
 def pytest_runtest_logreport(report):

@@ -286,14 +286,14 @@ def test_files_cut_short_by_a_crash_are_named_or_skipped_never_a_json_error(save
 
 def test_a_second_run_on_the_same_folders_stops_with_the_lock(saved_run, tiny_model_dir, tmp_path):
     """Two concurrent training runs on one OUTPUT_DIR: the first is paused (SIGSTOP) once it holds the lock; the
-    second stops with one line naming the first's pid, and the first then finishes and releases it. A preparation
-    while this process holds DATASET_DIR stops the same way. (A lock left by a process that is gone is taken over:
-    ``tests/test_locks.py``.)"""
+    second stops with one line naming the first's pid, and so does a preparation of the DATASET_DIR the first reads;
+    the first then finishes and releases both. (Readers sharing DATASET_DIR, a training refused while a preparation
+    writes it, and a lock left by a process that is gone: ``tests/test_locks.py``.)"""
     import os
     import signal
     import time
 
-    from finetuning.locks import LOCK_FILE, folder_lock
+    from finetuning.locks import LOCK_FILE, READER_PREFIX
 
     root, values = saved_run
     env = model_env(
@@ -305,20 +305,18 @@ def test_a_second_run_on_the_same_folders_stops_with_the_lock(saved_run, tiny_mo
     )
     lock = tmp_path / "run" / LOCK_FILE
     deadline = time.monotonic() + 240
-    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+    reading = root / "dataset" / f"{READER_PREFIX}{first.pid}"
+    while not reading.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(first.pid, signal.SIGSTOP)
     try:
         assert lock.read_text() == str(first.pid)
         second = run(finetune[1:], tmp_path)
+        busy = run([str(COMMANDS / "data_preparation.py"), "--env-file", str(env)], tmp_path)
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert_one_line_error(second, 1, f"another run is using OUTPUT_DIR={tmp_path / 'run'} (pid {first.pid})")
+    assert_one_line_error(busy, 1, f"another run is using DATASET_DIR={root / 'dataset'} (pid {first.pid})")
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-3000:]
-    assert not lock.exists()  # released at the end
-
-    prepare = [str(COMMANDS / "data_preparation.py"), "--env-file", str(env)]
-    with folder_lock(root / "dataset", "DATASET_DIR"):
-        busy = run(prepare, tmp_path)
-    assert_one_line_error(busy, 1, f"another run is using DATASET_DIR={root / 'dataset'} (pid {os.getpid()})")
+    assert not lock.exists() and not list((root / "dataset").glob(f"{READER_PREFIX}*"))  # released at the end

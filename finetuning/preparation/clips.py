@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -67,6 +68,16 @@ class ClipResult:
     num_samples: int = 0
     codes: np.ndarray | None = None
     cleanliness: tuple[float, float, int] | None = None
+
+
+class BatchStore(Protocol):
+    """Where finished batches are kept between runs (``clip_cache.ClipCache``)."""
+
+    def key(self, batch: list[tuple[int, SourceItem]]) -> str: ...
+
+    def load(self, key: str, batch: list[tuple[int, SourceItem]]) -> list[ClipResult] | None: ...
+
+    def store(self, key: str, results: list[ClipResult]) -> None: ...
 
 
 def encode_batches(items: list[SourceItem], batch_size: int) -> list[list[int]]:
@@ -180,17 +191,26 @@ class ClipProcessor:
         if self.num_workers > 1:
             list(self._pool_for_work().map(_wait_for_all_workers, range(self.num_workers)))
 
-    def run(self, items: list[SourceItem], work: ClipWork, desc: str) -> list[ClipResult]:
-        """One ClipResult per item, in item order."""
+    def run(
+        self, items: list[SourceItem], work: ClipWork, desc: str, cache: BatchStore | None = None
+    ) -> list[ClipResult]:
+        """One ClipResult per item, in item order. With a ``cache``, batches stored by an earlier run are loaded
+        instead of processed, and each processed batch is stored as it finishes."""
         batches = [[(i, items[i]) for i in batch] for batch in encode_batches(items, self.encoder.batch_size)]
+        keys = [cache.key(batch) for batch in batches] if cache else [None] * len(batches)
+        stored = [cache.load(key, batch) if cache else None for key, batch in zip(keys, batches, strict=True)]
+        todo = [batch for batch, found in zip(batches, stored, strict=True) if found is None]
         done: Iterator[list[ClipResult]]
         if self.num_workers <= 1:
-            done = (process_batch(batch, work, self.encoder) for batch in batches)
+            done = (process_batch(batch, work, self.encoder) for batch in todo)
         else:
-            done = self._pool_for_work().map(_run_in_worker, batches, [work] * len(batches))
+            done = self._pool_for_work().map(_run_in_worker, todo, [work] * len(todo))
         results: list[ClipResult | None] = [None] * len(items)
         with tqdm(total=len(items), desc=desc, unit="clip") as bar:
-            for batch_results in done:
+            for key, found in zip(keys, stored, strict=True):
+                batch_results = found if found is not None else next(done)
+                if found is None and cache is not None:
+                    cache.store(key, batch_results)
                 for result in batch_results:
                     results[result.index] = result
                 bar.update(len(batch_results))

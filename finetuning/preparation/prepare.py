@@ -30,6 +30,8 @@ from finetuning.preparation.audio import (
     load_mono_24k,
     rms_dbfs,
 )
+from finetuning.preparation.clip_cache import CACHE_DIR as CLIP_CACHE
+from finetuning.preparation.clip_cache import ClipCache
 from finetuning.preparation.clips import ClipProcessor, ClipWork, log_rejections
 from finetuning.preparation.encoder import SpeechEncoder
 from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenizer_identity, unreadable_files
@@ -271,19 +273,7 @@ def prepare_speaker(
     if info is not None:
         if info.get("fingerprint") == print_:
             logger.info("speaker %s: unchanged (fingerprint %s), nothing to prepare", spec.name, print_[:12])
-            report = SpeakerReport(speaker=spec.name, prepared=False, fingerprint=print_)
-            summary = info.get("summary", {})
-            report.clips_total = summary.get("clips_total", 0)
-            report.kept = summary.get("kept", 0)
-            report.hours_kept = summary.get("hours_kept", 0.0)
-            report.hours_in = summary.get("hours_in", 0.0)
-            report.rejected = summary.get("rejected", {})
-            report.splits = summary.get("splits", {})
-            report.references = summary.get("references", 0)
-            report.duplicate_ids = summary.get("duplicate_ids", 0)
-            report.languages = summary.get("languages", {})
-            report.auto_prefix_languages = summary.get("auto_prefix_languages", [])
-            return report
+            return SpeakerReport.from_summary(spec.name, False, print_, info.get("summary", {}))
         unreadable = unreadable_files(spec, items)
         if unreadable:  # a read error, not a change of the source: the good config stays
             raise PreparationError(
@@ -291,6 +281,12 @@ def prepare_speaker(
                 "the prepared config is kept as it is. Fix the access (permissions, disk, network share) and run again"
             )
 
+    staging = output_dir / f".{spec.name}.tmp"
+    staged = atomic.read_json(staging / schema.INFO_FILE)
+    if staged is not None and staged.get("fingerprint") == print_:  # finished by a run killed before the swap
+        logger.info("speaker %s: a finished staging folder matches; put in place without encoding", spec.name)
+        atomic.replace_folder(staging, output_dir / spec.name)
+        return SpeakerReport.from_summary(spec.name, True, print_, staged.get("summary", {}))
     if model_languages is None:
         model_languages = functools.cache(lambda: read_model_languages(settings.INIT_MODEL_PATH, settings.HF_TOKEN))
     languages, auto_prefix = resolve_languages(spec, items, model_languages)
@@ -311,7 +307,8 @@ def prepare_speaker(
         true_peak_ceiling_dbtp=settings.TRUE_PEAK_CEILING_DBTP,
         measure_cleanliness=not references,
     )
-    results = processor.run(items, work, desc=f"{spec.name}: gate and encode")
+    cache = ClipCache(output_dir / CLIP_CACHE / spec.name, work, tokenizer_id)
+    results = processor.run(items, work, desc=f"{spec.name}: gate and encode", cache=cache)
     log_rejections(results, items, spec.name)
     rejected = Counter(result.reason for result in results if result.reason is not None)
     kept = [(items[result.index], result) for result in results if result.reason is None]
@@ -357,7 +354,6 @@ def prepare_speaker(
         languages=dict(Counter(languages[_label(item, spec)] for item, _ in kept)),
         auto_prefix_languages=auto_prefix,
     )
-    staging = output_dir / f".{spec.name}.tmp"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -366,8 +362,10 @@ def prepare_speaker(
             write_split(split_rows, staging, split, print_, settings.MAX_SHARD_SIZE_MB * 1e6)
     summary = report.as_dict()
     summary.pop("prepared_this_run")
-    (staging / schema.INFO_FILE).write_text(json.dumps({"fingerprint": print_, "summary": summary}, indent=2))
+    atomic.fsync_tree(staging)  # the shards are on disk before the info that marks the staging folder finished
+    atomic.write_json(staging / schema.INFO_FILE, {"fingerprint": print_, "summary": summary}, indent=2)
     atomic.replace_folder(staging, output_dir / spec.name)  # the old config waits aside until the new one is in
+    cache.clear()
     return report
 
 

@@ -2,9 +2,10 @@
 
 The decision logic (``sync_dataset``) is one code path for every remote. ``HubRemote`` talks to the Hugging
 Face Hub with huggingface_hub; ``FolderRemote`` is a local folder with the same interface (tests, air-gapped
-mirrors). On the Hub each config is one commit (its shards, the deletion of an older preparation's shards and
-``prepare_info.json``, which holds the fingerprint), so the repo never shows a config pointing at deleted or
-missing shards; ``FolderRemote`` writes data files first and ``prepare_info.json`` last. An interrupted upload is
+mirrors). On the Hub each config is one commit (its shards, the deletion of an older preparation's shards,
+``prepare_info.json``, which holds the fingerprint, and the dataset card and summary that list it), so the repo never
+shows a config pointing at deleted or missing shards, nor a card naming files another commit has not yet brought;
+``FolderRemote`` writes data files first and ``prepare_info.json`` and the card last. An interrupted upload is
 resumed by running again: the Hub skips LFS files it already has, ``FolderRemote`` skips files with equal content.
 An existing public Hub repo is refused unless HF_DATASET_PUBLIC_OK (or HF_DATASET_PRIVATE=false) says so: voice
 data is personal.
@@ -31,11 +32,11 @@ class DatasetRemote(Protocol):
 
     def fingerprint(self, config: str) -> str | None: ...
 
-    def upload_config(self, local_config_dir: Path, config: str) -> None: ...
+    def upload_config(self, local_config_dir: Path, config: str, card_files: dict[str, str]) -> None: ...
 
     def read_text(self, path_in_repo: str) -> str | None: ...
 
-    def write_text(self, path_in_repo: str, text: str, message: str) -> None: ...
+    def write_files(self, files: dict[str, str], message: str) -> None: ...
 
     def configs(self) -> list[str]: ...
 
@@ -98,8 +99,9 @@ class HubRemote:
         files = self.api.list_repo_files(self.repo_id, repo_type="dataset")
         return sorted({f.split("/")[0] for f in files if f.endswith(f"/{schema.INFO_FILE}")})
 
-    def upload_config(self, local_config_dir: Path, config: str) -> None:
-        """One commit: the config's shards, the deletion of remote shards it no longer has, its info file."""
+    def upload_config(self, local_config_dir: Path, config: str, card_files: dict[str, str]) -> None:
+        """One commit: the config's shards, the deletion of remote shards it no longer has, its info file and the
+        ``card_files`` ({path in the repo: text}: the card and summary listing it)."""
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         shards = sorted(local_config_dir.glob("*.parquet"))
@@ -110,6 +112,7 @@ class HubRemote:
         operations += [CommitOperationDelete(path) for path in stale]
         info = local_config_dir / schema.INFO_FILE
         operations.append(CommitOperationAdd(f"{config}/{schema.INFO_FILE}", str(info)))
+        operations += [CommitOperationAdd(path, text.encode("utf-8")) for path, text in card_files.items()]
         self.api.create_commit(
             repo_id=self.repo_id,
             repo_type="dataset",
@@ -117,13 +120,12 @@ class HubRemote:
             commit_message=f"Speaker config {config}",
         )
 
-    def write_text(self, path_in_repo: str, text: str, message: str) -> None:
+    def write_files(self, files: dict[str, str], message: str) -> None:
+        """One commit of ``files`` ({path in the repo: text})."""
         from huggingface_hub import CommitOperationAdd
 
-        operation = CommitOperationAdd(path_in_repo, text.encode("utf-8"))
-        self.api.create_commit(
-            repo_id=self.repo_id, repo_type="dataset", operations=[operation], commit_message=message
-        )
+        operations = [CommitOperationAdd(path, text.encode("utf-8")) for path, text in files.items()]
+        self.api.create_commit(repo_id=self.repo_id, repo_type="dataset", operations=operations, commit_message=message)
 
 
 class FolderRemote:
@@ -153,7 +155,7 @@ class FolderRemote:
         shutil.copyfile(source, target)
         self.files_written += 1
 
-    def upload_config(self, local_config_dir: Path, config: str) -> None:
+    def upload_config(self, local_config_dir: Path, config: str, card_files: dict[str, str]) -> None:
         target_dir = self.root / config
         wanted = {p.name for p in local_config_dir.glob("*.parquet")}
         for stale in target_dir.glob("*.parquet") if target_dir.exists() else []:
@@ -162,12 +164,16 @@ class FolderRemote:
         for shard in sorted(local_config_dir.glob("*.parquet")):
             self._copy(shard, target_dir / shard.name)
         self._copy(local_config_dir / schema.INFO_FILE, target_dir / schema.INFO_FILE)
+        self.write_files(card_files, "")
 
-    def write_text(self, path_in_repo: str, text: str, message: str) -> None:
-        path = self.root / path_in_repo
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        self.files_written += 1
+    def write_files(self, files: dict[str, str], message: str) -> None:
+        for path_in_repo, text in files.items():
+            path = self.root / path_in_repo
+            if path.exists() and path.read_text(encoding="utf-8") == text:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            self.files_written += 1
 
 
 def _sha(path: Path) -> str:
@@ -188,24 +194,30 @@ def sync_dataset(dataset_dir: str | Path, remote: DatasetRemote, speakers: list[
         raise FileNotFoundError(f"speaker config(s) {missing} are not prepared in {dataset_dir}; prepare them first")
     remote.ensure_exists()
     report = UploadReport()
+    infos = {}  # what the remote's card lists: every config there (uploaded earlier, maybe by other runs)
+    for config in remote.configs():
+        info_text = remote.read_text(f"{config}/{schema.INFO_FILE}")
+        infos[config] = json.loads(info_text) if info_text else {}
     for config in wanted:
-        if remote.fingerprint(config) == local[config]["fingerprint"]:
+        if infos.get(config, {}).get("fingerprint") == local[config]["fingerprint"]:
             report.skipped.append(config)
             logger.info("config %s: remote is up to date, nothing to upload", config)
             continue
         logger.info("config %s: uploading", config)
-        remote.upload_config(dataset_dir / config, config)
+        infos[config] = local[config]
+        remote.upload_config(dataset_dir / config, config, _card_files(infos))
         report.uploaded.append(config)
-
-    infos = {}
-    for config in sorted(set(remote.configs()) | set(wanted)):
-        info_text = remote.read_text(f"{config}/{schema.INFO_FILE}")
-        infos[config] = json.loads(info_text) if info_text else local[config]
-    summaries_text = json.dumps({c: i.get("summary", {}) for c, i in infos.items()}, indent=2, sort_keys=True)
-    card = schema.render_card(infos)
-    if remote.read_text(schema.CARD_FILE) != card:
-        remote.write_text(schema.CARD_FILE, card, "Update dataset card")
         report.card_updated = True
-    if remote.read_text(schema.SUMMARY_FILE) != summaries_text:
-        remote.write_text(schema.SUMMARY_FILE, summaries_text, "Update preparation summary")
+    files = _card_files({config: infos.get(config) or local[config] for config in sorted(set(infos) | set(wanted))})
+    stale = {path: text for path, text in files.items() if remote.read_text(path) != text}
+    if stale:  # nothing uploaded, but the card or summary is not the one the configs make
+        remote.write_files(files, "Update dataset card")
+        report.card_updated = True
     return report
+
+
+def _card_files(infos: dict[str, dict]) -> dict[str, str]:
+    """The dataset card and the preparation summary for the configs ``infos`` ({config: prepare_info content})."""
+    infos = dict(sorted(infos.items()))
+    summaries = json.dumps({c: i.get("summary", {}) for c, i in infos.items()}, indent=2, sort_keys=True)
+    return {schema.CARD_FILE: schema.render_card(infos), schema.SUMMARY_FILE: summaries}

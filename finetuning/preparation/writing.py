@@ -96,6 +96,13 @@ class SpeakerReport:
     languages: dict[str, int] = field(default_factory=dict)  # kept clips per resolved language
     auto_prefix_languages: list[str] = field(default_factory=list)  # languages without a model id: train as auto
 
+    @classmethod
+    def from_summary(cls, speaker: str, prepared: bool, fingerprint: str, summary: dict) -> SpeakerReport:
+        """The report of a config from the summary its prepare_info.json holds."""
+        names = ("clips_total", "kept", "hours_kept", "hours_in", "rejected", "splits", "references")
+        names += ("duplicate_ids", "languages", "auto_prefix_languages")
+        return cls(speaker, prepared, fingerprint, **{name: summary[name] for name in names if name in summary})
+
     def as_dict(self) -> dict:
         return {
             "speaker": self.speaker,

@@ -42,6 +42,7 @@ SUPERSEDED_DIR = "superseded_states"  # newer states moved aside when a run resu
 # Settings that decide the epoch plan, the micro-batch order or the speaker each embedding row belongs to.
 IDENTITY_SETTINGS = (
     "SEED",
+    "HF_DATASET_REVISION",  # the commit a Hub dataset was read at (``data.pin_dataset_revision``)
     "TRAIN_SPEAKERS",
     "SPEAKER_MIXING",
     "SPEAKER_MIXING_ALPHA",
@@ -59,6 +60,7 @@ IDENTITY_SETTINGS = (
 # What states saved before a key existed trained with (before the conditioning draws: languages as labelled,
 # every ICL reference allowed).
 IDENTITY_BEFORE_KEY = {
+    "HF_DATASET_REVISION": "",
     "OPTIMIZER": "adamw",
     "LANGUAGE_AUTO_FRACTION": 0.0,
     "CLONE_ICL_FRACTION": 0.5,
@@ -207,13 +209,13 @@ def save_training_state(accelerator, output_dir: str | Path, step: int, keep: in
 
 
 @contextmanager
-def output_dir_lock(accelerator, output_dir: str | Path) -> Iterator[None]:
-    """Hold OUTPUT_DIR's lock (``finetuning.locks``; the main process takes it) for a ``with`` block. Raises
-    FolderBusy on every process while another live run holds it."""
+def run_lock(accelerator, folder: str | Path, key: str, shared: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s lock (``finetuning.locks``; the main process takes it; a reader's share when ``shared``)
+    for a ``with`` block. Raises FolderBusy on every process while another live run holds it."""
     path, busy = None, None
     if accelerator.is_main_process:
         try:
-            path = locks.acquire(output_dir, "OUTPUT_DIR")
+            path = (locks.acquire_shared if shared else locks.acquire)(folder, key)
         except locks.FolderBusy as error:
             busy = str(error)
     if accelerator.num_processes > 1:  # every process stops, not only the one that looked

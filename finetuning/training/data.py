@@ -6,6 +6,7 @@ is set, from the Hub. Training never decodes audio for codes: ``audio_codes`` we
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,42 @@ TRAIN_COLUMNS = ["id", "speaker", "text", "language", "num_frames", "audio_codes
 
 class DataError(ValueError):
     """The prepared data cannot be used for training; the message names the speaker/split and the fix."""
+
+
+COMMIT_LENGTH = 40  # hex digits of a full git commit id
+HEX_DIGITS = "0123456789abcdef"
+
+
+def pin_dataset_revision(settings: Settings, accelerator, api=None) -> Settings:
+    """``settings`` with HF_DATASET_REVISION set to the Hub dataset's commit id, resolved once (by the main process,
+    then shared), so that every process reads the same revision, the saved settings name it and a resume can tell
+    when the repo moved on. Unchanged for a local dataset or a full commit id. ``api``: a ``huggingface_hub.HfApi``
+    (default: one with HF_TOKEN). Raises DataError naming HF_DATASET_REPO when the revision cannot be resolved."""
+    revision = settings.HF_DATASET_REVISION
+    if not settings.HF_DATASET_REPO or (
+        len(revision) == COMMIT_LENGTH and all(c in "0123456789abcdef" for c in revision)
+    ):
+        return settings
+    commit, problem = None, None
+    if accelerator.is_main_process:
+        from huggingface_hub import HfApi
+
+        api = api or HfApi(token=settings.HF_TOKEN or None)
+        try:
+            commit = api.dataset_info(settings.HF_DATASET_REPO, revision=revision or None).sha
+        except Exception as error:  # offline, unknown repo or revision, no access: huggingface_hub raises many types
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if accelerator.num_processes > 1:  # every process reads the one commit the main process found
+        from accelerate.utils import broadcast_object_list
+
+        commit, problem = broadcast_object_list([commit, problem])
+    if commit is None:
+        raise DataError(
+            f"HF_DATASET_REPO={settings.HF_DATASET_REPO}: cannot resolve revision {revision or 'main'} ({problem}); "
+            "check the repo id, HF_TOKEN and the network, or set HF_DATASET_REVISION to a full commit id"
+        )
+    logger.info("HF_DATASET_REPO=%s: training reads revision %s", settings.HF_DATASET_REPO, commit)
+    return dataclasses.replace(settings, HF_DATASET_REVISION=commit)
 
 
 def load_split(
@@ -54,6 +91,7 @@ def load_split(
                 split=split,
                 streaming=streaming,
                 token=settings.HF_TOKEN or None,
+                revision=settings.HF_DATASET_REVISION or None,
                 **projection,
             )
         except ValueError as error:  # unknown split

@@ -27,9 +27,9 @@ from finetuning.training.callbacks import ExportCallback, ExportHook
 from finetuning.training.checkpointing import (
     StopRequest,
     load_training_state,
-    output_dir_lock,
     resolve_resume,
     run_identity,
+    run_lock,
     save_training_state,
     saved_states,
 )
@@ -40,6 +40,7 @@ from finetuning.training.data import (
     load_examples,
     load_training_examples,
     make_train_loader,
+    pin_dataset_revision,
     speaker_languages,
 )
 from finetuning.training.export import RunExports, checkpoint_dtype, speaker_rows
@@ -249,13 +250,16 @@ def build_step_module(model, settings: Settings, conditioning_table: torch.Tenso
 def prepare_output_dir(settings: Settings, accelerator, held: ExitStack) -> Path | None:
     """The state to resume from (RESUME_FROM), or None for a new run, which must not mix with an earlier run's
     states; the run folder is created, locked for this run until ``held`` closes (FolderBusy while another run
-    holds it), and the settings are saved in it."""
+    holds it), DATASET_DIR is held as a reader's share (FolderBusy while a preparation writes it), and the
+    settings are saved in it."""
     output_dir = Path(settings.OUTPUT_DIR)
     try:  # on every process, so that all of them stop on an OUTPUT_DIR that cannot be created
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TrainingError(f"OUTPUT_DIR={output_dir} cannot be created ({error.strerror}); choose another") from error
-    held.enter_context(output_dir_lock(accelerator, output_dir))
+    held.enter_context(run_lock(accelerator, output_dir, "OUTPUT_DIR"))
+    if not settings.HF_DATASET_REPO and Path(settings.DATASET_DIR).is_dir():  # read here: no preparation meanwhile
+        held.enter_context(run_lock(accelerator, settings.DATASET_DIR, "DATASET_DIR", shared=True))
     resume_path = resolve_resume(settings.RESUME_FROM, output_dir)
     if resume_path is None and saved_states(output_dir):
         raise TrainingError(
@@ -294,6 +298,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
     check_init_model(settings, model_dir)
     check_export_dir(settings, model_dir)  # before anything is written
+    settings = pin_dataset_revision(settings, accelerator)  # every process reads one Hub commit, saved with the run
     resume_path = prepare_output_dir(settings, accelerator, held)
     with engines.whole_model_loading(accelerator):
         model, tokenizer, stock = load_base_model(model_dir, accelerator.device, settings)

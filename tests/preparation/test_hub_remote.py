@@ -90,12 +90,12 @@ def test_one_commit_per_config_private_nothing_resent_and_no_path_or_token(prepa
     remote = HubRemote("me/voices", token=TOKEN, api=api)
     sync_dataset(dataset, remote)
     assert api.created_private == [True]
+    card = [("add", schema.CARD_FILE), ("add", schema.SUMMARY_FILE)]
     assert api.commits == [
-        ("Speaker config english_speaker", _config_files(dataset, "english_speaker")),
-        ("Speaker config swahili_speaker", _config_files(dataset, "swahili_speaker")),
-        ("Update dataset card", [("add", schema.CARD_FILE)]),
-        ("Update preparation summary", [("add", schema.SUMMARY_FILE)]),
+        ("Speaker config english_speaker", _config_files(dataset, "english_speaker") + card),
+        ("Speaker config swahili_speaker", _config_files(dataset, "swahili_speaker") + card),
     ]
+    assert api.files[schema.CARD_FILE] == (dataset / schema.CARD_FILE).read_bytes()
     for path, data in api.files.items():
         local = (dataset / path).read_bytes() if (dataset / path).exists() else None
         assert local is None or data == local, path
@@ -116,7 +116,8 @@ def test_one_commit_per_config_private_nothing_resent_and_no_path_or_token(prepa
     message, operations = api.commits[committed]
     new_files = _config_files(dataset, "english_speaker")
     assert message == "Speaker config english_speaker"
-    assert operations == new_files[:-1] + [("delete", p) for p in sorted(old_shards)] + new_files[-1:]
+    assert operations == new_files[:-1] + [("delete", p) for p in sorted(old_shards)] + new_files[-1:] + card
+    assert len(api.commits) == committed + 1  # the card and summary came with the config
     assert json.loads(api.files["english_speaker/prepare_info.json"]) == json.loads(
         (dataset / "english_speaker" / schema.INFO_FILE).read_text()
     )
@@ -129,4 +130,4 @@ def test_an_existing_public_repo_is_refused_unless_allowed(prepared, tmp_path):
         sync_dataset(settings.DATASET_DIR, HubRemote("me/voices", api=api))
     assert api.commits == []
     sync_dataset(settings.DATASET_DIR, HubRemote("me/voices", api=api, public_ok=True))
-    assert len(api.commits) == 4
+    assert len(api.commits) == 2

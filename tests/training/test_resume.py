@@ -19,7 +19,7 @@ from conftest import (
 )
 
 FINETUNE = str(REPO_ROOT / "finetuning" / "finetune.py")
-STEPS = 40
+STEPS = 16
 SAVE_STEPS = 4
 
 
@@ -71,15 +71,12 @@ def _states(output_dir):
 
 @pytest.mark.slow
 def test_hard_killed_run_resumes_to_the_same_weights(prepared):
+    from finetuning.settings import load_settings
+    from finetuning.training.loop import train
+
     root, model_dir = prepared
-    straight = subprocess.run(
-        [sys.executable, FINETUNE, "--env-file", str(_env_file(root, model_dir, "straight"))],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    # The uninterrupted run in this process (the same settings file); the killed one as a user runs it.
+    train(load_settings(_env_file(root, model_dir, "straight"), environ={}))
     assert _states(root / "straight") == [f"step-{STEPS - SAVE_STEPS:08d}", f"step-{STEPS:08d}"]  # keep-last-2
 
     env_file = _env_file(root, model_dir, "killed", RESUME_FROM="latest")  # same settings as "straight"
@@ -210,10 +207,13 @@ def test_two_processes_see_disjoint_samples_and_end_identical(prepared):
     assert_stock_loadable_export(root / "ddp" / "model", model_dir, ("english_speaker", "swahili_speaker"))
 
     # The same run resumed in one process would replay another plan: refused, naming the process count.
+    from finetuning.settings import load_settings
+    from finetuning.training.checkpointing import ResumeError
+    from finetuning.training.loop import train
+
     one_process = _env_file(root, model_dir, "ddp", MAX_STEPS=8, RESUME_FROM=root / "ddp" / "states" / "step-00000006")
-    proc = _finetune(one_process)
-    assert proc.returncode == 1 and "num_processes (saved 2, now 1)" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(ResumeError, match=re.escape("num_processes (saved 2, now 1)")):
+        train(load_settings(one_process, environ={}))
 
 
 def test_resume_refuses_a_changed_seed_or_speaker_order_naming_each_key(prepared, tmp_path):

@@ -175,41 +175,36 @@ def prepared(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_hard_killed_lora_run_resumes_to_the_same_weights(prepared):
-    """SIGKILL after a saved state, resume: the merged export and the adapter equal an uninterrupted run's."""
-    import signal
-    import subprocess
-    import sys
-    import time
+def test_hard_killed_lora_run_resumes_to_the_same_weights(prepared, caplog):
+    """SIGKILL after a saved state, resume: the merged export and the adapter equal an uninterrupted run's. The
+    killed run is a forked copy of this process that kills itself as its third state save begins (step 12's, after
+    step 8's is complete); ``test_resume`` kills the real command the same way."""
+    import logging
 
-    from conftest import subprocess_env
-    from test_resume import FINETUNE, SAVE_STEPS, _env_file
+    from conftest import run_killed
+    from test_resume import SAVE_STEPS, _env_file
+
+    import finetuning.training.loop as loop
+    from finetuning.settings import load_settings
 
     root, model_dir = prepared
     lora = {"FINETUNE_METHOD": "lora", "LORA_RANK": 4, "MAX_STEPS": RESUME_STEPS, "USE_AUXILIARY_LOSSES": "false"}
 
-    def run(name, **extra):
-        command = [sys.executable, FINETUNE, "--env-file", str(_env_file(root, model_dir, name, **lora, **extra))]
-        return subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env()
-        )
+    def settings(name, **extra):
+        return load_settings(_env_file(root, model_dir, name, **lora, **extra), environ={})
 
-    straight = run("lora_straight")
-    killed = run("lora_killed", RESUME_FROM="latest")
-    marker = root / "lora_killed" / "states" / f"step-{2 * SAVE_STEPS:08d}" / "progress.done"
-    deadline = time.monotonic() + 600
-    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    assert marker.exists() and killed.returncode == -signal.SIGKILL
+    with caplog.at_level(logging.INFO):
+        loop.train(settings("lora_straight"))
+    logged = caplog.text
+    assert "lora fine-tuning:" in logged and "parameters trainable" in logged and "optimizer state" in logged
+    killed_settings = settings("lora_killed", RESUME_FROM="latest")
+    killed, _ = run_killed(lambda: loop.train(killed_settings), [(loop, "save_training_state")], kill_at=3)
+    assert killed and (root / "lora_killed" / "states" / f"step-{2 * SAVE_STEPS:08d}" / "progress.done").exists()
     assert not (root / "lora_killed" / "model").exists(), "the run finished before it could be killed"
-    _, err = straight.communicate(timeout=600)
-    assert straight.returncode == 0, err[-3000:]
-    assert "lora fine-tuning:" in err and "parameters trainable" in err and "optimizer state" in err
-    resumed = run("lora_killed", RESUME_FROM="latest")
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0 and "resumed from" in err, err[-3000:]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        loop.train(killed_settings)
+    assert "resumed from" in caplog.text
     for relative in ("model/model.safetensors", f"model/{ADAPTER_DIR}/adapter_model.safetensors"):
         a, b = load_file(str(root / "lora_straight" / relative)), load_file(str(root / "lora_killed" / relative))
         assert a.keys() == b.keys()

@@ -45,6 +45,7 @@ from finetuning.training.export import RunExports, checkpoint_dtype, speaker_row
 from finetuning.training.guards import check_export_dir
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
+from finetuning.training.modes import training_mode
 from finetuning.training.optim import check_optimizer, make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.sampler import DurationBatchSampler
 from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
@@ -111,13 +112,14 @@ def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
             f"{one_line(error)}); give a 12 Hz Base model folder or Hub id"
         ) from error
     model = wrapper.model
-    if model.speaker_encoder is None:
+    mode = training_mode(settings)
+    if model.speaker_encoder is None and mode.speaker_slot:
         raise TrainingError(
             f"INIT_MODEL_PATH={model_dir} is a {model.tts_model_type!r} model without a speaker encoder; "
             "fine-tune a Base model (e.g. Qwen/Qwen3-TTS-12Hz-1.7B-Base)"
         )
     freeze_speaker_encoder(model)
-    if settings.TRAINING_MODE == "custom_voice":  # a voice-clone export stays a Base model: no speaker rows
+    if mode.speaker_rows:  # only custom voice writes speaker rows into the export
         speaker_rows(list(settings.TRAIN_SPEAKERS), model.config.talker_config.vocab_size)
     if settings.TORCH_COMPILE:
         compile_transformers(model)
@@ -184,36 +186,46 @@ def make_train_data(settings: Settings, tokenizer, model, accelerator, xvector_d
     a DataLoader. ``DATA_STREAMING``: a ``StreamingBatches`` stream is both (memory bounded by its buffers)."""
     talker_config = model.config.talker_config
     conditioning = Conditioning.from_settings(settings)
+    mode = training_mode(settings)
     if settings.DATA_STREAMING:
         stream = StreamingBatches(
             settings, tokenizer, talker_config, accelerator.num_processes, accelerator.process_index
         )
         validation = conditioning.validation(load_examples(settings, tokenizer, "validation")[0])
-        embeds = compute_speaker_embeddings(model, settings, xvector_dtype)
+        embeds = speaker_table(model, settings, xvector_dtype)
         return stream, stream, stream_languages(settings), validation, embeds
     train_examples, validation = load_training_examples(settings, tokenizer)
     languages = speaker_languages(train_examples, settings.TRAIN_SPEAKERS)
     pin_memory = accelerator.device.type == "cuda"
-    if settings.TRAINING_MODE == "voice_clone":
+    if mode.references:
         pool = build_reference_pool(model, settings, train_examples, xvector_dtype)
         dataset = CloneExamples(pool, settings.SEED, settings.CLONE_ICL_FRACTION, conditioning, talker_config)
         validation = dataset.validation(validation)
         conditioning_table = pool.xvectors
     else:
         dataset = TrainingExamples(train_examples, conditioning, talker_config)
-        conditioning_table = compute_speaker_embeddings(model, settings, xvector_dtype)
+        conditioning_table = speaker_table(model, settings, xvector_dtype)
     sampler = make_sampler(train_examples, settings, talker_config, accelerator, dataset)
     loader = make_train_loader(dataset, EpochIndices(sampler), settings.DATALOADER_WORKERS, pin_memory)
     return loader, sampler, languages, conditioning.validation(validation), conditioning_table
 
 
+def speaker_table(model, settings: Settings, dtype: torch.dtype) -> torch.Tensor:
+    """(S, D) speaker rows of a mode with speaker rows (custom voice); (0, D) for one without (voice design)."""
+    if training_mode(settings).speaker_rows:
+        return compute_speaker_embeddings(model, settings, dtype)
+    return torch.zeros(0, model.config.talker_config.hidden_size)
+
+
 def build_step_module(model, settings: Settings, conditioning_table: torch.Tensor, aux_losses) -> TalkerStep:
     """The training step around ``model``: custom voice holds the (S, D) speaker rows; voice cloning holds no table
-    (each batch brings its references' x-vectors, gathered from the one host copy by ``collate``)."""
-    clone = settings.TRAINING_MODE == "voice_clone"
+    (each batch brings its references' x-vectors, gathered from the one host copy by ``collate``); voice design
+    has no speaker slot."""
+    mode = training_mode(settings)
     return TalkerStep(
         model,
-        conditioning_table[:0] if clone else conditioning_table,
+        conditioning_table if mode.speaker_rows else conditioning_table[:0],
+        speaker_slot=mode.speaker_slot,
         layout=settings.TRAINING_LAYOUT,
         sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
         aux_losses=aux_losses,

@@ -39,6 +39,7 @@ from finetuning.preparation.languages import LanguageError, ModelLanguages, read
 from finetuning.preparation.multispeaker import clip_seconds, expand_group, group_from_entry, pick_references
 from finetuning.preparation.sources import (
     FORMATS,
+    Instructions,
     SourceError,
     SourceItem,
     SpeakerSpec,
@@ -124,6 +125,7 @@ def resolve_speakers(settings: Settings, names: Sequence[str] | None = None) -> 
                 format=fmt,
                 language=entry.get("language"),
                 references=tuple(_manifest_path(folder, r) if "reference" in entry else r for r in refs),
+                instructions=Instructions.from_entry(name, entry),
             )
         )
     return specs
@@ -246,7 +248,10 @@ def prepare_speaker(
                 recorded = read_recordings(spec, settings, output_dir / RECORDINGS_CACHE / spec.name)
                 items, seconds_in = recorded.items, recorded.seconds_in
             else:
-                items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
+                column = spec.instructions.column
+                items = list(
+                    read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN, instruct_column=column)
+                )
         except (SourceError, OSError) as error:
             raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
     named = sorted({item.speaker for item in items if item.speaker})
@@ -335,7 +340,16 @@ def prepare_speaker(
     for (item, clip), split in zip(kept, splits, strict=True):
         language = languages[_label(item, spec)]
         rows[split].append(
-            make_row(spec.name, item.id, item.text.strip(), language, clip.flac, clip.num_samples, clip.codes)
+            make_row(
+                spec.name,
+                item.id,
+                item.text.strip(),
+                language,
+                clip.flac,
+                clip.num_samples,
+                clip.codes,
+                spec.instructions.resolve(item.instruct),
+            )
         )
     for (ref_id, flac, num_samples), code in zip(reference_rows, ref_codes, strict=True):
         rows[schema.REFERENCE_SPLIT].append(

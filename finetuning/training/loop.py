@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from finetuning import atomic
 from finetuning.resources import one_line, resolve_model_dir
 from finetuning.settings import Settings
 from finetuning.training import engines
@@ -36,6 +37,7 @@ from finetuning.training.clone import CloneExamples, EpochIndices, build_referen
 from finetuning.training.conditioning import Conditioning, TrainingExamples
 from finetuning.training.data import (
     Example,
+    instruction_use,
     load_examples,
     load_training_examples,
     make_train_loader,
@@ -126,6 +128,16 @@ def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
     return model.to(device), wrapper.processor.tokenizer
 
 
+def check_instructions(settings: Settings, model_dir: Path, instructions: tuple[bool, ...]) -> None:
+    """TrainingError before the model loads when the mode cannot train on the data's instructions with this model
+    (``TrainingMode.instruction_problem``: voice design without descriptions, instructions for a 0.6B model whose
+    stock call drops them; the size is read, never relabelled)."""
+    size = (atomic.read_json(model_dir / "config.json") or {}).get("tts_model_size", "")
+    problem = training_mode(settings).instruction_problem(instructions, size)
+    if problem is not None:
+        raise TrainingError(problem)
+
+
 def make_accelerator(settings: Settings):
     """Accelerator with mixed precision, accumulation and the trackers REPORT_TO names (never silently none)."""
     import importlib.util
@@ -148,7 +160,14 @@ def make_sampler(
 ) -> DurationBatchSampler:
     """The batch sampler over ``examples``, budgeting each epoch's samples as ``dataset`` draws them."""
     longest = [
-        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT)
+        sequence_length(
+            talker_config,
+            e.text_ids.numel(),
+            e.codes.shape[0],
+            e.language,
+            settings.TRAINING_LAYOUT,
+            instruct=e.instruct_size(),
+        )
         + _longest_reference(dataset, i)
         for i, e in enumerate(examples)
     ]
@@ -280,6 +299,8 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     token = settings.HF_TOKEN or None
     model_dir = resolve_model_dir(settings.INIT_MODEL_PATH, token=token, key="INIT_MODEL_PATH", required=MODEL_FILES)
     check_export_dir(settings, model_dir)  # before anything is written
+    instructions = instruction_use(settings)
+    check_instructions(settings, model_dir, instructions)
     resume_path = prepare_output_dir(settings, accelerator, held)
     with engines.whole_model_loading(accelerator):
         model, tokenizer = load_base_model(model_dir, accelerator.device, settings)
@@ -288,7 +309,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     )
     val_examples = val_sets[""]
     lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
-    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora, model.speaker_encoder)
+    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora, model.speaker_encoder, instructions)
     if not settings.DATA_STREAMING:  # a stream's batches are formed as it is read
         engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)

@@ -34,6 +34,8 @@ class TrainingMode:
     keeps_encoder   the export keeps the frozen speaker encoder (stock builds one only for ``base`` models)
     method          the stock ``Qwen3TTSModel`` method an export answers to
     needs_instruct  every clip must carry an instruction (a voice description)
+    drops_instruct_for_size  the stock call drops ``instruct=`` for a ``tts_model_size`` it tests this way
+                    (``generate_custom_voice``: ``size in "0b6"``, stock's own substring test)
     """
 
     name: str
@@ -44,6 +46,22 @@ class TrainingMode:
     keeps_encoder: bool
     method: str
     needs_instruct: bool = False
+    drops_instruct_for_size: bool = False
+
+    def instruction_problem(self, instructions: tuple[bool, ...], model_size: str) -> str | None:
+        """Why training data with ``instructions`` (whether clips carry one: the distinct values) cannot train
+        this mode on a model of ``model_size`` (its config's ``tts_model_size``); None when it can."""
+        if self.needs_instruct and False in instructions:
+            return (
+                f"TRAINING_MODE={self.name} needs an instruct (voice description) on every training clip, and some "
+                'have none: add them in the source or the manifest ("instruct" / "instructions")'
+            )
+        if self.drops_instruct_for_size and True in instructions and str(model_size) in "0b6":
+            return (
+                f"the training data has instructions, but stock {self.method} drops instruct= for this model "
+                f"(tts_model_size {model_size!r}, a 0.6B model): use a 1.7B model or data without instructions"
+            )
+        return None
 
     def trained_calls(self, conditioning_calls: dict[str, list], instructions: list[bool], clone_icl_fraction: float):
         """``finetune_info.json``'s "trained_calls": the stock method, the conditioning draws' ``non_streaming_mode``
@@ -59,7 +77,7 @@ class TrainingMode:
 MODES = {
     mode.name: mode
     for mode in (
-        TrainingMode("custom_voice", True, True, False, "custom_voice", False, "generate_custom_voice"),
+        TrainingMode("custom_voice", True, True, False, "custom_voice", False, "generate_custom_voice", False, True),
         TrainingMode("voice_clone", True, False, True, "base", True, "generate_voice_clone"),
         TrainingMode("voice_design", False, False, False, "voice_design", False, "generate_voice_design", True),
     )

@@ -179,7 +179,7 @@ def design_run(tiny_model_dirs, tmp_path_factory):
     )
 
 
-def test_voice_design_follows_each_description(design_run, margin_log):
+def test_voice_design_follows_each_description(design_run, margin_log, tmp_path):
     import qwen_tts
 
     settings, result = design_run
@@ -202,3 +202,34 @@ def test_voice_design_follows_each_description(design_run, margin_log):
         )
 
     _check(wrapper, _rows(settings), generate, None, margin_log, "instruct-voice_design")
+    frames = {row["instruct"]: row["audio_codes"].shape[0] for row in _rows(settings)}
+    description = DESCRIPTIONS[1]
+    assert _generated_frames(result.export_dir, tmp_path, "--instruct", description) == frames[description]
+
+
+def _generated_frames(checkpoint, tmp_path, *args):
+    """Frames of the wav ``generate.py`` writes (in-process, greedy): the decoder gives 1920 samples per frame."""
+    from finetuning.generate import main
+
+    out = tmp_path / "out.wav"
+    assert main(["--checkpoint", str(checkpoint), "--text", TEXT, "--greedy", "--output", str(out), *args]) == 0
+    samples = sf.info(out).frames
+    assert samples % 1920 == 0
+    return samples // 1920
+
+
+def test_generate_speaks_each_instruction_and_refuses_one_the_export_never_saw(instruct_run, tmp_path, capsys):
+    from finetuning.evaluation.speech import check_instruct
+
+    settings, result = instruct_run
+    frames = {row["instruct"]: row["audio_codes"].shape[0] for row in _rows(settings)}
+    assert len(set(frames.values())) == 3  # the three recordings differ in length: the wav tells them apart
+    assert _generated_frames(result.export_dir, tmp_path, "--speaker", SPEAKER, "--instruct", ANGRY) == frames[ANGRY]
+    assert _generated_frames(result.export_dir, tmp_path, "--speaker", SPEAKER) == frames[""]
+    with pytest.raises(ValueError, match="trained without instructions"):
+        check_instruct({"trained_calls": {"instruct": [False]}}, ANGRY)
+    check_instruct({}, ANGRY)  # a checkpoint not made here: stock decides
+    from finetuning.generate import main
+
+    assert main(["--checkpoint", str(result.export_dir), "--text", TEXT, "--instruct", ANGRY]) == 2
+    assert "voice-design" in capsys.readouterr().err  # no --speaker: only a voice-design checkpoint takes that

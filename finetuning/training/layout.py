@@ -1,6 +1,7 @@
 """Where every talker input embedding goes: index grids computed from the lengths of a batch alone.
 
-The layouts themselves (what stock generation feeds the talker, custom voice and voice cloning) are described in
+The layouts themselves (what stock generation feeds the talker: custom voice, voice cloning, an instruction before
+the role tokens, voice design without a speaker slot) are described in
 ``finetuning.training.step``, which gathers the embeddings into these grids; this module is integer bookkeeping
 only (no model, no embeddings), so it can be read and tested on its own.
 """

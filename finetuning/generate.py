@@ -1,9 +1,11 @@
 """Speak with an exported checkpoint: ``uv run python finetuning/generate.py --checkpoint DIR --speaker NAME
---text "..." [--language L] [--output out.wav]``, or clone a voice with a voice-clone (base) checkpoint:
-``--checkpoint DIR --ref_audio F.wav [--ref_text "its transcript"] --text "..."``.
+--text "..." [--instruct "Speak angrily."] [--language L] [--output out.wav]``, clone a voice with a voice-clone
+(base) checkpoint: ``--checkpoint DIR --ref_audio F.wav [--ref_text "its transcript"] --text "..."``, or design
+one with a voice-design checkpoint: ``--checkpoint DIR --instruct "A deep, calm voice." --text "..."``.
 
-Uses stock ``qwen_tts.Qwen3TTSModel.generate_custom_voice`` (``--speaker``) or ``generate_voice_clone``
-(``--ref_audio``: ICL mode with ``--ref_text``, x-vector mode without). The language defaults to the one the
+Uses stock ``qwen_tts.Qwen3TTSModel.generate_custom_voice`` (``--speaker``, with ``--instruct`` when the checkpoint
+was trained with instructions), ``generate_voice_clone`` (``--ref_audio``: ICL mode with ``--ref_text``, x-vector
+mode without) or ``generate_voice_design`` (``--instruct`` alone). The language defaults to the one the
 speaker (or the voice-clone run) was trained with (recorded in the checkpoint's ``finetune_info.json``);
 ``--greedy`` decodes deterministically.
 """
@@ -22,11 +24,14 @@ import argparse  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="exported checkpoint folder (or Hub id)")
-    voice = parser.add_mutually_exclusive_group(required=True)
+    voice = parser.add_mutually_exclusive_group()
     voice.add_argument("--speaker", help="trained speaker name (custom-voice checkpoint)")
     voice.add_argument("--ref_audio", help="reference clip to clone (voice-clone or Base checkpoint)")
     parser.add_argument("--ref_text", help="transcript of --ref_audio (ICL cloning); without it: x-vector only")
     parser.add_argument("--text", required=True, help="text to speak")
+    parser.add_argument(
+        "--instruct", help="style instruction (custom voice trained with instructions) or voice description (design)"
+    )
     parser.add_argument("--language", help="language name, or 'auto' (default: the speaker's training language)")
     parser.add_argument("--output", default="generated.wav", help="wav file to write (default: generated.wav)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -36,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     import soundfile as sf
 
     # torch and qwen_tts load only now: --help answers at once
-    from finetuning.evaluation.speech import EvaluationError, clone, load_checkpoint, require_text, synthesize
+    from finetuning.evaluation.speech import (
+        EvaluationError,
+        clone,
+        design,
+        load_checkpoint,
+        require_text,
+        synthesize,
+    )
     from finetuning.resources import one_line
 
     try:
@@ -45,14 +57,20 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--max_new_tokens must be >= 1")
         if args.ref_text is not None and args.ref_audio is None:
             raise ValueError("--ref_text goes with --ref_audio (the clip it transcribes)")
+        if args.speaker is None and args.ref_audio is None and args.instruct is None:
+            raise ValueError("give --speaker NAME, --ref_audio F.wav, or --instruct for a voice-design checkpoint")
+        if args.ref_audio is not None and args.instruct is not None:
+            raise ValueError("--instruct does not go with --ref_audio: stock voice cloning takes no instruction")
         model = load_checkpoint(args.checkpoint, args.device)
         if args.ref_audio is not None:
             wav, sample_rate = clone(
                 model, args.ref_audio, args.ref_text, args.text, args.language, args.greedy, args.max_new_tokens
             )
+        elif args.speaker is None:
+            wav, sample_rate = design(model, args.instruct, args.text, args.language, args.greedy, args.max_new_tokens)
         else:
             wav, sample_rate = synthesize(
-                model, args.speaker, args.text, args.language, args.greedy, args.max_new_tokens
+                model, args.speaker, args.text, args.language, args.greedy, args.max_new_tokens, instruct=args.instruct
             )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

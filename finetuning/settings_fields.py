@@ -190,8 +190,9 @@ class Settings:
         "custom_voice",
         "mode",
         "custom_voice = the trained speakers by name (generate_custom_voice); voice_clone = a Base model that "
-        "clones any voice from a reference clip (generate_voice_clone), trained on many speakers",
-        choices=("custom_voice", "voice_clone"),
+        "clones any voice from a reference clip (generate_voice_clone), trained on many speakers; voice_design = a "
+        "voice from each clip's instruct description, no speaker (generate_voice_design)",
+        choices=("custom_voice", "voice_clone", "voice_design"),
     )
     CLONE_ICL_FRACTION: float = _setting(
         0.5,

@@ -72,6 +72,14 @@ def require_text(text: str) -> None:
         raise ValueError("the text to speak is empty (or only spaces): give --text the words to say")
 
 
+def check_instruct(info: dict, instruct: str | None) -> None:
+    """ValueError for an instruction to a checkpoint this package trained without any (its ``finetune_info.json``
+    "trained_calls" lists ``instruct: [false]``): stock would prepend a segment the fine-tune never saw."""
+    claimed = info.get("trained_calls", {}).get("instruct")
+    if instruct and claimed is not None and True not in claimed:
+        raise ValueError("this checkpoint was trained without instructions (trained_calls.instruct); drop --instruct")
+
+
 def synthesize(
     model,
     speaker: str,
@@ -80,21 +88,27 @@ def synthesize(
     greedy: bool = False,
     max_new_tokens: int | None = None,
     non_streaming: bool | None = None,
+    instruct: str | None = None,
 ) -> tuple[np.ndarray, int]:
     """(waveform float32, sample_rate) for ``text`` in ``speaker``'s voice.
 
     ``language`` None means the speaker's training language from the checkpoint (``finetune_info.json``), "auto"
     where the model has no id for it; "auto" is stock's ``language=None``. ``non_streaming`` None means the layout
     the checkpoint was trained with (``speaking_layout``: stock's default when it was trained with both).
-    Raises ValueError for an empty text or a speaker the checkpoint does not have (listing the ones it has).
+    ``instruct``: a style instruction (stock ``instruct=``), refused by ``check_instruct`` for a checkpoint trained
+    without any. Raises ValueError for an empty text or a speaker the checkpoint does not have (listing the ones
+    it has).
     """
     require_text(text)
     if model.model.tts_model_type == "base":
         raise ValueError("this checkpoint is a base (voice-clone) model: clone a voice with --ref_audio F.wav")
+    if model.model.tts_model_type == "voice_design":
+        raise ValueError("this checkpoint is a voice-design model: describe the voice with --instruct, no --speaker")
     supported = model.get_supported_speakers() or []
     if speaker.lower() not in [s.lower() for s in supported]:
         raise ValueError(f"speaker {speaker!r} is not in this checkpoint; choose one of {sorted(supported)}")
     info = read_info(model.model.name_or_path)
+    check_instruct(info, instruct)
     if language is None:
         language = generation_language(model.model, info.get("speakers", {}).get(speaker, {}).get("language", "auto"))
     if non_streaming is None:
@@ -103,7 +117,40 @@ def synthesize(
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
     wavs, sample_rate = model.generate_custom_voice(
-        text=text, speaker=speaker, language=language, non_streaming_mode=non_streaming, **kwargs
+        text=text, speaker=speaker, language=language, non_streaming_mode=non_streaming, instruct=instruct, **kwargs
+    )
+    return np.asarray(wavs[0], dtype=np.float32), sample_rate
+
+
+def design(
+    model,
+    instruct: str,
+    text: str,
+    language: str | None = None,
+    greedy: bool = False,
+    max_new_tokens: int | None = None,
+    non_streaming: bool | None = None,
+) -> tuple[np.ndarray, int]:
+    """(waveform float32, sample_rate) for ``text`` in the voice ``instruct`` describes, through stock
+    ``generate_voice_design`` of a ``voice_design`` checkpoint. ``language`` None: the one language its run was
+    trained on ("auto" when several); ``non_streaming`` None: the trained layout (stock's default, True, when
+    both). Raises ValueError for an empty text or description, or another kind of checkpoint."""
+    require_text(text)
+    if model.model.tts_model_type != "voice_design":
+        raise ValueError(f"this checkpoint is {model.model.tts_model_type!r}, not a voice-design model: use --speaker")
+    if not (instruct or "").strip():
+        raise ValueError("a voice-design checkpoint speaks in the voice --instruct describes: give one")
+    info = read_info(model.model.name_or_path)
+    if language is None:
+        trained = {entry["language"] for entry in info.get("trained_speakers", {}).values()}
+        language = generation_language(model.model, trained.pop() if len(trained) == 1 else "auto")
+    if non_streaming is None:
+        non_streaming = speaking_layout(info.get("training_layout"), "custom_voice") == "non_streaming"
+    kwargs = {"do_sample": False, "subtalker_dosample": False} if greedy else {}
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    wavs, sample_rate = model.generate_voice_design(
+        text=text, instruct=instruct, language=language, non_streaming_mode=non_streaming, **kwargs
     )
     return np.asarray(wavs[0], dtype=np.float32), sample_rate
 

@@ -81,10 +81,11 @@ def fingerprint(spec: SpeakerSpec, items: list[SourceItem], settings: Settings, 
         "settings": processing_settings(settings),
         "tokenizer": tokenizer_id,
         "references": [hash_audio(Path(r)) for r in spec.references],
+        "instructions": [spec.instructions.column, spec.instructions.labels, spec.instructions.default],
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     for item in items:
-        row = [item.id, item.text, item.language, item.split, hash_audio(item.audio)]
+        row = [item.id, item.text, item.language, item.split, hash_audio(item.audio), item.instruct]
         row += [hash_audio(r) for r in item.reference_audio]
         if item.problem is not None:  # a reason found before the gate (recordings: one that thresholds decide)
             row.append(item.problem)

@@ -28,7 +28,14 @@ import numpy as np
 
 from finetuning.constants import SAMPLE_RATE
 from finetuning.preparation.audio import clipped_fraction, silence_fraction
-from finetuning.preparation.sources import DEFAULT_SPEAKER_COLUMN, SourceError, SourceItem, SpeakerSpec, read_source
+from finetuning.preparation.sources import (
+    DEFAULT_SPEAKER_COLUMN,
+    Instructions,
+    SourceError,
+    SourceItem,
+    SpeakerSpec,
+    read_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ class SpeakerGroup:
     min_minutes: float = 0.0
     prefix: str = ""
     references: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    instructions: Instructions = Instructions()
 
 
 def group_from_entry(name: str, entry: dict) -> SpeakerGroup | None:
@@ -75,6 +83,7 @@ def group_from_entry(name: str, entry: dict) -> SpeakerGroup | None:
         min_minutes=float(entry.get("min_minutes", 0.0)),
         prefix=str(entry.get("prefix", f"{name}_")),
         references={str(k): tuple([v] if isinstance(v, str) else v) for k, v in refs.items()},
+        instructions=Instructions.from_entry(name, entry),
     )
 
 
@@ -108,7 +117,8 @@ def expand_group(
     name, or a group left with no speaker.
     """
     by_speaker: dict[str, list[SourceItem]] = defaultdict(list)
-    for item in read_source(group.source, group.format, None, token, group.speaker_column):
+    rows = read_source(group.source, group.format, None, token, group.speaker_column, group.instructions.column)
+    for item in rows:
         by_speaker[item.speaker or ""].append(item)
     skipped: dict[str, str] = {}
     if "" in by_speaker:
@@ -138,6 +148,7 @@ def expand_group(
             language=group.language,
             references=references,
             auto_references=not references and not any(item.reference_audio for item in items),
+            instructions=group.instructions,
         )
         planned[name] = (spec, items)
     for value, why in skipped.items():

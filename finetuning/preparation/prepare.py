@@ -38,9 +38,9 @@ from finetuning.preparation.fingerprint import fingerprint, hash_audio, tokenize
 from finetuning.preparation.from_recordings import CACHE_DIR as RECORDINGS_CACHE
 from finetuning.preparation.from_recordings import read_recordings
 from finetuning.preparation.languages import LanguageError, ModelLanguages, read_model_languages, resolve_labels
+from finetuning.preparation.manifest import PreparationError, default_reference, resolve_speakers
 from finetuning.preparation.multispeaker import clip_seconds, expand_group, group_from_entry, pick_references
 from finetuning.preparation.sources import (
-    FORMATS,
     SourceError,
     SourceItem,
     SpeakerSpec,
@@ -58,10 +58,6 @@ logger = logging.getLogger(__name__)
 MIN_REFERENCE_S = 1.0
 
 
-class PreparationError(RuntimeError):
-    """Preparation cannot continue for a speaker; the message names the speaker and what to fix."""
-
-
 def quality_thresholds(settings: Settings) -> QualityThresholds:
     return QualityThresholds(
         min_duration_s=settings.MIN_DURATION_S,
@@ -72,63 +68,6 @@ def quality_thresholds(settings: Settings) -> QualityThresholds:
         min_chars_per_s=settings.MIN_CHARS_PER_S,
         max_chars_per_s=settings.MAX_CHARS_PER_S,
     )
-
-
-def _default_reference(settings: Settings, name: str) -> str:
-    return str(Path(settings.VOICES_DIR) / f"{name}.wav")
-
-
-def _read_manifest(settings: Settings) -> tuple[dict, Path]:
-    """SPEAKERS_MANIFEST as {speaker: entry} and the folder its relative paths start from."""
-    path = Path(settings.SPEAKERS_MANIFEST)
-    if not path.is_file():
-        raise PreparationError(f"SPEAKERS_MANIFEST={path} does not exist (or is not a file)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PreparationError(f"SPEAKERS_MANIFEST={path} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict) or not all(isinstance(entry, dict) for entry in manifest.values()):
-        raise PreparationError(f'SPEAKERS_MANIFEST={path} must be a JSON object {{"speaker": {{"source": ...}}}}')
-    return manifest, path.parent
-
-
-def _manifest_path(folder: Path, value: str, fmt: str | None = "file") -> str:
-    """A manifest path against the manifest's folder. A source of format ``hf`` (or of no format, shaped
-    owner/name without a file suffix) that is no such path stays as given: a Hub dataset id."""
-    path = Path(value).expanduser()
-    beside = folder / path
-    hub = fmt == "hf" or (fmt is None and is_hub_id(value) and not path.suffix)
-    return str(path if path.is_absolute() or (hub and not beside.exists()) else beside)
-
-
-def resolve_speakers(settings: Settings, names: Sequence[str] | None = None) -> list[SpeakerSpec]:
-    """Speaker specs from SPEAKERS_MANIFEST entries, else the convention ``VOICES_DIR/<speaker>/``.
-
-    A manifest is a JSON object ``{speaker: {"source": ..., "format": ..., "language": ..., "reference": [...]}}``;
-    every key is optional, and relative ``source`` / ``reference`` paths start from the manifest's folder. Without
-    an entry, the source is ``VOICES_DIR/<speaker>`` (``metadata.jsonl`` or an LJSpeech-style folder) and the
-    reference is ``VOICES_DIR/<speaker>.wav``. Raises PreparationError for a manifest that is missing or not JSON.
-    """
-    manifest, folder = _read_manifest(settings) if settings.SPEAKERS_MANIFEST else ({}, Path("."))
-    voices = Path(settings.VOICES_DIR)
-    specs = []
-    for name in names or settings.TRAIN_SPEAKERS:
-        entry = manifest.get(name, {})
-        fmt = entry.get("format")
-        if fmt is not None and fmt not in FORMATS:
-            raise PreparationError(f"speaker {name}: format {fmt!r} in the manifest is not one of {FORMATS}")
-        refs = entry.get("reference")
-        refs = [_default_reference(settings, name)] if refs is None else [refs] if isinstance(refs, str) else refs
-        specs.append(
-            SpeakerSpec(
-                name=name,
-                source=_manifest_path(folder, entry["source"], fmt) if "source" in entry else str(voices / name),
-                format=fmt,
-                language=entry.get("language"),
-                references=tuple(_manifest_path(folder, r) if "reference" in entry else r for r in refs),
-            )
-        )
-    return specs
 
 
 def plan_speakers(
@@ -248,7 +187,10 @@ def prepare_speaker(
                 recorded = read_recordings(spec, settings, output_dir / RECORDINGS_CACHE / spec.name)
                 items, seconds_in = recorded.items, recorded.seconds_in
             else:
-                items = list(read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN))
+                column = spec.instructions.column
+                items = list(
+                    read_source(spec.source, spec.format, spec.name, settings.HF_TOKEN, instruct_column=column)
+                )
         except (SourceError, OSError) as error:
             raise PreparationError(f"speaker {spec.name}: cannot read {spec.source}: {error}") from error
     named = sorted({item.speaker for item in items if item.speaker})
@@ -294,7 +236,7 @@ def prepare_speaker(
     references = _load_references(spec, items)
     if not references and not spec.auto_references:
         tried = ", ".join(spec.references) or "none"
-        default = spec.references == (_default_reference(settings, spec.name),)
+        default = spec.references == (default_reference(settings, spec.name),)
         fix = f"put one at {spec.references[0]} or list" if default else "fix the"
         raise PreparationError(
             f"speaker {spec.name}: no usable reference clip of at least {MIN_REFERENCE_S:.0f} s (tried: {tried}); "
@@ -332,7 +274,16 @@ def prepare_speaker(
     for (item, clip), split in zip(kept, splits, strict=True):
         language = languages[_label(item, spec)]
         rows[split].append(
-            make_row(spec.name, item.id, item.text.strip(), language, clip.flac, clip.num_samples, clip.codes)
+            make_row(
+                spec.name,
+                item.id,
+                item.text.strip(),
+                language,
+                clip.flac,
+                clip.num_samples,
+                clip.codes,
+                spec.instructions.resolve(item.instruct),
+            )
         )
     for (ref_id, flac, num_samples), code in zip(reference_rows, ref_codes, strict=True):
         rows[schema.REFERENCE_SPLIT].append(

@@ -19,13 +19,15 @@ Columns of every split (``FEATURES``):
     duration_s   float32                seconds
     num_frames   int32                  codec frames (12.5 per second)
     audio_codes  list[list[int16]]      (num_frames, 16) 12 Hz speech-tokenizer codes, 0..2047
+    instruct     string                 the clip's instruction (a style, or a voice description); "" = none
+                                        (schema 2; datasets of schema 1 lack it and read as "")
 """
 
 from __future__ import annotations
 
 from finetuning.constants import NUM_CODEBOOKS, SAMPLE_RATE
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: instruct column
 DATA_SPLITS = ("train", "validation", "test")
 REFERENCE_SPLIT = "reference"
 ALL_SPLITS = (*DATA_SPLITS, REFERENCE_SPLIT)
@@ -33,6 +35,7 @@ INFO_FILE = "prepare_info.json"
 SUMMARY_FILE = "preparation_summary.json"
 CARD_FILE = "README.md"
 UNKNOWN_LANGUAGE = "auto"
+OPTIONAL_COLUMNS = ("instruct",)  # added after schema 1: a dataset without them reads them as empty
 
 
 def features():
@@ -49,6 +52,7 @@ def features():
             "duration_s": datasets.Value("float32"),
             "num_frames": datasets.Value("int32"),
             "audio_codes": datasets.Sequence(datasets.Sequence(datasets.Value("int16"), length=NUM_CODEBOOKS)),
+            "instruct": datasets.Value("string"),
         }
     )
 

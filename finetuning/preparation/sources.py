@@ -5,19 +5,26 @@ holding many speakers is split into one speaker config each by ``finetuning.prep
 
 Formats (``format`` in the speakers manifest, or detected from the path):
   * ``jsonl``     one JSON object per line: ``audio`` (or ``audio_path``, the seed-004 layout) and ``text``;
-                  optional ``id``, ``language``, ``split``, ``ref_audio``, ``speaker``. A line that is not valid
-                  UTF-8 or not a JSON object becomes a rejected item (``bad_encoding``, ``not_json``) naming
-                  ``file:line``.
+                  optional ``id``, ``language``, ``split``, ``ref_audio``, ``speaker``, ``instruct``. A line that
+                  is not valid UTF-8 or not a JSON object becomes a rejected item (``bad_encoding``,
+                  ``not_json``) naming ``file:line``.
   * ``ljspeech``  a folder with ``metadata.csv``/``metadata.txt`` (``id|text[|normalised text]``, or
                   ``id|text|speaker`` for a multi-speaker source) or ``metadata.tsv`` (``id<TAB>text``), audio in
-                  ``wavs/<id>.<ext>`` or ``<id>.<ext>``.
+                  ``wavs/<id>.<ext>`` or ``<id>.<ext>``; an instruction field by its 0-based index
+                  (``instruct_column``: e.g. 3 for ``id|text|normalised|instruct``).
   * ``chatml``    a JSON list (or JSONL) of ``{"messages": [...], "speaker": ...}`` conversations: each
-                  assistant turn's text + audio becomes a sample, the user turn's audio a reference clip.
+                  assistant turn's text + audio becomes a sample, the user turn's audio a reference clip and
+                  the user turn's text the sample's instruction.
   * ``hf``        a 🤗 dataset (local folder saved with ``save_to_disk``/parquet, or a Hub id) with ``audio`` and
                   ``text`` columns, optional ``speaker`` (rows of other speakers are skipped), ``language``,
-                  ``id``; its splits are kept.
+                  ``id``, ``instruct``; its splits are kept.
   * ``recordings`` long files (a file or a folder of them) cut into clips with text by
                   ``finetuning.preparation.from_recordings``; not read here.
+
+Every format may give each clip an instruction (``instruct``, or the column ``instruct_column`` names in the
+manifest): a style ("Speak in an angry tone.") or, for voice design, a voice description. The manifest maps label
+values to instructions (``"instructions": {"angry": "Speak in an angry tone."}`` for an emotion column) and gives a
+speaker-wide ``"instruct"`` for clips without one (``Instructions``). Empty = no instruction.
 
 Relative audio paths resolve against the source's folder and must stay inside it: one that leaves it (``..``) is
 rejected as ``outside_source``; an absolute path is taken as given on purpose. An ``hf`` dataset may come from
@@ -44,7 +51,34 @@ FORMATS = ("jsonl", "ljspeech", "chatml", "hf", "recordings")
 GIVEN_SPLITS = ("train", "validation", "test")
 METADATA_FILES = (("metadata.csv", "|"), ("metadata.txt", "|"), ("metadata.tsv", "\t"))
 DEFAULT_SPEAKER_COLUMN = "speaker"
+DEFAULT_INSTRUCT_COLUMN = "instruct"
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """How a speaker's clips get their instruction: the source's ``column`` (a field name; for ``ljspeech`` a
+    0-based field index; ChatML: the user turn's text; "" reads none from the source), each value mapped through
+    ``labels`` (label -> instruction) when it is one, and ``default`` for a clip without one."""
+
+    column: str = DEFAULT_INSTRUCT_COLUMN
+    labels: tuple[tuple[str, str], ...] = ()
+    default: str = ""
+
+    @classmethod
+    def from_entry(cls, name: str, entry: dict) -> Instructions:
+        """From a manifest entry's ``instruct``, ``instruct_column`` and ``instructions`` keys; SourceError for a
+        map that is not {label: instruction}."""
+        labels = entry.get("instructions", {})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise SourceError(f'manifest entry {name}: "instructions" maps each label to its instruction text')
+        column = str(entry.get("instruct_column", DEFAULT_INSTRUCT_COLUMN))
+        return cls(column, tuple(sorted((str(k), v.strip()) for k, v in labels.items())), entry.get("instruct") or "")
+
+    def resolve(self, value: str) -> str:
+        """The instruction of a clip whose source gives ``value`` ("" = none)."""
+        value = (value or "").strip() if self.column else ""
+        return dict(self.labels).get(value, value) or self.default.strip()
 
 
 @dataclass(frozen=True)
@@ -57,6 +91,7 @@ class SpeakerSpec:
     language: str | None
     references: tuple[str, ...]
     auto_references: bool = False  # no clip given: pick the cleanest kept clips (multi-speaker sources)
+    instructions: Instructions = Instructions()
 
 
 class SourceError(ValueError):
@@ -85,6 +120,7 @@ class SourceItem:
     problem: str | None = None  # a rejection found before the gate: bad_encoding, not_json, outside_source;
     # for recordings also unreadable, low_asr_confidence, other_speaker
     speaker: str | None = None  # the source's speaker column, when it has one
+    instruct: str = ""  # the source's instruction (or label) for this clip; "" = none
 
 
 def _speaker_value(value) -> str | None:
@@ -156,7 +192,13 @@ def _inside_dataset(folder: Path | None, value: str) -> Path:
     return resolved
 
 
-def _jsonl_item(path: Path, line: str, line_no: int, origin: str, speaker_column: str) -> SourceItem:
+def _text_value(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _jsonl_item(
+    path: Path, line: str, line_no: int, origin: str, speaker_column: str, instruct_column: str
+) -> SourceItem:
     if _undecodable(line):
         raise RowError("bad_encoding", "the line is not valid UTF-8")
     try:
@@ -177,10 +219,13 @@ def _jsonl_item(path: Path, line: str, line_no: int, origin: str, speaker_column
         reference_audio=[_resolve(path.parent, refs)] if isinstance(refs, str) else [],
         origin=origin,
         speaker=_speaker_value(row.get(speaker_column)),
+        instruct=_text_value(row.get(instruct_column)),
     )
 
 
-def read_jsonl(path: Path, speaker_column: str = DEFAULT_SPEAKER_COLUMN) -> Iterator[SourceItem]:
+def read_jsonl(
+    path: Path, speaker_column: str = DEFAULT_SPEAKER_COLUMN, instruct_column: str = DEFAULT_INSTRUCT_COLUMN
+) -> Iterator[SourceItem]:
     if path.is_dir():
         path = path / "metadata.jsonl"
     if not path.exists():
@@ -191,14 +236,17 @@ def read_jsonl(path: Path, speaker_column: str = DEFAULT_SPEAKER_COLUMN) -> Iter
                 continue
             origin = f"{path}:{line_no}"
             try:
-                yield _jsonl_item(path, line, line_no, origin, speaker_column)
+                yield _jsonl_item(path, line, line_no, origin, speaker_column, instruct_column)
             except RowError as error:
                 yield rejected_item(f"line{line_no:06d}", origin, error)
 
 
-def read_ljspeech(folder: Path, speaker_field: int | None = None) -> Iterator[SourceItem]:
+def read_ljspeech(
+    folder: Path, speaker_field: int | None = None, instruct_field: int | None = None
+) -> Iterator[SourceItem]:
     """``speaker_field``: 0-based index of a speaker field in each metadata line (``id|text|speaker``); the text
-    is then the second field."""
+    is then the second field. ``instruct_field``: 0-based index of an instruction field (the text is then the
+    second field too)."""
     candidates = [(folder / name, delim) for name, delim in METADATA_FILES if (folder / name).exists()]
     if not candidates:
         raise SourceError(f"{folder} has no metadata.csv, metadata.txt or metadata.tsv")
@@ -213,8 +261,9 @@ def read_ljspeech(folder: Path, speaker_field: int | None = None) -> Iterator[So
                 continue
             clip_id = Path(fields[0].strip()).stem
             speaker = None
-            if speaker_field is not None:
-                speaker = _speaker_value(fields[speaker_field] if speaker_field < len(fields) else None)
+            if speaker_field is not None or instruct_field is not None:
+                if speaker_field is not None:
+                    speaker = _speaker_value(fields[speaker_field] if speaker_field < len(fields) else None)
                 text = fields[1] if len(fields) > 1 else ""
             else:
                 text = fields[-1] if len(fields) > 2 and fields[-1].strip() else (fields[1] if len(fields) > 1 else "")
@@ -227,8 +276,14 @@ def read_ljspeech(folder: Path, speaker_field: int | None = None) -> Iterator[So
                 ),
                 folder / "wavs" / f"{clip_id}.wav",
             )
+            instruct = fields[instruct_field] if instruct_field is not None and instruct_field < len(fields) else ""
             yield SourceItem(
-                id=clip_id, text=text.strip(), audio=audio, origin=f"{metadata}:{line_no}", speaker=speaker
+                id=clip_id,
+                text=text.strip(),
+                audio=audio,
+                origin=f"{metadata}:{line_no}",
+                speaker=speaker,
+                instruct=instruct.strip(),
             )
 
 
@@ -250,10 +305,12 @@ def _turn_parts(message: dict) -> tuple[list[str], list[str]]:
 def _conversation_items(conversation: dict, index: int, path: Path) -> list[SourceItem]:
     refs: list[Path | bytes] = []
     items = []
+    instruct = ""  # the latest user turn's text: the instruction of the assistant turns after it
     for message in conversation.get("messages", []):
-        _, audios = _turn_parts(message)
+        texts, audios = _turn_parts(message)
         if message.get("role") == "user":
             refs.extend(_resolve(path.parent, a) for a in audios)
+            instruct = " ".join(t.strip() for t in texts if t.strip())
         elif message.get("role") == "assistant":
             texts, audios = _turn_parts(message)
             items.append(
@@ -265,6 +322,7 @@ def _conversation_items(conversation: dict, index: int, path: Path) -> list[Sour
                     reference_audio=list(refs),
                     origin=f"{path}#{index}",
                     speaker=_speaker_value(conversation.get("speaker")),
+                    instruct=instruct,
                 )
             )
     return items
@@ -294,7 +352,11 @@ def read_chatml(path: Path, speaker: str | None) -> Iterator[SourceItem]:
 
 
 def read_hf(
-    source: str, speaker: str | None, token: str | None, speaker_column: str = DEFAULT_SPEAKER_COLUMN
+    source: str,
+    speaker: str | None,
+    token: str | None,
+    speaker_column: str = DEFAULT_SPEAKER_COLUMN,
+    instruct_column: str = DEFAULT_INSTRUCT_COLUMN,
 ) -> Iterator[SourceItem]:
     """``speaker`` None keeps every row (each item then carries its ``speaker_column`` value); otherwise rows of
     other speakers are skipped. The audio column is read undecoded (bytes or path)."""
@@ -336,6 +398,7 @@ def read_hf(
                 split=given_split,
                 origin=f"{source}[{split_name}][{index}]",
                 speaker=_speaker_value(row.get(speaker_column)),
+                instruct=_text_value(row.get(instruct_column)),
             )
 
 
@@ -345,25 +408,29 @@ def read_source(
     speaker: str | None,
     token: str | None = None,
     speaker_column: str = DEFAULT_SPEAKER_COLUMN,
+    instruct_column: str = DEFAULT_INSTRUCT_COLUMN,
 ) -> Iterator[SourceItem]:
     """Yield the items of one speaker's source; ``fmt`` None means detect it from the path.
 
     ``speaker`` None reads every speaker of a multi-speaker source; each item's ``speaker`` then holds the value
-    of ``speaker_column`` (a field name; for ``ljspeech`` the 0-based index of a metadata field).
+    of ``speaker_column`` (a field name; for ``ljspeech`` the 0-based index of a metadata field). Each item's
+    ``instruct`` holds the value of ``instruct_column`` (likewise; an ``ljspeech`` source without a field index
+    has none).
     """
     fmt = fmt or detect_format(source)
     if fmt == "jsonl":
-        return read_jsonl(Path(source), speaker_column)
+        return read_jsonl(Path(source), speaker_column, instruct_column)
     if fmt == "ljspeech":
         if speaker is None and not str(speaker_column).isdigit():
             raise SourceError(
                 f"for an ljspeech source, speaker_column is a field index (e.g. 2), not {speaker_column!r}"
             )
-        return read_ljspeech(Path(source), int(speaker_column) if speaker is None else None)
+        instruct_field = int(instruct_column) if str(instruct_column).isdigit() else None
+        return read_ljspeech(Path(source), int(speaker_column) if speaker is None else None, instruct_field)
     if fmt == "chatml":
         return read_chatml(Path(source), speaker)
     if fmt == "hf":
-        return read_hf(source, speaker, token, speaker_column)
+        return read_hf(source, speaker, token, speaker_column, instruct_column)
     if fmt == "recordings":
         raise SourceError("a recordings source holds one speaker: it cannot have a speaker_column")
     raise SourceError(f"unknown format {fmt!r}; use one of {FORMATS}")

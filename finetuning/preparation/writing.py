@@ -38,9 +38,17 @@ def write_split(rows: list[dict], folder: Path, split: str, fingerprint: str, ma
 
 
 def make_row(
-    speaker: str, clip_id: str, text: str, language: str, flac: bytes, num_samples: int, codes: np.ndarray
+    speaker: str,
+    clip_id: str,
+    text: str,
+    language: str,
+    flac: bytes,
+    num_samples: int,
+    codes: np.ndarray,
+    instruct: str = "",
 ) -> dict:
-    """One dataset row; ``flac`` is the stored 24 kHz clip (``audio.encode_flac``), ``codes`` (frames, 16)."""
+    """One dataset row; ``flac`` is the stored 24 kHz clip (``audio.encode_flac``), ``codes`` (frames, 16),
+    ``instruct`` its instruction ("" = none)."""
     return {
         "id": clip_id,
         "speaker": speaker,
@@ -50,6 +58,7 @@ def make_row(
         "duration_s": num_samples / SAMPLE_RATE,
         "num_frames": int(codes.shape[0]),
         "audio_codes": codes.tolist(),
+        "instruct": instruct,
     }
 
 

@@ -99,6 +99,8 @@ class TrainingExamples(torch.utils.data.Dataset):
         for index in range(len(self)):
             e = self[(epoch, index)]
             layout = e.layout or (self.conditioning.layout if self.conditioning else "non_streaming")
-            size = sequence_length(self.talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, layout)
+            size = sequence_length(
+                self.talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, layout, instruct=e.instruct_size()
+            )
             lengths.append(size + e.reference_size())
         return lengths

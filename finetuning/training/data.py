@@ -18,11 +18,12 @@ from finetuning import atomic
 from finetuning.constants import NUM_CODEBOOKS, SAMPLE_RATE
 from finetuning.preparation import schema
 from finetuning.settings import Settings
+from finetuning.training.layout import instruct_text
 from finetuning.training.step import assistant_text
 
 logger = logging.getLogger(__name__)
 
-TRAIN_COLUMNS = ["id", "speaker", "text", "language", "num_frames", "audio_codes"]
+TRAIN_COLUMNS = ["id", "speaker", "text", "language", "num_frames", "audio_codes", "instruct"]
 
 
 class DataError(ValueError):
@@ -78,7 +79,8 @@ def load_split(
     ``read_rows`` parquet rows at a time (default: one row group).
 
     Local folders are read from the shards of the config's current fingerprint (``prepare_info.json``), so a
-    re-prepared speaker is never served from a stale cache.
+    re-prepared speaker is never served from a stale cache. Columns added after schema 1
+    (``schema.OPTIONAL_COLUMNS``) are left out of ``columns`` when a dataset lacks them (rows then lack the key).
     """
     import datasets
 
@@ -98,7 +100,9 @@ def load_split(
             if "split" in str(error).lower():
                 return None
             raise
-        return ds if streaming or not columns else ds.select_columns(columns)
+        if streaming or not columns:
+            return ds
+        return ds.select_columns([c for c in columns if c in ds.column_names or c not in schema.OPTIONAL_COLUMNS])
     root = Path(settings.DATASET_DIR)
     info_path = root / speaker / schema.INFO_FILE
     if not info_path.exists():
@@ -116,6 +120,11 @@ def load_split(
     files = sorted((root / speaker).glob(schema.split_pattern(speaker, split, fingerprint).split("/", 1)[1]))
     if not files:
         return None
+    if columns:
+        import pyarrow.parquet as pq
+
+        present = set(pq.read_schema(files[0]).names)
+        columns = [c for c in columns if c in present or c not in schema.OPTIONAL_COLUMNS]
     if streaming:
         return datasets.load_dataset(
             "parquet",
@@ -172,7 +181,8 @@ def load_reference_audio(settings: Settings, speaker: str) -> list[np.ndarray]:
 class Example:
     """One utterance ready for the step: text_ids (Lt,) long, codes (T, 16) int16 (codes are < 2048; ``collate``
     widens them), a quarter of the memory of int64. ``language`` is the row's, or "auto" when the sample's draw
-    trains the languageless prefix; ``layout`` the text layout drawn for it (None: the step's). Voice-clone
+    trains the languageless prefix; ``layout`` the text layout drawn for it (None: the step's); ``instruct_ids``
+    (Li,) long the tokenised user turn of its instruction (``layout.instruct_text``), None without one. Voice-clone
     training (``training.clone``) adds the reference clip's row and x-vector (D,), and in ICL mode its transcript
     content ids (Lr,) long and codes (R, 16) int16."""
 
@@ -186,6 +196,11 @@ class Example:
     xvector: torch.Tensor | None = None
     ref_text_ids: torch.Tensor | None = None
     ref_codes: torch.Tensor | None = None
+    instruct_ids: torch.Tensor | None = None
+
+    def instruct_size(self) -> int:
+        """Talker positions the instruction adds (0 without one)."""
+        return 0 if self.instruct_ids is None else self.instruct_ids.numel()
 
     def reference_size(self) -> int:
         """Talker positions the ICL reference adds (0 without one)."""
@@ -198,8 +213,15 @@ def example_from_row(row: dict, speaker_index: int, tokenizer) -> Example | None
     if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] != NUM_CODEBOOKS or not row["text"]:
         return None
     ids = tokenizer(assistant_text(row["text"]), return_tensors="pt")["input_ids"][0]
+    instruct = (row.get("instruct") or "").strip()
+    instruct_ids = tokenizer(instruct_text(instruct), return_tensors="pt")["input_ids"][0] if instruct else None
     return Example(
-        id=row["id"], speaker=speaker_index, language=row["language"], text_ids=ids, codes=torch.from_numpy(codes)
+        id=row["id"],
+        speaker=speaker_index,
+        language=row["language"],
+        text_ids=ids,
+        codes=torch.from_numpy(codes),
+        instruct_ids=instruct_ids,
     )
 
 
@@ -247,6 +269,16 @@ def load_training_examples(settings: Settings, tokenizer) -> tuple[list[Example]
     return train, load_examples(settings, tokenizer, "validation")[0]
 
 
+def instruction_use(settings: Settings) -> tuple[bool, ...]:
+    """Whether TRAIN_SPEAKERS' training clips carry an instruction: (False,) none, (True,) all, (False, True) some.
+    Reads the ``instruct`` column alone (a dataset prepared before it existed has none)."""
+    used: set[bool] = set()
+    for speaker in settings.TRAIN_SPEAKERS:
+        rows = load_split(settings, speaker, "train", ["id", "instruct"], streaming=settings.DATA_STREAMING)
+        used.update(bool((row.get("instruct") or "").strip()) for row in rows or [])
+    return tuple(sorted(used)) or (False,)
+
+
 def speaker_languages(examples: list[Example], speakers: tuple[str, ...]) -> dict[str, str]:
     """Each speaker's language in ``examples`` (its first example's), keyed by name: recorded in the export as
     generation's default language."""
@@ -266,6 +298,7 @@ def collate(examples: list[Example]) -> dict:
     language   list[str]
     num_frames (B,) long
     layout     list[str]      each utterance's text layout, when drawn per sample (TRAINING_LAYOUT=mixed)
+    instruct_ids list[(Li_b,) long | None]  each utterance's instruction ids, when any utterance has one
     voice-clone examples (``xvector_row`` set) add:
     xvector_row  (B,) long                    row (training clip) of each reference
     xvector      (B, D)                       each reference's x-vector, in the table's dtype
@@ -282,6 +315,8 @@ def collate(examples: list[Example]) -> dict:
     }
     if any(e.layout is not None for e in examples):
         batch["layout"] = [e.layout for e in examples]
+    if any(e.instruct_ids is not None for e in examples):
+        batch["instruct_ids"] = [e.instruct_ids for e in examples]
     if any(e.xvector_row >= 0 for e in examples):
         batch["xvector_row"] = torch.tensor([e.xvector_row for e in examples], dtype=torch.long)
         batch["xvector"] = torch.stack([e.xvector for e in examples])

@@ -11,7 +11,9 @@ checkpoint or neither copy.
 
 A voice-clone run (TRAINING_MODE=voice_clone) exports a ``base`` model instead: the Base config unchanged (no
 speaker rows) and the frozen speaker encoder kept, so stock ``generate_voice_clone`` clones with it as it does
-with the Base model.
+with the Base model. A voice-design run (TRAINING_MODE=voice_design) exports a ``voice_design`` model: empty
+speaker maps and no speaker encoder, what stock ``generate_voice_design`` loads. The mode decides
+(``training.modes``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from finetuning.constants import FIRST_SPEAKER_ROW
 from finetuning.resources import is_hub_id
 from finetuning.settings import Settings
 from finetuning.training.lora import ADAPTER_DIR, LoraAdapter
+from finetuning.training.modes import training_mode
 from finetuning.training.presets import PresetSpeakers
 
 # The base model's own weights (single or sharded, safetensors or bin, with their index): never copied, the export
@@ -88,6 +91,24 @@ def custom_voice_config(base_config: dict, rows: dict[str, int]) -> dict:
     return config
 
 
+def voice_design_config(base_config: dict, rows: dict[str, int]) -> dict:
+    """The base model's config.json turned into a voice-design config: what stock ``generate_voice_design`` needs
+    (``tts_model_type: voice_design``, empty speaker maps; stock builds no speaker encoder for it)."""
+    config = json.loads(json.dumps(base_config))
+    config["tts_model_type"] = "voice_design"
+    config["talker_config"]["spk_id"] = {}
+    config["talker_config"]["spk_is_dialect"] = {}
+    return config
+
+
+# The exported config.json per ``tts_model_type`` (``TrainingMode.export_type``), from the base's and the rows.
+EXPORT_CONFIGS = {
+    "custom_voice": custom_voice_config,
+    "base": lambda base_config, rows: base_config,
+    "voice_design": voice_design_config,
+}
+
+
 def export_state_dict(
     model, speaker_embeds: torch.Tensor, rows: dict[str, int], dtype: torch.dtype, state_dict: dict | None = None
 ) -> dict:
@@ -129,6 +150,7 @@ def export_checkpoint(
     write_extra: Callable[[Path], None] | None = None,
     speaker_encoder: torch.nn.Module | None = None,
     presets: PresetSpeakers | None = None,
+    export_type: str | None = None,
 ) -> Path:
     """Write a custom-voice checkpoint of ``model`` (a ``Qwen3TTSForConditionalGeneration``) to ``output_dir``.
 
@@ -152,10 +174,11 @@ def export_checkpoint(
     if not (base / "config.json").exists():
         raise ExportError(f"{base} has no config.json; INIT_MODEL_PATH must be a Qwen3-TTS model folder or Hub id")
     base_config = json.loads((base / "config.json").read_text())
-    clone = speaker_encoder is not None
+    export_type = export_type or ("base" if speaker_encoder is not None else "custom_voice")
+    named = export_type == "custom_voice"  # speakers are rows of the export, called by name
     presets = presets or PresetSpeakers.none()
-    rows = {} if clone else speaker_rows(speakers, base_config["talker_config"]["vocab_size"], presets.rows)
-    if clone:
+    rows = speaker_rows(speakers, base_config["talker_config"]["vocab_size"], presets.rows) if named else {}
+    if not named:
         speaker_embeds = speaker_embeds[:0]
     elif speaker_embeds.shape[0] != len(speakers):
         raise ExportError(f"{len(speakers)} speakers but {speaker_embeds.shape[0]} embeddings")
@@ -174,11 +197,11 @@ def export_checkpoint(
                 shutil.copytree(item, staging / item.name, copy_function=copy)
             else:
                 copy(item, staging / item.name)
-        config = base_config if clone else custom_voice_config(base_config, rows)
+        config = EXPORT_CONFIGS[export_type](base_config, rows)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         dtype = _base_dtype(base_config)
         state = export_state_dict(model, speaker_embeds, rows, dtype, state_dict)
-        if clone:
+        if speaker_encoder is not None:
             encoder = {
                 f"speaker_encoder.{k}": v.detach().to("cpu", dtype) for k, v in speaker_encoder.state_dict().items()
             }
@@ -187,10 +210,8 @@ def export_checkpoint(
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         trained = {name: {"language": languages.get(name, "auto")} for name in speakers}
         info = {
-            **({"trained_speakers": trained} if clone else {}),
-            **(
-                {} if clone else {"speakers": {name: {"row": rows[name.lower()], **trained[name]} for name in speakers}}
-            ),
+            **({"speakers": {n: {"row": rows[n.lower()], **trained[n]} for n in speakers}} if named else {}),
+            **({} if named else {"trained_speakers": trained}),
             **({"preset_speakers": {name: {"row": row} for name, row in presets.rows.items()}} if presets.rows else {}),
             "base_model": portable_path(settings.INIT_MODEL_PATH if settings else str(base)),
             **(extra_info or {}),
@@ -256,8 +277,9 @@ class RunExports:
     languages: dict[str, str]
     settings: Settings
     lora: LoraAdapter | None = None
-    speaker_encoder: torch.nn.Module | None = None  # kept in voice-clone exports (TRAINING_MODE=voice_clone)
+    speaker_encoder: torch.nn.Module | None = None  # kept when the mode exports it (voice_clone)
     presets: PresetSpeakers | None = None  # a CustomVoice init's speakers, kept beside the new ones
+    instructions: tuple[bool, ...] = (False,)  # whether training clips carried an instruction (both: some did)
 
     def export(self, accelerator, step_module, output_dir: str | Path, step: int, link_base_files: bool = False):
         """``export_checkpoint`` of the model being trained, with the run's settings and ``step`` recorded.
@@ -269,6 +291,7 @@ class RunExports:
         if not accelerator.is_main_process:
             return None
         settings = self.settings
+        mode = training_mode(settings)
         write_adapter = None
         if self.lora is not None:  # the adapter from the trained state, the checkpoint from the merged one
             write_adapter = partial(self.lora.save_adapter, state, base_model=portable_path(settings.INIT_MODEL_PATH))
@@ -286,28 +309,27 @@ class RunExports:
                 "training_layout": settings.TRAINING_LAYOUT,
                 "finetune_method": settings.FINETUNE_METHOD,
                 "training_mode": settings.TRAINING_MODE,
-                "trained_calls": trained_calls(settings),
+                "trained_calls": trained_calls(settings, self.instructions),
             },
             link_base_files=link_base_files,
             state_dict=state,
             write_extra=write_adapter,
-            speaker_encoder=self.speaker_encoder if settings.TRAINING_MODE == "voice_clone" else None,
+            speaker_encoder=self.speaker_encoder if mode.keeps_encoder else None,
             presets=self.presets,
+            export_type=mode.export_type,
         )
 
 
-def trained_calls(settings: Settings) -> dict[str, list]:
+def trained_calls(settings: Settings, instructions: tuple[bool, ...] = (False,)) -> dict[str, list]:
     """The stock calls an export of ``settings``' run was trained for (``finetune_info.json`` "trained_calls"):
-    the stock method, ``non_streaming_mode`` values, ``language`` ("given" / "auto" = left out) and, voice cloning,
-    ``x_vector_only_mode`` values. ``generate.py``, ``evaluate.py`` and the tests read it."""
+    the stock method, ``non_streaming_mode`` values, ``language`` ("given" / "auto" = left out), ``instruct``
+    (``instructions``: whether training clips carried an instruction, [False] = never, so the export does not
+    claim ``instruct=``) and, voice cloning, ``x_vector_only_mode`` values. ``generate.py``, ``evaluate.py`` and
+    the tests read it."""
     from finetuning.training.conditioning import Conditioning
 
-    calls = {"method": "generate_custom_voice", **Conditioning.from_settings(settings).trained_calls()}
-    if settings.TRAINING_MODE == "voice_clone":
-        fraction = settings.CLONE_ICL_FRACTION
-        calls["method"] = "generate_voice_clone"
-        calls["x_vector_only_mode"] = [True] if fraction == 0 else [False] if fraction == 1 else [False, True]
-    return calls
+    conditioning = Conditioning.from_settings(settings).trained_calls()
+    return training_mode(settings).trained_calls(conditioning, list(instructions), settings.CLONE_ICL_FRACTION)
 
 
 def _is_weight_file(path: Path) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetuning.resources import one_line, resolve_model_dir
+from finetuning.resources import resolve_model_dir
 from finetuning.settings import Settings
 from finetuning.training import engines
 from finetuning.training.callbacks import ExportCallback, ExportHook
@@ -37,25 +37,32 @@ from finetuning.training.clone import CloneExamples, EpochIndices, build_referen
 from finetuning.training.conditioning import Conditioning, TrainingExamples
 from finetuning.training.data import (
     Example,
+    instruction_use,
     load_examples,
     load_training_examples,
     make_train_loader,
     pin_dataset_revision,
     speaker_languages,
 )
-from finetuning.training.export import RunExports, checkpoint_dtype, speaker_rows
+from finetuning.training.export import RunExports, checkpoint_dtype
 from finetuning.training.guards import check_export_dir
+from finetuning.training.init_model import (
+    MODEL_FILES,
+    TrainingError,
+    check_instructions,
+    load_base_model,
+    speaker_table,
+)
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
+from finetuning.training.modes import training_mode
 from finetuning.training.optim import check_optimizer, make_optimizer, make_scheduler, optimizer_step
-from finetuning.training.presets import CUSTOM_VOICE, PresetSpeakers, check_init_model, load_speaker_encoder
+from finetuning.training.presets import PresetSpeakers, check_init_model
 from finetuning.training.replay import ReplayMixed, replay_source
 from finetuning.training.sampler import DurationBatchSampler
-from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
 from finetuning.training.speed import (
     ModelFlops,
     check_speed_options,
-    compile_transformers,
     fused_cross_entropy,
     keep_freed_memory,
     peak_flops,
@@ -66,13 +73,6 @@ from finetuning.training.tracking import MetricsLog, MetricWindow, SampleAudit, 
 from finetuning.training.validation import validation_losses
 
 logger = logging.getLogger(__name__)
-
-
-MODEL_FILES = ("config.json",)  # what a Base model folder must hold before from_pretrained is tried
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or continue; the message says what to fix."""
 
 
 @dataclass
@@ -98,41 +98,6 @@ class TrainResult:
         self.optimizer_steps, self.skipped_steps = int(state["optimizer_steps"]), int(state["skipped_steps"])
 
 
-def load_base_model(model_dir: Path, device: torch.device, settings: Settings):
-    """(model, text tokenizer, stock wrapper): the model to fine-tune, in float32 (master weights; autocast supplies
-    mixed precision), with its speaker encoder frozen (a CustomVoice init's from SPEAKER_ENCODER_PATH,
-    ``training.presets``), ATTN_IMPLEMENTATION's attention and (TORCH_COMPILE) compiled transformers; the stock
-    ``Qwen3TTSModel`` around it generates replay rows. Fails before training (ExportError) when TRAIN_SPEAKERS do
-    not fit the codec vocabulary beside a CustomVoice init's presets, TrainingError when the folder does not load
-    as a Qwen3-TTS model."""
-    import qwen_tts
-
-    try:
-        wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(
-            str(model_dir), dtype=torch.float32, attn_implementation=settings.ATTN_IMPLEMENTATION
-        )
-    except Exception as error:  # missing or corrupt weights, foreign configs: transformers raises many types
-        raise TrainingError(
-            f"INIT_MODEL_PATH={model_dir} does not load as a Qwen3-TTS model ({type(error).__name__}: "
-            f"{one_line(error)}); give a 12 Hz Base model folder or Hub id"
-        ) from error
-    model = wrapper.model
-    if model.speaker_encoder is None and model.tts_model_type == CUSTOM_VOICE:
-        model.speaker_encoder = load_speaker_encoder(settings, model.config.talker_config.hidden_size)
-    if model.speaker_encoder is None:
-        raise TrainingError(
-            f"INIT_MODEL_PATH={model_dir} is a {model.tts_model_type!r} model without a speaker encoder; "
-            "fine-tune a Base model (e.g. Qwen/Qwen3-TTS-12Hz-1.7B-Base)"
-        )
-    freeze_speaker_encoder(model)
-    if settings.TRAINING_MODE == "custom_voice":  # a voice-clone export stays a Base model: no speaker rows
-        vocab_size = model.config.talker_config.vocab_size
-        speaker_rows(list(settings.TRAIN_SPEAKERS), vocab_size, PresetSpeakers.from_model(model).rows)
-    if settings.TORCH_COMPILE:
-        compile_transformers(model)
-    return model.to(device), wrapper.processor.tokenizer, wrapper
-
-
 def make_accelerator(settings: Settings):
     """Accelerator with mixed precision, accumulation and the trackers REPORT_TO names (never silently none)."""
     import importlib.util
@@ -155,7 +120,14 @@ def make_sampler(
 ) -> DurationBatchSampler:
     """The batch sampler over ``examples``, budgeting each epoch's samples as ``dataset`` draws them."""
     longest = [
-        sequence_length(talker_config, e.text_ids.numel(), e.codes.shape[0], e.language, settings.TRAINING_LAYOUT)
+        sequence_length(
+            talker_config,
+            e.text_ids.numel(),
+            e.codes.shape[0],
+            e.language,
+            settings.TRAINING_LAYOUT,
+            instruct=e.instruct_size(),
+        )
         + _longest_reference(dataset, i)
         for i, e in enumerate(examples)
     ]
@@ -203,23 +175,24 @@ def make_train_data(
     a DataLoader. ``DATA_STREAMING``: a ``StreamingBatches`` stream is both (memory bounded by its buffers)."""
     talker_config = model.config.talker_config
     conditioning = Conditioning.from_settings(settings)
+    mode = training_mode(settings)
     if settings.DATA_STREAMING:
         stream = StreamingBatches(
             settings, tokenizer, talker_config, accelerator.num_processes, accelerator.process_index
         )
         validation = conditioning.validation(load_examples(settings, tokenizer, "validation")[0])
-        embeds = compute_speaker_embeddings(model, settings, xvector_dtype)
+        embeds = speaker_table(model, settings, xvector_dtype)
         return stream, stream, stream_languages(settings), validation, embeds
     train_examples, validation = load_training_examples(settings, tokenizer)
     languages = speaker_languages(train_examples, settings.TRAIN_SPEAKERS)
     pin_memory = accelerator.device.type == "cuda"
-    if settings.TRAINING_MODE == "voice_clone":
+    if mode.references:
         pool = build_reference_pool(model, settings, train_examples, xvector_dtype)
         dataset = CloneExamples(pool, settings.SEED, settings.CLONE_ICL_FRACTION, conditioning, talker_config)
         validation = dataset.validation(validation)
         conditioning_table = pool.xvectors
     else:
-        conditioning_table = compute_speaker_embeddings(model, settings, xvector_dtype)
+        conditioning_table = speaker_table(model, settings, xvector_dtype)
         if presets is not None and presets.rows:  # replayed presets: speakers S .. S + P - 1 of the table
             conditioning_table = torch.cat([conditioning_table, presets.embeds.to(conditioning_table.dtype)])
         if make_replay is None:
@@ -235,11 +208,13 @@ def make_train_data(
 
 def build_step_module(model, settings: Settings, conditioning_table: torch.Tensor, aux_losses) -> TalkerStep:
     """The training step around ``model``: custom voice holds the (S, D) speaker rows; voice cloning holds no table
-    (each batch brings its references' x-vectors, gathered from the one host copy by ``collate``)."""
-    clone = settings.TRAINING_MODE == "voice_clone"
+    (each batch brings its references' x-vectors, gathered from the one host copy by ``collate``); voice design
+    has no speaker slot."""
+    mode = training_mode(settings)
     return TalkerStep(
         model,
-        conditioning_table[:0] if clone else conditioning_table,
+        conditioning_table if mode.speaker_rows else conditioning_table[:0],
+        speaker_slot=mode.speaker_slot,
         layout=settings.TRAINING_LAYOUT,
         sub_talker_loss_weight=settings.SUB_TALKER_LOSS_WEIGHT,
         aux_losses=aux_losses,
@@ -299,6 +274,8 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     check_init_model(settings, model_dir)
     check_export_dir(settings, model_dir)  # before anything is written
     settings = pin_dataset_revision(settings, accelerator)  # every process reads one Hub commit, saved with the run
+    instructions = instruction_use(settings)
+    check_instructions(settings, model_dir, instructions)
     resume_path = prepare_output_dir(settings, accelerator, held)
     with engines.whole_model_loading(accelerator):
         model, tokenizer, stock = load_base_model(model_dir, accelerator.device, settings)
@@ -309,7 +286,9 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     )
     val_examples = val_sets[""]
     lora = apply_lora(model, settings)  # None for FINETUNE_METHOD=full
-    exports = RunExports(model_dir, speaker_embeds, languages, settings, lora, model.speaker_encoder, presets)
+    exports = RunExports(
+        model_dir, speaker_embeds, languages, settings, lora, model.speaker_encoder, presets, instructions
+    )
     if not settings.DATA_STREAMING:  # a stream's batches are formed as it is read
         engines.check_zero3_batches(accelerator, [len(batch) for batch in sampler.plan(sampler.epoch)])
     aux_losses = build_auxiliary_losses(settings, model, model_dir, accelerator.device)

@@ -20,6 +20,10 @@ above. In ICL mode (``generate_icl_prompt``) the reference transcript's content 
     streaming:     (C(bos), R_i, F_j) + (T(ref_0) .. T(content_last), T(tts_eos), T(tts_pad) ...) position by position
 and the last reference frame's position predicts frame 0. Reference frames are given, never scored.
 
+An instruction (``instruct=``: ids ``i`` of ``<|im_start|>user\n{instruct}<|im_end|>\n``, nothing sliced off)
+comes first, as ``T(i)`` with no codec part, before the role tokens: every later position shifts by its length.
+Voice design (``generate_voice_design``) has no speaker slot: ``P_i + T(tts_pad) ..., C(pad) + T(tts_bos)``.
+
 The output at the last prefill position predicts frame 0's first code; the output at frame j's position
 predicts frame j+1's first code, and the last frame's position predicts EOS. Labels are therefore the codes
 shifted exactly once, and the loss is computed here from the logits (the model's own ``loss_function`` shifts
@@ -46,6 +50,7 @@ from finetuning.training.layout import (
     codec_prefix_ids,
     index_grids,
     positions,
+    with_instructions,
     with_references,
 )
 
@@ -100,13 +105,21 @@ def language_id_for(talker_config, language: str | None) -> int | None:
 
 
 def sequence_length(
-    talker_config, num_text_tokens: int, num_frames: int, language: str | None, layout: str, reference: int = 0
+    talker_config,
+    num_text_tokens: int,
+    num_frames: int,
+    language: str | None,
+    layout: str,
+    reference: int = 0,
+    instruct: int = 0,
 ) -> int:
     """Talker positions ``build_sequence`` makes for one utterance (the padded cost batching budgets for);
-    ``reference`` = an ICL reference's content tokens + frames. ``layout`` "mixed" counts the longer layout."""
+    ``reference`` = an ICL reference's content tokens + frames, ``instruct`` = its instruction's tokens (counted
+    with a speaker slot: an upper bound for voice design). ``layout`` "mixed" counts the longer layout."""
     prefix = codec_prefix_ids(talker_config, language_id_for(talker_config, language))
     layout = "non_streaming" if layout == MIXED else layout
-    return positions(len(prefix), num_text_tokens - ROLE_TOKENS - SUFFIX_TOKENS, num_frames, layout) + reference
+    content = num_text_tokens - ROLE_TOKENS - SUFFIX_TOKENS
+    return positions(len(prefix), content, num_frames, layout, instruct) + reference
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,11 +172,12 @@ def build_talker_inputs(
     model,
     text_ids: list[torch.Tensor],
     codes: list[torch.Tensor],
-    speaker_embeds: torch.Tensor,
+    speaker_embeds: torch.Tensor | None,
     language_ids: list[int | None],
     layout: str | list[str] = "non_streaming",
     ref_text_ids: list[torch.Tensor | None] | None = None,
     ref_codes: list[torch.Tensor | None] | None = None,
+    instruct_ids: list[torch.Tensor | None] | None = None,
 ) -> TalkerInputs:
     """Build a right-padded batch (the layout in the module docstring) with one embedding call per table.
 
@@ -171,7 +185,9 @@ def build_talker_inputs(
     per utterance; language_ids: B codec language ids (None = "auto"); ``layout``: one of LAYOUTS for the batch or
     one per utterance. ICL voice cloning: ``ref_text_ids`` B
     tensors (Lr_b,) of the reference transcript's content ids and ``ref_codes`` B tensors (R_b, 16), R_b >= 1,
-    both None for an utterance without one. Every position's text row and codec id come from index grids computed
+    both None for an utterance without one. ``instruct_ids``: B tensors (Li_b,) of each instruction's whole user
+    turn (``layout.instruct_text``), None for an utterance without one. ``speaker_embeds`` None: no speaker slot
+    (voice design). Every position's text row and codec id come from index grids computed
     from the lengths; the embeddings are gathered into the (B, L, D) batch. Raises ValueError for an unknown
     ``layout`` or a reference with text but no codes (or codes but no text).
     """
@@ -179,15 +195,18 @@ def build_talker_inputs(
         raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
     cfg, talker = model.config, model.talker
     tcfg = cfg.talker_config
-    device = speaker_embeds.device
+    device = codes[0].device if speaker_embeds is None else speaker_embeds.device
     text_ids, blocks, ref_frames = with_references(text_ids, codes, ref_text_ids, ref_codes)
-    grid = index_grids(tcfg, text_ids, codes, language_ids, layout, device, ref_frames)
+    text_ids, heads = with_instructions(text_ids, instruct_ids)
+    slot = speaker_embeds is not None
+    grid = index_grids(tcfg, text_ids, codes, language_ids, layout, device, ref_frames, heads, slot)
     all_codes = torch.cat(blocks).long()  # (N_all, 16)
     first_codes = all_codes[:, 0]  # (N,)
     # torch.where over gathered values, not boolean indexing: no host sync on a GPU.
     frame_codes = first_codes[grid.frame_index.clamp(min=0)]  # (B, L)
     codec = talker.get_input_embeddings()(torch.where(grid.frame_index >= 0, frame_codes, grid.codec_ids))
-    codec = torch.where(grid.is_speaker[..., None], speaker_embeds[:, None].to(codec.dtype), codec)
+    if slot:
+        codec = torch.where(grid.is_speaker[..., None], speaker_embeds[:, None].to(codec.dtype), codec)
     # Finished frames: codebook 0 from the grid above plus the 15 code-predictor tables, summed as generate does.
     frame_slots = (grid.slot_batch, grid.slot_position)  # each frame's own position, reference frames included
     per_codebook = codebook_embeddings(talker, all_codes, codec[frame_slots])  # (N_all, 16, D)
@@ -326,7 +345,8 @@ class TalkerStep(torch.nn.Module):
     not name one per utterance (``batch["layout"]``, TRAINING_LAYOUT=mixed). With
     ``aux_losses`` (``finetuning.training.losses.AuxiliaryLosses``, held but not registered as a submodule) the
     total also gets Σ weight · auxiliary component, and the unweighted components land in ``StepOutput.aux``.
-    ``fused_cross_entropy``: see ``talker_forward``.
+    ``fused_cross_entropy``: see ``talker_forward``. ``speaker_slot`` False (voice design): no speaker in the
+    prefix. A batch with ``instruct_ids`` puts each instruction before its role tokens.
     """
 
     def __init__(
@@ -337,6 +357,7 @@ class TalkerStep(torch.nn.Module):
         sub_talker_loss_weight: float = 0.3,
         aux_losses: AuxiliaryLosses | None = None,
         fused_cross_entropy: Callable | None = None,
+        speaker_slot: bool = True,
     ):
         super().__init__()
         if layout not in (*LAYOUTS, MIXED):
@@ -345,6 +366,7 @@ class TalkerStep(torch.nn.Module):
         self.register_buffer("speaker_embeds", speaker_embeds.float(), persistent=False)
         self.layout = layout
         self.sub_talker_loss_weight = sub_talker_loss_weight
+        self.speaker_slot = speaker_slot
         # Not a submodule: the frozen decoder and speaker encoder stay outside DDP / FSDP / DeepSpeed, which would
         # otherwise wrap, cast or shard them (``training.engines``); ``train`` passes the mode on.
         object.__setattr__(self, "aux_losses", aux_losses)
@@ -361,6 +383,8 @@ class TalkerStep(torch.nn.Module):
         tcfg = self.model.config.talker_config
         if "xvector" in batch:  # voice cloning: the reference clip's x-vector
             speaker_embeds = batch["xvector"].to(self.model.talker.dtype)
+        elif not self.speaker_slot:  # voice design
+            speaker_embeds = None
         else:
             speaker_embeds = self.speaker_embeds[batch["speaker"]].to(self.model.talker.dtype)
         layout = batch.get("layout") or self.layout
@@ -375,6 +399,7 @@ class TalkerStep(torch.nn.Module):
             layout=layout,
             ref_text_ids=batch.get("ref_text_ids"),
             ref_codes=batch.get("ref_codes"),
+            instruct_ids=batch.get("instruct_ids"),
         )
         out = talker_forward(self.model, inputs, self.fused_cross_entropy)
         loss = out.codec0_loss + self.sub_talker_loss_weight * out.sub_talker_loss

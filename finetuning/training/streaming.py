@@ -185,6 +185,7 @@ class StreamingBatches(DataPosition):
                     example.codes.shape[0],
                     example.language,
                     example.layout,
+                    instruct=example.instruct_size(),
                 ),
             )
 

@@ -69,6 +69,7 @@ def set_losses(
             e.language,
             e.layout or settings.TRAINING_LAYOUT,
             e.reference_size(),
+            e.instruct_size(),
         )
         for e in examples
     ]

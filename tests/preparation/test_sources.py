@@ -147,3 +147,43 @@ def test_hf_rows_name_no_file_outside_their_folder_even_through_a_link(tmp_path)
         ("outside_source", None),
         (None, folder / "in.wav"),
     ]
+
+
+def test_each_format_reads_an_instruction_and_the_manifest_maps_labels(tmp_path):
+    """jsonl field, LJSpeech field index, ChatML user turn, 🤗 column; a label map and a speaker-wide default."""
+    import datasets
+
+    from finetuning.preparation.sources import Instructions
+
+    write_wav(tmp_path / "a.wav", speechlike(1.0))
+    rows = [{"audio": "a.wav", "text": "one", "emotion": "angry"}, {"audio": "a.wav", "text": "two", "emotion": ""}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    items = list(read_source(str(tmp_path / "data.jsonl"), None, "spk", instruct_column="emotion"))
+    assert [i.instruct for i in items] == ["angry", ""]
+    spec = Instructions.from_entry("spk", {"instruct_column": "emotion", "instructions": {"angry": "Shout."}})
+    assert [spec.resolve(i.instruct) for i in items] == ["Shout.", ""]
+    spec = Instructions.from_entry("spk", {"instructions": {"angry": "Shout."}, "instruct": "Calmly."})
+    assert [spec.resolve(v) for v in ("angry", "Whisper.", "")] == ["Shout.", "Whisper.", "Calmly."]
+    assert Instructions.from_entry("spk", {"instruct_column": ""}).resolve("Whisper.") == ""
+    with pytest.raises(SourceError, match="instructions"):
+        Instructions.from_entry("spk", {"instructions": ["angry"]})
+
+    lj = tmp_path / "lj"
+    write_wav(lj / "wavs" / "c1.wav", speechlike(1.0))
+    (lj / "metadata.csv").write_text("c1|Raw text|raw text|Speak slowly.\n")
+    (item,) = read_source(str(lj), "ljspeech", "spk", instruct_column="3")
+    assert (item.text, item.instruct) == ("Raw text", "Speak slowly.")
+    (item,) = read_source(str(lj), "ljspeech", "spk")  # no field index: no instruction
+    assert item.instruct == ""
+
+    user = {"role": "user", "content": [{"type": "text", "text": "Whisper it."}]}
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "Hi."}, {"type": "audio", "audio": "a.wav"}]}
+    (tmp_path / "chat.json").write_text(json.dumps([{"messages": [user, answer]}]))
+    (item,) = read_source(str(tmp_path / "chat.json"), None, "spk")
+    assert (item.text, item.instruct) == ("Hi.", "Whisper it.")
+
+    audio = {"bytes": (tmp_path / "a.wav").read_bytes(), "path": None}
+    columns = {"audio": [audio], "text": ["one"], "instruct": ["Happily."]}
+    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "hf"))
+    (item,) = read_source(str(tmp_path / "hf"), "hf", "spk")
+    assert item.instruct == "Happily."

@@ -56,6 +56,12 @@ def validate(settings: Settings) -> None:
     require(not (s.FUSED_CROSS_ENTROPY and s.USE_AUXILIARY_LOSSES), "FUSED_CROSS_ENTROPY", True, fused_rule)
     clone_rule = "false with TRAINING_MODE=voice_clone (references are drawn from every clip of a speaker in memory)"
     require(not (s.DATA_STREAMING and s.TRAINING_MODE == "voice_clone"), "DATA_STREAMING", True, clone_rule)
+    speech_rule = "eval_loss or none unless EVAL_GENERATE_STEPS > 0 (speech metrics come from generated speech)"
+    speech = s.SELECT_BY not in ("eval_loss", "none")
+    require(not speech or s.EVAL_GENERATE_STEPS > 0, "SELECT_BY", s.SELECT_BY, speech_rule)
+    patience_rule = "0 with SELECT_BY=none (nothing is compared)"
+    patience = s.EARLY_STOPPING_PATIENCE
+    require(patience == 0 or s.SELECT_BY != "none", "EARLY_STOPPING_PATIENCE", patience, patience_rule)
 
 
 # Keys of earlier versions: naming one is an error that names its successor, never a silently ignored key.

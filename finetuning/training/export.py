@@ -45,6 +45,7 @@ WEIGHT_FILE_PATTERNS = (
     "pytorch_model*.bin.index.json",
 )
 INFO_FILE = "finetune_info.json"
+BEST_DIR = "best"  # OUTPUT_DIR/best: the export of the best evaluation (``selection``), beside OUTPUT_DIR/model
 SETTINGS_FILE = "training_settings.json"
 LOCAL_PATH_PREFIX = "<local>/"  # an absolute local path in an export keeps only its last part
 # What every export writes itself: never taken from the base folder (an earlier export holds them), so a file of
@@ -244,8 +245,17 @@ class RunExports:
     lora: LoraAdapter | None = None
     speaker_encoder: torch.nn.Module | None = None  # kept in voice-clone exports (TRAINING_MODE=voice_clone)
 
-    def export(self, accelerator, step_module, output_dir: str | Path, step: int, link_base_files: bool = False):
-        """``export_checkpoint`` of the model being trained, with the run's settings and ``step`` recorded.
+    def export(
+        self,
+        accelerator,
+        step_module,
+        output_dir: str | Path,
+        step: int,
+        link_base_files: bool = False,
+        info: dict | None = None,
+    ):
+        """``export_checkpoint`` of the model being trained, with the run's settings, ``step`` and ``info``
+        (more ``finetune_info.json`` keys) recorded.
 
         Every process must call it (the state is gathered from all); the main process writes ``output_dir`` and
         gets its path, the others None.
@@ -272,12 +282,36 @@ class RunExports:
                 "finetune_method": settings.FINETUNE_METHOD,
                 "training_mode": settings.TRAINING_MODE,
                 "trained_calls": trained_calls(settings),
+                **(info or {}),
             },
             link_base_files=link_base_files,
             state_dict=state,
             write_extra=write_adapter,
             speaker_encoder=self.speaker_encoder if settings.TRAINING_MODE == "voice_clone" else None,
         )
+
+
+def copy_export(source: str | Path, output_dir: str | Path, info: dict) -> Path:
+    """A copy of the export ``source`` at ``output_dir`` (files hard-linked where the filesystem allows: exports
+    are never written in place) with ``info`` merged into its ``finetune_info.json``; written to a staging folder
+    and renamed into place like every export."""
+    source, output_dir = Path(source), Path(output_dir)
+    atomic.restore_previous(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        for item in source.iterdir():
+            if item.name == INFO_FILE:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, staging / item.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(item, staging / item.name)
+        atomic.write_json(staging / INFO_FILE, {**read_info(source), **info}, indent=2)
+        atomic.replace_folder(staging, output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return output_dir
 
 
 def trained_calls(settings: Settings) -> dict[str, list]:

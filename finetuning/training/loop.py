@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from finetuning.resources import one_line, resolve_model_dir
 from finetuning.settings import Settings
 from finetuning.training import engines
+from finetuning.training.best import BestExport
 from finetuning.training.callbacks import ExportCallback, ExportHook
 from finetuning.training.checkpointing import (
     StopRequest,
@@ -47,6 +48,7 @@ from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.optim import check_optimizer, make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.sampler import DurationBatchSampler
+from finetuning.training.selection import Selection
 from finetuning.training.speakers import compute_speaker_embeddings, freeze_speaker_encoder
 from finetuning.training.speed import (
     ModelFlops,
@@ -74,7 +76,8 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainResult:
     """What a run did: optimizer steps taken, steps skipped for non-finite loss, last losses, export path
-    (None when the run stopped early on a signal: its state is saved for RESUME_FROM=latest).
+    (None when the run stopped early on a signal: its state is saved for RESUME_FROM=latest), whether early
+    stopping ended it, and the best evaluation's export (``best/``; None when nothing was selected).
 
     The two step counts are saved with every training state (``state_dict``), so a resumed run counts on.
     """
@@ -85,6 +88,8 @@ class TrainResult:
     train_loss: float = float("nan")
     eval_loss: float | None = None
     export_dir: Path | None = None
+    best_dir: Path | None = None
+    early_stopped: bool = False
     history: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -295,8 +300,9 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     scheduler = make_scheduler(optimizer, settings, total_steps)
     step_module, optimizer = engines.prepare_engine(accelerator, step_module, optimizer)
     result = TrainResult()
+    selection = Selection.from_settings(settings)  # saved with every state: a resumed run keeps its history
     identity = run_identity(settings, accelerator.num_processes, sampler.examples_per_speaker())
-    accelerator.register_for_checkpointing(scheduler, sampler, result)  # sampler: the data position
+    accelerator.register_for_checkpointing(scheduler, sampler, result, selection)  # sampler: the data position
     log = MetricsLog(accelerator, settings.OUTPUT_DIR)
     if resume_path is not None:
         load_training_state(accelerator, resume_path, identity, settings.OUTPUT_DIR)
@@ -310,6 +316,8 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
         accelerator.init_trackers("finetune", config=tracker_config(settings))
 
     hook = ExportHook(on_export, exports)
+    best = BestExport(selection, exports, settings)
+    cap = settings.EVAL_MAX_BATCHES
     audit = SampleAudit(settings, accelerator.process_index)
     bar = tqdm(
         total=total_steps, initial=result.optimizer_steps, desc="training", disable=not accelerator.is_main_process
@@ -318,7 +326,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     step_module.train()
     parameters = list(step_module.parameters())  # what clipping reads, listed once
     with StopRequest() as stop:
-        while result.optimizer_steps < total_steps and not result.interrupted:
+        while result.optimizer_steps < total_steps and not result.interrupted and not selection.should_stop():
             for batch in train_loader:
                 batch = send_to_device(batch, accelerator.device, non_blocking=True)
                 with accelerator.accumulate(step_module):
@@ -350,20 +358,28 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
                     bar.set_postfix(loss=f"{record['train/loss']:.3f}")
                     result.train_loss = record["train/loss"]
                     log.write(record)
+                losses = None
                 if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
                     with window.paused():
-                        cap = settings.EVAL_MAX_BATCHES
                         losses = validation_losses(step_module, val_sets, settings, accelerator, cap)
-                        log.write({"step": step, **losses})
+                        selected = best.evaluated(accelerator, step_module, step, losses=losses)
+                        log.write({"step": step, **losses, **selected})
                 if hook.due(step, total_steps):
                     with window.paused():
-                        hook.export_and_call(accelerator, step_module, step)
+                        speech = hook.export_and_call(accelerator, step_module, step)
+                        extra = {}
+                        if losses is None and val_examples and best.wants_losses:
+                            losses = extra = validation_losses(step_module, val_sets, settings, accelerator, cap)
+                        selected = best.evaluated(accelerator, step_module, step, losses, speech, hook.checkpoint_dir)
+                        if selected:
+                            log.write({"step": step, **extra, **selected})
                 stop_now = stop.on_any_process(accelerator)
-                if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
+                result.early_stopped = selection.should_stop()
+                if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now or result.early_stopped:
                     save_training_state(accelerator, settings.OUTPUT_DIR, step, settings.SAVE_TOTAL_LIMIT, identity)
                     saved_step = step
                 result.interrupted = stop_now
-                if step >= total_steps or stop_now:
+                if step >= total_steps or stop_now or result.early_stopped:
                     break
             else:
                 sampler.set_epoch(sampler.epoch + 1)
@@ -378,10 +394,22 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
             accelerator, settings.OUTPUT_DIR, result.optimizer_steps, settings.SAVE_TOTAL_LIMIT + 1, identity
         )
     audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
+    result.early_stopped = selection.should_stop()  # also when a resumed state had already stopped
+    if result.early_stopped:
+        logger.info(
+            "early stopping at step %d: %d evaluations without improvement of %s since step %d",
+            result.optimizer_steps,
+            selection.since_best,
+            selection.by,
+            selection.best_step,
+        )
+    probe = None  # the final step's losses on the probe batches every evaluation scored (what selection compares)
+    eval_metrics = {}  # logged with the final selection, after the export
     if val_examples:
         eval_metrics = validation_losses(step_module, val_sets, settings, accelerator)
         result.eval_loss = eval_metrics["eval/codec0_loss"]
-        log.write({"step": result.optimizer_steps, **eval_metrics})
+        if best.wants_losses:
+            probe = validation_losses(step_module, val_sets, settings, accelerator, cap) if cap else eval_metrics
 
     accelerator.wait_for_everyone()
     result.export_dir = exports.export(accelerator, step_module, settings.export_dir, result.optimizer_steps)
@@ -389,8 +417,12 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
         logger.info("exported %s", result.export_dir)
         if final_state is not None:
             shutil.rmtree(final_state, ignore_errors=True)
-    if hook.active:
-        hook.call(accelerator, result.export_dir, result.optimizer_steps)
+    speech = hook.call(accelerator, result.export_dir, result.optimizer_steps) if hook.active else None
+    selected = best.evaluated(accelerator, step_module, result.optimizer_steps, probe, speech, settings.export_dir)
+    if eval_metrics or selected:
+        log.write({"step": result.optimizer_steps, **eval_metrics, **selected})
+    if selection.best_step is not None:
+        result.best_dir = best.path
     accelerator.wait_for_everyone()
     return result
 

@@ -253,21 +253,23 @@ class RunExports:
         step: int,
         link_base_files: bool = False,
         info: dict | None = None,
+        state_dict: dict | None = None,
     ):
         """``export_checkpoint`` of the model being trained, with the run's settings, ``step`` and ``info``
-        (more ``finetune_info.json`` keys) recorded.
+        (more ``finetune_info.json`` keys) recorded. ``state_dict`` (on the main process; any non-None value on the
+        others) replaces the model's weights (averaged states): nothing is then gathered.
 
         Every process must call it (the state is gathered from all); the main process writes ``output_dir`` and
         gets its path, the others None.
         """
-        state = gathered_state_dict(accelerator, step_module)
+        state = gathered_state_dict(accelerator, step_module) if state_dict is None else state_dict
         if not accelerator.is_main_process:
             return None
         settings = self.settings
         write_adapter = None
         if self.lora is not None:  # the adapter from the trained state, the checkpoint from the merged one
             write_adapter = partial(self.lora.save_adapter, state, base_model=portable_path(settings.INIT_MODEL_PATH))
-            state = self.lora.merged_state_dict(state)
+            state = self.lora.merged_state_dict(state, settings.LORA_MERGE_SCALE)
         return export_checkpoint(
             accelerator.unwrap_model(step_module).model,
             self.base_model_dir,
@@ -280,6 +282,7 @@ class RunExports:
                 "optimizer_steps": step,
                 "training_layout": settings.TRAINING_LAYOUT,
                 "finetune_method": settings.FINETUNE_METHOD,
+                **({"lora_merge_scale": settings.LORA_MERGE_SCALE} if self.lora is not None else {}),
                 "training_mode": settings.TRAINING_MODE,
                 "trained_calls": trained_calls(settings),
                 **(info or {}),

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from finetuning.resources import one_line, resolve_model_dir
 from finetuning.settings import Settings
 from finetuning.training import engines
+from finetuning.training.averaging import average_states, best_steps, states_to_average
 from finetuning.training.best import BestExport
 from finetuning.training.callbacks import ExportCallback, ExportHook
 from finetuning.training.checkpointing import (
@@ -371,12 +372,17 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
                         if losses is None and val_examples and best.wants_losses:
                             losses = extra = validation_losses(step_module, val_sets, settings, accelerator, cap)
                         selected = best.evaluated(accelerator, step_module, step, losses, speech, hook.checkpoint_dir)
+                        if speech:  # in metrics.jsonl for the curves; the callback sent them to the trackers
+                            log.write({"step": step, **speech}, trackers=False)
                         if selected:
                             log.write({"step": step, **extra, **selected})
                 stop_now = stop.on_any_process(accelerator)
                 result.early_stopped = selection.should_stop()
                 if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now or result.early_stopped:
-                    save_training_state(accelerator, settings.OUTPUT_DIR, step, settings.SAVE_TOTAL_LIMIT, identity)
+                    keep = settings.SAVE_TOTAL_LIMIT
+                    save_training_state(
+                        accelerator, settings.OUTPUT_DIR, step, keep, identity, protected_steps(settings, selection)
+                    )
                     saved_step = step
                 result.interrupted = stop_now
                 if step >= total_steps or stop_now or result.early_stopped:
@@ -390,8 +396,14 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
         return result
     final_state = None  # the last steps reach the disk before validation, export and merge can fail
     if saved_step != result.optimizer_steps:  # kept beside the SAVE_TOTAL_LIMIT states until the export is in place
+        keep = settings.SAVE_TOTAL_LIMIT + 1
         final_state = save_training_state(
-            accelerator, settings.OUTPUT_DIR, result.optimizer_steps, settings.SAVE_TOTAL_LIMIT + 1, identity
+            accelerator,
+            settings.OUTPUT_DIR,
+            result.optimizer_steps,
+            keep,
+            identity,
+            protected_steps(settings, selection),
         )
     audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
     result.early_stopped = selection.should_stop()  # also when a resumed state had already stopped
@@ -411,20 +423,47 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
         if best.wants_losses:
             probe = validation_losses(step_module, val_sets, settings, accelerator, cap) if cap else eval_metrics
 
+    selected, state, info = {}, None, None
+    if settings.AVERAGE_CHECKPOINTS:  # the final evaluation ranks too, so it comes before the export it may shape
+        selected = best.evaluated(accelerator, step_module, result.optimizer_steps, probe)
+        state, info = average_for_export(settings, selection, accelerator)
     accelerator.wait_for_everyone()
-    result.export_dir = exports.export(accelerator, step_module, settings.export_dir, result.optimizer_steps)
+    result.export_dir = exports.export(
+        accelerator, step_module, settings.export_dir, result.optimizer_steps, info=info, state_dict=state
+    )
     if result.export_dir is not None:
         logger.info("exported %s", result.export_dir)
         if final_state is not None:
             shutil.rmtree(final_state, ignore_errors=True)
     speech = hook.call(accelerator, result.export_dir, result.optimizer_steps) if hook.active else None
-    selected = best.evaluated(accelerator, step_module, result.optimizer_steps, probe, speech, settings.export_dir)
+    if speech:
+        log.write({"step": result.optimizer_steps, **speech}, trackers=False)  # the callback logged them already
+    if not settings.AVERAGE_CHECKPOINTS:
+        selected = best.evaluated(accelerator, step_module, result.optimizer_steps, probe, speech, settings.export_dir)
     if eval_metrics or selected:
         log.write({"step": result.optimizer_steps, **eval_metrics, **selected})
     if selection.best_step is not None:
         result.best_dir = best.path
     accelerator.wait_for_everyone()
     return result
+
+
+def protected_steps(settings: Settings, selection: Selection) -> list[int]:
+    """Steps whose states rotation keeps for AVERAGE_BY=best: the AVERAGE_CHECKPOINTS best so far."""
+    if settings.AVERAGE_CHECKPOINTS and settings.AVERAGE_BY == "best":
+        return best_steps(selection, settings.AVERAGE_CHECKPOINTS)
+    return []
+
+
+def average_for_export(settings: Settings, selection: Selection, accelerator) -> tuple[dict, dict]:
+    """(weights, finetune_info.json keys) of the AVERAGE_CHECKPOINTS average: the weights on the main process
+    ({} on the others, which then gather nothing)."""
+    k, by = settings.AVERAGE_CHECKPOINTS, settings.AVERAGE_BY
+    paths = states_to_average(settings.OUTPUT_DIR, by, k, selection)
+    steps = [int(p.name.split("-")[-1]) for p in paths]
+    logger.info("exporting the mean of %d states (AVERAGE_BY=%s): steps %s", k, by, steps)
+    state = average_states(paths) if accelerator.is_main_process else {}
+    return state, {"averaged": {"average_by": by, "states": k, "steps": steps}}
 
 
 def _float(value) -> float:

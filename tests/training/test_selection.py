@@ -3,18 +3,24 @@
 Two clips per speaker train, two are held out, at a high constant learning rate: the validation loss falls for a
 few evaluations, then rises as the model memorises its four clips (the logged curve is printed). ``best/`` must hold
 exactly the weights of the evaluation with the lowest validation loss, compared tensor by tensor with the training
-state saved at that step, and load with stock ``from_pretrained``.
+state saved at that step, and load with stock ``from_pretrained``. Early stopping ends the same run PATIENCE
+evaluations after that step, also when the run is killed after the best step and resumed (the selection history
+comes back with the state).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_stock_loadable_export, make_settings
+from conftest import REPO_ROOT, assert_stock_loadable_export, make_settings, subprocess_env, write_env_file
 
 from finetuning.training.export import BEST_DIR, INFO_FILE
 from finetuning.training.selection import Selection
@@ -133,6 +139,74 @@ def test_generate_speaks_with_the_best_export(overfit, tmp_path):
     argv = ["--checkpoint", str(result.best_dir), "--speaker", SPEAKERS[0], "--text", "Hello there."]
     assert main([*argv, "--output", str(output), "--greedy", "--max_new_tokens", "4", "--device", "cpu"]) == 0
     assert output.stat().st_size > 0
+
+
+def test_early_stopping_stops_patience_evaluations_after_the_best(prepared, overfit):
+    _, full = overfit
+    settings, result = _train(prepared, "early", EARLY_STOPPING_PATIENCE=PATIENCE)
+    best_step = min(curve(full), key=lambda item: item[1])[0]
+    assert result.early_stopped and result.optimizer_steps == best_step + PATIENCE * EVAL_STEPS
+    assert curve(result) == curve(full)[: len(curve(result))]  # the same run, up to where it stopped
+    info = json.loads((result.best_dir / INFO_FILE).read_text())
+    assert info["selection"]["step"] == best_step
+    assert json.loads((result.export_dir / INFO_FILE).read_text())["optimizer_steps"] == result.optimizer_steps
+    states = Path(settings.OUTPUT_DIR) / "states"
+    assert (states / f"step-{result.optimizer_steps:08d}" / "progress.done").exists()  # state saved at the stop
+    best, full_best = _weights(result.best_dir), _weights(full.best_dir)
+    assert all(torch.equal(best[name], full_best[name]) for name in full_best)
+
+
+@pytest.mark.parametrize("kill_after_step", [5 * EVAL_STEPS])  # after the best step (~16): the history must return
+def test_a_run_killed_after_its_best_step_resumes_to_the_same_best_and_stop(prepared, overfit, kill_after_step):
+    root, model_dir = prepared
+    _, full = overfit
+    best_step = min(curve(full), key=lambda item: item[1])[0]
+    assert best_step < kill_after_step < best_step + PATIENCE * EVAL_STEPS
+    values = _values(EARLY_STOPPING_PATIENCE=PATIENCE, RESUME_FROM="latest", MIXED_PRECISION="no", DATALOADER_WORKERS=0)
+    env_file = write_env_file(root, model_dir, "killed", values)
+    command = [sys.executable, str(REPO_ROOT / "finetuning" / "finetune.py"), "--env-file", str(env_file)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    marker = root / "killed" / "states" / f"step-{kill_after_step:08d}" / "progress.done"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and proc.returncode == -signal.SIGKILL
+    assert not (root / "killed" / "model").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "early stopping at step" in resumed.stderr
+    info = json.loads((root / "killed" / BEST_DIR / INFO_FILE).read_text())
+    last = json.loads((root / "killed" / "model" / INFO_FILE).read_text())
+    assert info["selection"]["step"] == best_step and last["optimizer_steps"] == best_step + PATIENCE * EVAL_STEPS
+    assert [s for s, _ in info["selection"]["history"]] == list(range(EVAL_STEPS, best_step + 1, EVAL_STEPS))
+    best, full_best = _weights(root / "killed" / BEST_DIR), _weights(full.best_dir)
+    for name, tensor in full_best.items():
+        torch.testing.assert_close(best[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+AVERAGED = 3
+# The export sums the states in float32 and divides once; torch.stack(...).mean(0) may round differently by an ulp.
+AVERAGE_TOLERANCE = {"rtol": 1e-6, "atol": 1e-7}
+
+
+def test_the_export_is_the_mean_of_the_best_states_and_loads_in_stock(prepared, overfit, tiny_model_dir):
+    _, full = overfit
+    settings, result = _train(prepared, "averaged", AVERAGE_CHECKPOINTS=AVERAGED, SAVE_TOTAL_LIMIT=2)
+    best = [step for step, _ in sorted(curve(full), key=lambda item: item[1])[:AVERAGED]]
+    info = json.loads((result.export_dir / INFO_FILE).read_text())
+    assert info["averaged"] == {"average_by": "best", "states": AVERAGED, "steps": best}
+    states = [_weights(Path(settings.OUTPUT_DIR) / "states" / f"step-{step:08d}") for step in best]  # kept by rotation
+    exported = _weights(result.export_dir)
+    for name, tensor in exported.items():
+        mean = torch.stack([state[f"model.{name}"] for state in states]).mean(dim=0)
+        if name == "talker.model.codec_embedding.weight":
+            tensor, mean = tensor[: SPEAKER_ROWS[0]], mean[: SPEAKER_ROWS[0]]
+        torch.testing.assert_close(tensor, mean, **AVERAGE_TOLERANCE, msg=name)
+    assert not torch.equal(exported["talker.codec_head.weight"], states[0]["model.talker.codec_head.weight"])
+    assert_stock_loadable_export(result.export_dir, tiny_model_dir, SPEAKERS)
 
 
 def test_selection_history_survives_a_state_round_trip():

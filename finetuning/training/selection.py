@@ -73,9 +73,8 @@ def score(means: dict[str, float], loss: float | None) -> float:
     terms = dict(means)
     if "cer" not in terms and "wer" in terms:
         terms["cer"] = terms["wer"]
-    for rate in ("cer",):
-        if rate in terms:
-            terms[rate] = min(terms[rate], ERROR_RATE_CAP)
+    if "cer" in terms:
+        terms["cer"] = min(terms["cer"], ERROR_RATE_CAP)
     if loss is not None:
         terms[LOSS] = loss
     used = [name for name in SCORE_TERMS if name in terms]

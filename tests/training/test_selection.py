@@ -219,3 +219,34 @@ def test_selection_history_survives_a_state_round_trip():
     assert restored == selection
     with pytest.raises(ValueError, match="SELECT_BY"):
         Selection("wer").load_state_dict(selection.state_dict())
+
+
+def test_score_combines_the_documented_terms_and_speech_metrics_average_over_speakers():
+    from finetuning.training.selection import SCORE_TERMS, score, speaker_means
+
+    scalars = {
+        "eval/a/speaker_similarity": 0.8,
+        "eval/b/speaker_similarity": 0.6,
+        "eval/a/wer": 3.0,  # capped at 1 where no cer is reported
+        "eval/b/wer": 0.5,
+        "eval/a/naturalness": 3.0,
+        "eval/b/naturalness": float("nan"),  # left out of the mean
+        "eval/a/eos_failure_rate": 0.5,
+        "eval/b/eos_failure_rate": 0.0,
+    }
+    means = speaker_means(scalars)
+    assert means == pytest.approx(
+        {"speaker_similarity": 0.7, "wer": 1.75, "naturalness": 3.0, "eos_failure_rate": 0.25}
+    )
+    assert SCORE_TERMS == {
+        "speaker_similarity": 1.0,
+        "cer": -1.0,
+        "naturalness": 0.25,
+        "eos_failure_rate": -1.0,
+        "eval_loss": -0.1,
+    }
+    assert score(means, loss=2.0) == pytest.approx(0.7 - 1.0 + 0.25 * 3.0 - 0.25 - 0.1 * 2.0)
+    assert Selection("score").value({"eval/codec0_loss": 1.0, "eval/sub_talker_loss": 2.0}, scalars, 0.5) == (
+        pytest.approx(score(means, loss=2.0))
+    )
+    assert math.isnan(Selection("cer").value(None, scalars, 0.3))  # a metric no scorer reported

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from finetuning.constants import FRAME_RATE_HZ, SAMPLE_RATE
-from finetuning.evaluation import metrics
+from finetuning.evaluation import end_of_speech as eos
 from finetuning.evaluation.metrics import metric_catalogue
 from finetuning.evaluation.scorers import Scorers, load_scorers
 from finetuning.evaluation.speech import (
@@ -125,11 +125,11 @@ def end_of_speech_summary(speakers: dict[str, dict]) -> dict:
     return {
         "thresholds": {
             "runaway": "reached max_new_tokens without EOS",
-            "truncated": f"duration < {metrics.EOS_SHORT_RATIO} x characters x the speaker's seconds per character",
-            "run_on": f"duration > {metrics.EOS_LONG_RATIO} x characters x the speaker's seconds per character",
+            "truncated": f"duration < {eos.EOS_SHORT_RATIO} x characters x the speaker's seconds per character",
+            "run_on": f"duration > {eos.EOS_LONG_RATIO} x characters x the speaker's seconds per character",
             "seconds_per_char": "median over the speaker's real held-out clips",
         },
-        "overall": metrics.failure_counts(kinds),
+        "overall": eos.failure_counts(kinds),
     }
 
 
@@ -169,7 +169,7 @@ def _evaluate_speaker(
     text_ids = {example.id: example.text_ids for example in examples}
     spoken = [u for u in target.utterances if u.id in text_ids]
     real_s = [u.audio.size / SAMPLE_RATE for u in target.utterances]
-    seconds_per_char = metrics.speaking_rate([u.text for u in target.utterances], real_s)
+    seconds_per_char = eos.speaking_rate([u.text for u in target.utterances], real_s)
     for utterance in tqdm(spoken, desc=f"{speaker}: generating and scoring", unit="utt", leave=False):
         language = language_override or generation_language(model, utterance.language)
         seed = utterance_seed(settings.SEED, speaker, utterance.id)
@@ -187,7 +187,7 @@ def _evaluate_speaker(
         # stock generate returns at most max_new_tokens - 1 frames: the last sampled token's codebooks 2-16 are
         # never predicted
         capped = frames >= max_new_tokens - 1
-        ending = metrics.end_of_speech_failure(utterance.text, wav.size / SAMPLE_RATE, seconds_per_char, capped)
+        ending = eos.end_of_speech_failure(utterance.text, wav.size / SAMPLE_RATE, seconds_per_char, capped)
         values["eos_failure_rate"] = float(ending is not None)
         section["utterances"].append(
             {
@@ -210,7 +210,7 @@ def _evaluate_speaker(
         )
     described = scorers.describe()
     section["end_of_speech"] = {
-        **metrics.failure_counts([u["end_of_speech"] for u in section["utterances"]]),
+        **eos.failure_counts([u["end_of_speech"] for u in section["utterances"]]),
         "seconds_per_char": seconds_per_char,
     }
     section["means"] = _means(section["utterances"], described)

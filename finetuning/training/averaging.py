@@ -12,13 +12,17 @@ newest (the K best so far), and the settings rules make every evaluation step a 
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import torch
 
+from finetuning.settings import Settings
 from finetuning.training.checkpointing import saved_states, state_dir
 from finetuning.training.selection import Selection
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"  # what accelerate's save_state writes for one unsharded model
 
@@ -81,3 +85,21 @@ def average_states(paths: list[Path], prefix: str = "model.") -> dict[str, torch
             total += tensor.float()
         averaged[key[len(prefix) :]] = (total / len(handles)).to(first.dtype)
     return averaged
+
+
+def protected_steps(settings: Settings, selection: Selection) -> list[int]:
+    """Steps whose states rotation keeps for AVERAGE_BY=best: the AVERAGE_CHECKPOINTS best so far."""
+    if settings.AVERAGE_CHECKPOINTS and settings.AVERAGE_BY == "best":
+        return best_steps(selection, settings.AVERAGE_CHECKPOINTS)
+    return []
+
+
+def average_for_export(settings: Settings, selection: Selection, accelerator) -> tuple[dict, dict]:
+    """(weights, finetune_info.json keys) of the AVERAGE_CHECKPOINTS average: the weights on the main process
+    ({} on the others, which then gather nothing)."""
+    k, by = settings.AVERAGE_CHECKPOINTS, settings.AVERAGE_BY
+    paths = states_to_average(settings.OUTPUT_DIR, by, k, selection)
+    steps = [int(p.name.split("-")[-1]) for p in paths]
+    logger.info("exporting the mean of %d states (AVERAGE_BY=%s): steps %s", k, by, steps)
+    state = average_states(paths) if accelerator.is_main_process else {}
+    return state, {"averaged": {"average_by": by, "states": k, "steps": steps}}

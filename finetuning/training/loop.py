@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from finetuning.resources import one_line, resolve_model_dir
 from finetuning.settings import Settings
 from finetuning.training import engines
-from finetuning.training.averaging import average_states, best_steps, states_to_average
+from finetuning.training.averaging import average_for_export, protected_steps
 from finetuning.training.best import BestExport
 from finetuning.training.callbacks import ExportCallback, ExportHook
 from finetuning.training.checkpointing import (
@@ -408,13 +408,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
     result.early_stopped = selection.should_stop()  # also when a resumed state had already stopped
     if result.early_stopped:
-        logger.info(
-            "early stopping at step %d: %d evaluations without improvement of %s since step %d",
-            result.optimizer_steps,
-            selection.since_best,
-            selection.by,
-            selection.best_step,
-        )
+        logger.info("early stopping at step %d: %s", result.optimizer_steps, selection.stop_reason())
     probe = None  # the final step's losses on the probe batches every evaluation scored (what selection compares)
     eval_metrics = {}  # logged with the final selection, after the export
     if val_examples:
@@ -446,24 +440,6 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
         result.best_dir = best.path
     accelerator.wait_for_everyone()
     return result
-
-
-def protected_steps(settings: Settings, selection: Selection) -> list[int]:
-    """Steps whose states rotation keeps for AVERAGE_BY=best: the AVERAGE_CHECKPOINTS best so far."""
-    if settings.AVERAGE_CHECKPOINTS and settings.AVERAGE_BY == "best":
-        return best_steps(selection, settings.AVERAGE_CHECKPOINTS)
-    return []
-
-
-def average_for_export(settings: Settings, selection: Selection, accelerator) -> tuple[dict, dict]:
-    """(weights, finetune_info.json keys) of the AVERAGE_CHECKPOINTS average: the weights on the main process
-    ({} on the others, which then gather nothing)."""
-    k, by = settings.AVERAGE_CHECKPOINTS, settings.AVERAGE_BY
-    paths = states_to_average(settings.OUTPUT_DIR, by, k, selection)
-    steps = [int(p.name.split("-")[-1]) for p in paths]
-    logger.info("exporting the mean of %d states (AVERAGE_BY=%s): steps %s", k, by, steps)
-    state = average_states(paths) if accelerator.is_main_process else {}
-    return state, {"averaged": {"average_by": by, "states": k, "steps": steps}}
 
 
 def _float(value) -> float:

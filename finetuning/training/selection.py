@@ -147,6 +147,9 @@ class Selection:
         """EARLY_STOPPING_PATIENCE evaluations in a row brought no improvement."""
         return self.patience > 0 and self.best_step is not None and self.since_best >= self.patience
 
+    def stop_reason(self) -> str:
+        return f"{self.since_best} evaluations without improvement of {self.by} since step {self.best_step}"
+
     def info(self) -> dict:
         """What ``finetune_info.json`` of the ``best/`` export records: which step and why."""
         return {

@@ -200,7 +200,7 @@ def pocketsphinx():
 
 
 def test_end_of_speech_failures_at_the_stated_thresholds():
-    from finetuning.evaluation.metrics import (
+    from finetuning.evaluation.end_of_speech import (
         EOS_LONG_RATIO,
         EOS_SHORT_RATIO,
         end_of_speech_failure,

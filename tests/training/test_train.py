@@ -395,7 +395,7 @@ def test_end_of_speech_failures_of_the_overfit_export_and_of_its_copy_without_eo
     import qwen_tts
 
     from finetuning.constants import FRAME_RATE_HZ
-    from finetuning.evaluation.metrics import end_of_speech_failure, failure_counts, speaking_rate
+    from finetuning.evaluation.end_of_speech import end_of_speech_failure, failure_counts, speaking_rate
     from finetuning.evaluation.speech import generation_language
 
     settings, result = overfit_runs[("equal", "mixed")]

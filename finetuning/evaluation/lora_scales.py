@@ -43,12 +43,13 @@ def parse_scales(text: str) -> list[float]:
 
 def scaled_weights(export: dict, base: dict, scale: float, export_scale: float) -> dict[str, torch.Tensor]:
     """The export's weights with the trained update scaled from ``export_scale`` to ``scale`` (computed in
-    float32); speaker rows (FIRST_SPEAKER_ROW and after) and weights the Base model lacks stay as exported."""
+    float32); speaker rows (FIRST_SPEAKER_ROW and after) and weights the Base model lacks stay as exported, and
+    the export's own scale returns its weights bit for bit."""
     factor = scale / export_scale
     out = {}
     for name, tensor in export.items():
         reference = base.get(name)
-        if reference is None or not tensor.is_floating_point() or reference.shape != tensor.shape:
+        if factor == 1.0 or reference is None or not tensor.is_floating_point() or reference.shape != tensor.shape:
             out[name] = tensor
             continue
         scaled = (reference.float() + factor * (tensor.float() - reference.float())).to(tensor.dtype)

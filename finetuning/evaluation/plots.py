@@ -136,7 +136,8 @@ def history_figure(history: list[dict], selected: int | None = None):
         axes.set_title(panel, fontsize=8)
         axes.set_xlabel("optimizer step", fontsize=7)
         axes.tick_params(labelsize=7)
-        axes.legend(fontsize=6)
+        if len(lines) > 1 or selected is not None:
+            axes.legend(fontsize=6)
     return figure
 
 

@@ -429,13 +429,17 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
         logger.info("exported %s", result.export_dir)
         if final_state is not None:
             shutil.rmtree(final_state, ignore_errors=True)
-    speech = hook.call(accelerator, result.export_dir, result.optimizer_steps) if hook.active else None
+    step = result.optimizer_steps
+    if not settings.AVERAGE_CHECKPOINTS and not selection.needs_speech:
+        selected = best.evaluated(accelerator, step_module, step, probe, None, settings.export_dir)
+    if eval_metrics or selected:  # before the speech callback, whose report draws the run's curves
+        log.write({"step": step, **eval_metrics, **selected})
+    speech = hook.call(accelerator, result.export_dir, step) if hook.active else None
     if speech:
-        log.write({"step": result.optimizer_steps, **speech}, trackers=False)  # the callback logged them already
-    if not settings.AVERAGE_CHECKPOINTS:
-        selected = best.evaluated(accelerator, step_module, result.optimizer_steps, probe, speech, settings.export_dir)
-    if eval_metrics or selected:
-        log.write({"step": result.optimizer_steps, **eval_metrics, **selected})
+        log.write({"step": step, **speech}, trackers=False)  # the callback logged them already
+    if not settings.AVERAGE_CHECKPOINTS and selection.needs_speech:
+        if selected := best.evaluated(accelerator, step_module, step, probe, speech, settings.export_dir):
+            log.write({"step": step, **selected})
     if selection.best_step is not None:
         result.best_dir = best.path
     accelerator.wait_for_everyone()

@@ -421,6 +421,13 @@ def test_training_evaluates_generated_speech_every_eval_generate_steps(trained):
     events.Reload()
     tags = events.Tags()
     assert any(tag.startswith("eval/english_speaker/perplexity") for tag in tags["scalars"])
+    # the curves' scalars: selection and end-of-speech failures in TensorBoard, speech metrics in metrics.jsonl too
+    assert {"select/eval_loss", "select/best_step", "eval/english_speaker/eos_failure_rate"} <= set(tags["scalars"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speech_steps = [r["step"] for r in records if "eval/english_speaker/eos_failure_rate" in r]
+    assert speech_steps == [TRAIN_STEPS // 2, TRAIN_STEPS]
+    html = (out / "evaluation" / f"step-{TRAIN_STEPS:06d}" / HTML_FILE).read_text()
+    assert "Training curves" in html and f"step {TRAIN_STEPS}, the step SELECT_BY chose" in html
     assert "eval/swahili_speaker/sample" in tags["audio"]
     assert "train/loss" in tags["scalars"]
     # in-training exports link the base model's unchanged files instead of copying them every time

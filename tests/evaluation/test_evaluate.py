@@ -24,7 +24,7 @@ import torch
 from conftest import REPO_ROOT, make_settings, subprocess_env
 
 from finetuning.constants import SAMPLE_RATE
-from finetuning.evaluation.listening import HTML_FILE
+from finetuning.evaluation.listening import CURVES_FILE, HTML_FILE
 from finetuning.evaluation.metrics import metric_catalogue
 from finetuning.evaluation.report import JSON_FILE, MARKDOWN_FILE, log_report, render_markdown, write_report
 from finetuning.evaluation.runner import compare_checkpoints, evaluate_checkpoint, evaluate_model
@@ -466,7 +466,9 @@ def test_listening_report_plays_and_shows_every_utterance_from_disk(which, reque
     utterances = sum(len(s["utterances"]) for s in runs[0]["speakers"].values())
     assert utterances == len(SPEAKERS)
     assert len(sources.audio) == utterances * (len(runs) + 1)
-    assert len(sources.images) == utterances * len(runs)
+    # one picture per utterance and model, and the run's curves (OUTPUT_DIR holds the trained run's metrics.jsonl)
+    assert sources.images.count(CURVES_FILE) == 1
+    assert len(sources.images) == utterances * len(runs) + 1
     for src in sources.audio + sources.images:
         assert src and not Path(src).is_absolute() and (out / src).is_file(), src
     for src in sources.images:

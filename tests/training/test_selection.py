@@ -250,3 +250,21 @@ def test_score_combines_the_documented_terms_and_speech_metrics_average_over_spe
         pytest.approx(score(means, loss=2.0))
     )
     assert math.isnan(Selection("cer").value(None, scalars, 0.3))  # a metric no scorer reported
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"SELECT_BY": "wer"}, "SELECT_BY"),  # speech metrics need EVAL_GENERATE_STEPS
+        ({"SELECT_BY": "none", "EARLY_STOPPING_PATIENCE": 2}, "EARLY_STOPPING_PATIENCE"),
+        ({"AVERAGE_CHECKPOINTS": 2, "SAVE_STEPS": 0}, "AVERAGE_CHECKPOINTS"),
+        ({"AVERAGE_CHECKPOINTS": 2, "EVAL_STEPS": 50, "SAVE_STEPS": 20}, "EVAL_STEPS"),
+        ({"AVERAGE_CHECKPOINTS": 3, "AVERAGE_BY": "last", "SAVE_TOTAL_LIMIT": 2}, "SAVE_TOTAL_LIMIT"),
+        ({"LORA_MERGE_SCALE": 1.5}, "LORA_MERGE_SCALE"),
+    ],
+)
+def test_settings_that_cannot_select_average_or_scale_are_refused_naming_the_key(values, key):
+    from finetuning.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=f"^{key}="):
+        load_settings(None, overrides={k: str(v) for k, v in values.items()}, environ={})

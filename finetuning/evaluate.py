@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         default="row",
         help="row: generate each utterance in its own language (default); auto: as stock does without language=",
     )
+    parser.add_argument(
+        "--lora-scales",
+        help="comma-separated scales in (0, 1], e.g. 0.3,0.5,1.0: the export merged at each, scored side by side",
+    )
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     speakers = [s.strip() for s in args.speaker.split(",") if s.strip()] if args.speaker else None
     language = "auto" if args.language == "auto" else None
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(settings)
+    if args.lora_scales:
+        return lora_scales(args, settings, output_dir, speakers, language)
     try:
         if args.compare:
             report = compare_checkpoints(
@@ -77,6 +83,31 @@ def main(argv: list[str] | None = None) -> int:
         notes = "; ".join(section["note"] for section in evaluated["speakers"].values())
         print(f"error: nothing was evaluated: {notes}", file=sys.stderr)
         return 1
+    return 0
+
+
+def lora_scales(args, settings, output_dir: Path, speakers, language) -> int:
+    """``--lora-scales``: every scale's report under ``output_dir/lora_scales/scale-<s>/`` and the summary."""
+    from finetuning.evaluation.lora_scales import SUMMARY_MARKDOWN, evaluate_scales, parse_scales
+    from finetuning.evaluation.speech import EvaluationError
+    from finetuning.resources import ModelUnavailable
+    from finetuning.training.data import DataError
+
+    try:
+        scales = parse_scales(args.lora_scales)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.compare or not (Path(args.checkpoint) / "model.safetensors").is_file():
+        print("error: --lora-scales takes one exported checkpoint folder (no --compare)", file=sys.stderr)
+        return 2
+    folder = output_dir / "lora_scales"
+    try:
+        evaluate_scales(args.checkpoint, scales, settings, folder, speakers=speakers, language=language)
+    except (EvaluationError, DataError, ModelUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"report: {folder / SUMMARY_MARKDOWN}")
     return 0
 
 

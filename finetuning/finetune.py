@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetuning.evaluation.in_training import SpeechEvaluation
     from finetuning.locks import FolderBusy
     from finetuning.resources import ModelUnavailable
+    from finetuning.training.averaging import AveragingError
     from finetuning.training.checkpointing import ResumeError
     from finetuning.training.data import DataError
     from finetuning.training.engines import EngineError, exit_launched
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelUnavailable,
         SettingsError,
         FolderBusy,
+        AveragingError,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -61,6 +61,28 @@ def validate(settings: Settings) -> None:
     )
     replay_off = s.TRAINING_MODE == "custom_voice" and not s.DATA_STREAMING
     require(s.REPLAY_FRACTION == 0 or replay_off, "REPLAY_FRACTION", s.REPLAY_FRACTION, replay_rule)
+    speech_rule = "eval_loss or none unless EVAL_GENERATE_STEPS > 0 (speech metrics come from generated speech)"
+    speech = s.SELECT_BY not in ("eval_loss", "none")
+    require(not speech or s.EVAL_GENERATE_STEPS > 0, "SELECT_BY", s.SELECT_BY, speech_rule)
+    patience_rule = "0 with SELECT_BY=none (nothing is compared)"
+    if s.AVERAGE_CHECKPOINTS:
+        check_averaging(s)
+    patience = s.EARLY_STOPPING_PATIENCE
+    require(patience == 0 or s.SELECT_BY != "none", "EARLY_STOPPING_PATIENCE", patience, patience_rule)
+
+
+def check_averaging(s: Settings) -> None:
+    """AVERAGE_CHECKPOINTS needs a saved state at every step it may average."""
+    k = s.AVERAGE_CHECKPOINTS
+    require(s.SAVE_STEPS > 0, "AVERAGE_CHECKPOINTS", k, "0 unless SAVE_STEPS > 0 (it averages saved states)")
+    loss_rule = "eval_loss or none with AVERAGE_CHECKPOINTS (the final export is the average, not the last step)"
+    require(s.SELECT_BY in ("eval_loss", "none"), "SELECT_BY", s.SELECT_BY, loss_rule)
+    if s.AVERAGE_BY == "last":
+        require(s.SAVE_TOTAL_LIMIT >= k, "SAVE_TOTAL_LIMIT", s.SAVE_TOTAL_LIMIT, f">= AVERAGE_CHECKPOINTS ({k})")
+        return
+    require(s.SELECT_BY != "none", "AVERAGE_BY", "best", "last with SELECT_BY=none (no evaluation ranks the states)")
+    every_rule = f"a multiple of SAVE_STEPS ({s.SAVE_STEPS}) with AVERAGE_BY=best: every evaluated step needs a state"
+    require(s.EVAL_STEPS > 0 and s.EVAL_STEPS % s.SAVE_STEPS == 0, "EVAL_STEPS", s.EVAL_STEPS, every_rule)
 
 
 # Keys of earlier versions: naming one is an error that names its successor, never a silently ignored key.

@@ -239,6 +239,31 @@ class Settings:
     EVAL_MAX_BATCHES: int = _setting(
         20, "batches", "batches per process scored every EVAL_STEPS (the final validation: all); 0 = all", ge=0
     )
+    SELECT_BY: str = _setting(
+        "eval_loss",
+        "name",
+        "what picks the best/ export: eval_loss (lower), score (higher; a fixed combination), one speech metric "
+        "(speaker_similarity, naturalness higher; wer, cer, eos_failure_rate lower; need EVAL_GENERATE_STEPS), none",
+        choices=("eval_loss", "score", "speaker_similarity", "wer", "cer", "naturalness", "eos_failure_rate", "none"),
+    )
+    EARLY_STOPPING_PATIENCE: int = _setting(
+        0, "evaluations", "stop after this many evaluations without improvement of SELECT_BY; 0 = never", ge=0
+    )
+    EARLY_STOPPING_MIN_DELTA: float = _setting(
+        0.0, "SELECT_BY units", "an improvement must beat the best value by more than this", ge=0
+    )
+    AVERAGE_CHECKPOINTS: int = _setting(
+        0,
+        "states",
+        "export the parameter mean of this many saved training states (AVERAGE_BY); 0 = the last step",
+        ge=0,
+    )
+    AVERAGE_BY: str = _setting(
+        "best",
+        "mode",
+        "which states AVERAGE_CHECKPOINTS averages: best = of the best evaluations, last = saved last",
+        choices=("best", "last"),
+    )
     SPEAKER_EMBEDDING_CLIPS: int = _setting(
         0, "clips", "training clips averaged into each speaker embedding besides the reference clips", ge=0
     )
@@ -274,6 +299,13 @@ class Settings:
     )
     LORA_FULLY_TRAINED: tuple[str, ...] = _setting(
         LORA_DEFAULT_FULLY_TRAINED, "comma-separated names", "talker modules trained fully beside the adapters"
+    )
+    LORA_MERGE_SCALE: float = _setting(
+        1.0,
+        "scale",
+        "the merged export is Base + this x the trained update (adapters and fully trained modules; adapter/ unscaled)",
+        gt=0,
+        le=1,
     )
     # --- data loading, resume, tracking --------------------------------------------------------------------
     MAX_BATCH_TOKENS: int = _setting(

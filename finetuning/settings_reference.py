@@ -31,7 +31,11 @@ read but never printed, logged or saved. `uv run python -m finetuning.settings` 
 Rules across settings: `VALIDATION_FRACTION + TEST_FRACTION < 1`; `MAX_DURATION_S > MIN_DURATION_S`;
 `MAX_CHARS_PER_S > MIN_CHARS_PER_S`; `SEGMENT_MAX_S >= 2 x SEGMENT_MIN_S`; `FUSED_CROSS_ENTROPY` not with
 `USE_AUXILIARY_LOSSES`; `DATA_STREAMING` not with `TRAINING_MODE=voice_clone`; `REPLAY_FRACTION` 0 with
-`TRAINING_MODE=voice_clone` or `DATA_STREAMING`.
+`TRAINING_MODE=voice_clone` or `DATA_STREAMING`; `SELECT_BY` other than `eval_loss`
+or `none` needs `EVAL_GENERATE_STEPS > 0`; `EARLY_STOPPING_PATIENCE` not with `SELECT_BY=none`;
+`AVERAGE_CHECKPOINTS` needs `SAVE_STEPS > 0` and `SELECT_BY` `eval_loss` or `none`, with `AVERAGE_BY=last`
+`SAVE_TOTAL_LIMIT >= AVERAGE_CHECKPOINTS`, with `AVERAGE_BY=best` `SELECT_BY=eval_loss` and `EVAL_STEPS` a
+multiple of `SAVE_STEPS`.
 """
 
 

@@ -30,7 +30,7 @@ class SpeechEvaluation:
         self.scorers: Scorers | None = None
         self.targets: dict[str, SpeakerTargets] | None = None
 
-    def __call__(self, checkpoint: Path, step: int, accelerator) -> None:
+    def __call__(self, checkpoint: Path, step: int, accelerator) -> dict[str, float]:
         settings = self.settings
         if self.scorers is None:
             self.scorers = load_scorers(settings)
@@ -40,3 +40,4 @@ class SpeechEvaluation:
         tracker = tensorboard_tracker(accelerator)
         scalars = log_report(tracker if tracker is not None else accelerator, report, step)
         logger.info("speech evaluation at step %d: %s", step, {k: round(v, 4) for k, v in scalars.items()})
+        return scalars

@@ -15,7 +15,7 @@ from pathlib import Path
 import soundfile as sf
 
 from finetuning import atomic
-from finetuning.evaluation.plots import save_utterance_figure
+from finetuning.evaluation.plots import save_history_figure, save_utterance_figure, selected_step
 
 HTML_FILE = "evaluation.html"
 PLOTS_DIR = "plots"
@@ -80,8 +80,12 @@ def _utterance_rows(runs: dict[str, dict], speaker: str, output_dir: Path) -> li
     return rows
 
 
-def render_listening_report(report: dict, output_dir: str | Path) -> str:
-    """The HTML page for an evaluation or comparison report; draws the pictures under ``output_dir/plots``."""
+CURVES_FILE = "plots/curves.png"
+
+
+def render_listening_report(report: dict, output_dir: str | Path, history: list[dict] | None = None) -> str:
+    """The HTML page for an evaluation or comparison report; draws the pictures under ``output_dir/plots``, with
+    the run's curves (``plots.history_figure`` of its ``metrics.jsonl`` records ``history``) when given."""
     output_dir = Path(output_dir)
     runs = _runs(report)
     head = next(iter(runs.values()))
@@ -94,6 +98,12 @@ def render_listening_report(report: dict, output_dir: str | Path) -> str:
     parts.append(f"</ul><p class=muted>Scorers: {html.escape(scorers)}. Numbers per utterance; means and ranges in ")
     parts.append("evaluation.md. Pictures: mel spectrograms (generated | real) and F0 in semitones re. each clip's ")
     parts.append("median, the generated contour DTW-aligned to the real one as the tone metric compares them.</p>")
+    selected = selected_step(history or [])
+    if history and save_history_figure(history, output_dir / CURVES_FILE, selected) is not None:
+        chosen = f"the dashed line marks step {selected}, the step SELECT_BY chose" if selected else "no step selected"
+        parts.append("<h2>Training curves</h2><p class=muted>Every metric of the run's metrics.jsonl per evaluated ")
+        parts.append(f"checkpoint (speech metrics: one line per speaker); {chosen}.</p>")
+        parts.append(f"<img src='{CURVES_FILE}' alt='training curves'>")
     for speaker in head["speakers"]:
         parts.append(f"<h2>{html.escape(speaker)}</h2>")
         if not head["speakers"][speaker]["utterances"]:
@@ -107,8 +117,8 @@ def render_listening_report(report: dict, output_dir: str | Path) -> str:
     return "\n".join(parts)
 
 
-def write_listening_report(report: dict, output_dir: str | Path) -> Path:
+def write_listening_report(report: dict, output_dir: str | Path, history: list[dict] | None = None) -> Path:
     """Write ``evaluation.html`` (and its pictures) into ``output_dir``; returns the page's path."""
     path = Path(output_dir) / HTML_FILE
-    atomic.write_text(path, render_listening_report(report, output_dir))
+    atomic.write_text(path, render_listening_report(report, output_dir, history))
     return path

@@ -18,12 +18,14 @@ recognisers) come from ``finetuning.evaluation.scorers`` and are passed in; noth
 | pause_fraction_diff            | [-1, 1]      | closer to 0 |
 | perplexity                     | [1, inf)     | lower       |
 | naturalness                    | [1, 5]       | higher      |
+| eos_failure_rate               | [0, 1]       | lower       |
 
 Pitch and prosody work on a ``ClipAnalysis`` made once per clip by ``analyse_clip`` (pYIN F0, frame energy,
 MFCCs on a 10 ms grid at 16 kHz), so a reference analysed once serves every generated clip compared with it.
 Clip pairs are aligned by dynamic time warping on MFCCs (what is said), not on F0: warping on pitch itself would
 bend any two contours into agreement. A value that cannot be computed (no voiced frames, a constant contour) is
 NaN, never a made-up number.
+``eos_failure_rate`` (generations that do not end where speech should) is computed in ``end_of_speech``.
 """
 
 from __future__ import annotations
@@ -401,6 +403,7 @@ GROUP_METRICS = {
     "speaker_similarity": ("speaker_similarity",),
     "pronunciation": ("wer", "cer"),
     "naturalness": ("naturalness",),
+    "end_of_speech": ("eos_failure_rate",),
     "tone": ("tone_f0_corr", "tone_f0_rmse_st", "tone_voicing_agreement"),
     "prosody": (
         "f0_median_diff_st",

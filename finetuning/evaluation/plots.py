@@ -3,7 +3,8 @@
 ``utterance_figure`` puts the two log-mel spectrograms side by side (same colour scale) above the two
 speaker-normalised F0 contours overlaid after the MFCC DTW alignment that the tone metric uses
 (``metrics.tone_similarity``), so what the plot shows is what the tone numbers compare. Drawing uses the
-non-interactive Agg canvas: no display is needed.
+non-interactive Agg canvas: no display is needed. ``history_figure`` draws a run's curves from its
+``metrics.jsonl``: every metric per evaluated checkpoint, with the step the selection chose marked.
 """
 
 from __future__ import annotations
@@ -83,4 +84,68 @@ def save_utterance_figure(generated: np.ndarray, real: np.ndarray, sample_rate: 
     """Draw ``utterance_figure`` into a PNG at ``path`` (folders created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     utterance_figure(generated, real, sample_rate, title).savefig(path)
+    return path
+
+
+CURVE_COLUMNS = 3
+CURVE_PANEL_IN = (3.2, 2.2)
+
+
+def history_curves(history: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{panel: {line: [(step, value), ...]}} from a run's ``metrics.jsonl`` records: ``train/loss``, every
+    validation loss (``eval/<name>``, ``eval/auto/<name>``), the selection value (``select/<SELECT_BY>``) and every
+    speech metric (``eval/<speaker>/<metric>``: one panel per metric, one line per speaker). Non-finite values and
+    ``select/best_step`` are left out."""
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for record in history:
+        for key, value in record.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+                continue
+            parts = key.split("/")
+            if key == "train/loss" or (parts[0] in ("eval", "select") and key != "select/best_step"):
+                speech = parts[0] == "eval" and len(parts) == 3 and parts[1] != "auto"
+                panel, line = (parts[2], parts[1]) if speech else (key, key)
+                panels.setdefault(panel, {}).setdefault(line, []).append((int(record["step"]), float(value)))
+    return panels
+
+
+def selected_step(history: list[dict]) -> int | None:
+    """The step the run's selection chose last (``select/best_step`` of the newest record carrying it)."""
+    steps = [int(r["select/best_step"]) for r in history if r.get("select/best_step")]
+    return steps[-1] if steps else None
+
+
+def history_figure(history: list[dict], selected: int | None = None):
+    """A matplotlib Figure with one panel per ``history_curves`` panel (value against optimizer step), the
+    ``selected`` step marked by a dashed vertical line in every panel; None when the history has no curve."""
+    from matplotlib.figure import Figure
+
+    panels = history_curves(history)
+    if not panels:
+        return None
+    rows = -(-len(panels) // CURVE_COLUMNS)
+    size = (CURVE_PANEL_IN[0] * CURVE_COLUMNS, CURVE_PANEL_IN[1] * rows)
+    figure = Figure(figsize=size, dpi=FIGURE_DPI, layout="constrained")
+    for index, (panel, lines) in enumerate(sorted(panels.items())):
+        axes = figure.add_subplot(rows, CURVE_COLUMNS, index + 1)
+        for name, points in sorted(lines.items()):
+            steps, values = zip(*sorted(points), strict=True)
+            axes.plot(steps, values, marker="o", markersize=3, linewidth=1.0, label=name if len(lines) > 1 else None)
+        if selected is not None:
+            axes.axvline(selected, color="black", linestyle="--", linewidth=1.0, label=f"selected: step {selected}")
+        axes.set_title(panel, fontsize=8)
+        axes.set_xlabel("optimizer step", fontsize=7)
+        axes.tick_params(labelsize=7)
+        if len(lines) > 1 or selected is not None:
+            axes.legend(fontsize=6)
+    return figure
+
+
+def save_history_figure(history: list[dict], path: Path, selected: int | None = None) -> Path | None:
+    """Draw ``history_figure`` into a PNG at ``path`` (folders created); None (nothing written) without curves."""
+    figure = history_figure(history, selected)
+    if figure is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
     return path

@@ -16,6 +16,7 @@ from finetuning.evaluation.listening import HTML_FILE, render_listening_report
 from finetuning.evaluation.metrics import NAN_REASON
 from finetuning.evaluation.plots import utterance_figure
 from finetuning.settings import Settings
+from finetuning.training.tracking import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +26,16 @@ MARKDOWN_FILE = "evaluation.md"
 
 def write_report(report: dict, output_dir: str | Path, settings: Settings) -> tuple[Path, Path, Path]:
     """Write ``evaluation.json``, ``evaluation.md`` and the listening report ``evaluation.html`` (with its
-    pictures); HF_TOKEN is masked should any message carry it. Returns the three paths."""
+    pictures, and the curves of OUTPUT_DIR's ``metrics.jsonl`` when the run has one); HF_TOKEN is masked should any
+    message carry it. Returns the three paths."""
     output_dir = Path(output_dir)
+    history = read_history(Path(settings.OUTPUT_DIR) / METRICS_FILE)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = output_dir / JSON_FILE, output_dir / MARKDOWN_FILE, output_dir / HTML_FILE
     texts = (
         json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False),
         render_markdown(report),
-        render_listening_report(report, output_dir),
+        render_listening_report(report, output_dir, history),
     )
     for path, text in zip(paths, texts, strict=True):
         atomic.write_text(path, text.replace(settings.HF_TOKEN, "***") if settings.HF_TOKEN else text)
@@ -40,6 +43,19 @@ def write_report(report: dict, output_dir: str | Path, settings: Settings) -> tu
 
 
 # --------------------------------------------------------------------------------------------- rendering --
+
+
+def read_history(path: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` ([] when there is none; lines cut short by a crash skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict) and "step" in r]
 
 
 def _fmt(value) -> str:
@@ -91,6 +107,7 @@ def render_markdown(report: dict) -> str:
         "held-out recordings scored the same way, i.e. the ceiling for speaker similarity and the recogniser's "
         "own error floor for WER/CER.",
     ]
+    lines += _end_of_speech_table(runs)
     for speaker, section in head["speakers"].items():
         lines += ["", f"## {speaker}", "", f"{section['note']}; language {section['language'] or 'n/a'}."]
         if section.get("conditioning"):
@@ -107,6 +124,24 @@ def render_markdown(report: dict) -> str:
     lines += ["", "<details><summary>settings (secrets removed)</summary>", "", "```json"]
     lines += [json.dumps(head["settings"], indent=2, sort_keys=True), "```", "</details>", ""]
     return "\n".join(lines)
+
+
+def _end_of_speech_table(runs: dict) -> list[str]:
+    """Failures to end speech (runaway, truncated, run-on) per run, overall and per speaker, with the thresholds."""
+    head = list(runs.values())[-1]
+    if "end_of_speech" not in head:
+        return []
+    thresholds = head["end_of_speech"]["thresholds"]
+    lines = ["", "## End of speech", "", "; ".join(f"{kind}: {rule}" for kind, rule in thresholds.items()) + ".", ""]
+    lines += ["| run | speakers | failure rate | runaway | truncated | run-on | of |", "|---|---|---|---|---|---|---|"]
+    for role, run in runs.items():
+        rows = {"all": run["end_of_speech"]["overall"]}
+        rows.update({speaker: section.get("end_of_speech", {}) for speaker, section in run["speakers"].items()})
+        for who, counts in rows.items():
+            if counts.get("n"):
+                cells = [_fmt(counts["rate"]), counts["runaway"], counts["truncated"], counts["run_on"], counts["n"]]
+                lines.append(f"| {role} | {who} | " + " | ".join(str(c) for c in cells) + " |")
+    return lines
 
 
 def _means_table(runs: dict, speaker: str, difference: dict) -> list[str]:

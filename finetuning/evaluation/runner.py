@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from finetuning.constants import FRAME_RATE_HZ, SAMPLE_RATE
+from finetuning.evaluation import end_of_speech as eos
 from finetuning.evaluation.metrics import metric_catalogue
 from finetuning.evaluation.scorers import Scorers, load_scorers
 from finetuning.evaluation.speech import (
@@ -111,8 +112,24 @@ def evaluate_model(
         "metrics": {
             name: {**info, "scorer": described[info["group"]]["backend"]} for name, info in metric_catalogue().items()
         },
+        "end_of_speech": end_of_speech_summary(speakers),
         "speakers": speakers,
         "settings": settings.public_dict(),
+    }
+
+
+def end_of_speech_summary(speakers: dict[str, dict]) -> dict:
+    """End-of-speech failures over every speaker's generations ("overall") with the thresholds used; each
+    speaker's own counts are in its section's "end_of_speech"."""
+    kinds = [u["end_of_speech"] for section in speakers.values() for u in section["utterances"]]
+    return {
+        "thresholds": {
+            "runaway": "reached max_new_tokens without EOS",
+            "truncated": f"duration < {eos.EOS_SHORT_RATIO} x characters x the speaker's seconds per character",
+            "run_on": f"duration > {eos.EOS_LONG_RATIO} x characters x the speaker's seconds per character",
+            "seconds_per_char": "median over the speaker's real held-out clips",
+        },
+        "overall": eos.failure_counts(kinds),
     }
 
 
@@ -151,6 +168,8 @@ def _evaluate_speaker(
     examples, section["skipped_rows"] = build_examples(rows, 0, wrapper.processor.tokenizer, speaker, target.split)
     text_ids = {example.id: example.text_ids for example in examples}
     spoken = [u for u in target.utterances if u.id in text_ids]
+    real_s = [u.audio.size / SAMPLE_RATE for u in target.utterances]
+    seconds_per_char = eos.speaking_rate([u.text for u in target.utterances], real_s)
     for utterance in tqdm(spoken, desc=f"{speaker}: generating and scoring", unit="utt", leave=False):
         language = language_override or generation_language(model, utterance.language)
         seed = utterance_seed(settings.SEED, speaker, utterance.id)
@@ -165,6 +184,11 @@ def _evaluate_speaker(
         )
         values, errors, transcript = score_generated(wav, utterance, target, scorers)
         frames = round(wav.size / SAMPLE_RATE * FRAME_RATE_HZ)
+        # stock generate returns at most max_new_tokens - 1 frames: the last sampled token's codebooks 2-16 are
+        # never predicted
+        capped = frames >= max_new_tokens - 1
+        ending = eos.end_of_speech_failure(utterance.text, wav.size / SAMPLE_RATE, seconds_per_char, capped)
+        values["eos_failure_rate"] = float(ending is not None)
         section["utterances"].append(
             {
                 "id": utterance.id,
@@ -175,9 +199,8 @@ def _evaluate_speaker(
                 "real_audio": real_path.as_posix(),
                 "generated_frames": frames,
                 "generated_s": wav.size / SAMPLE_RATE,
-                # stock generate returns at most max_new_tokens - 1 frames: the last sampled token's
-                # codebooks 2-16 are never predicted
-                "reached_length_cap": frames >= max_new_tokens - 1,
+                "reached_length_cap": capped,
+                "end_of_speech": ending,
                 "real_s": utterance.audio.size / SAMPLE_RATE,
                 "values": {**checked(perplexities, errors), **values},
                 "tokens": tokens,
@@ -186,6 +209,10 @@ def _evaluate_speaker(
             }
         )
     described = scorers.describe()
+    section["end_of_speech"] = {
+        **eos.failure_counts([u["end_of_speech"] for u in section["utterances"]]),
+        "seconds_per_char": seconds_per_char,
+    }
     section["means"] = _means(section["utterances"], described)
     section["real_audio"] = _means(target.real, described)
     return section

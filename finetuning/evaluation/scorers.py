@@ -38,6 +38,7 @@ POCKETSPHINX_SAMPLE_RATE = 16_000
 PCM16_SCALE = 32767.0
 PITCH_SCORER = "librosa-pyin+mfcc-dtw"  # metrics.analyse_clip features, DTW-aligned to the real clip
 PERPLEXITY_SCORER = "teacher-forced talker of the evaluated model"
+EOS_SCORER = "duration rule: max_new_tokens reached, or < 0.5x / > 2x the text at the speaker's rate"
 
 
 class BackendUnavailable(RuntimeError):
@@ -369,6 +370,7 @@ class Scorers:
                 out[group] = {"backend": backend.name, "skipped": dict(backend.skipped)}
         if self.asr is not None:
             out["pronunciation"]["languages"] = list(self.asr.languages) if self.asr.languages else "any"
+        out["end_of_speech"] = {"backend": EOS_SCORER}
         out["tone"] = {"backend": PITCH_SCORER}
         out["prosody"] = {"backend": PITCH_SCORER}
         return out

@@ -25,7 +25,7 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -187,9 +187,11 @@ def _older_hint(path: Path) -> str:
     return f"resume from the previous one with RESUME_FROM={older[-1]}" if older else "no older state is left"
 
 
-def save_training_state(accelerator, output_dir: str | Path, step: int, keep: int, identity: dict) -> Path:
+def save_training_state(
+    accelerator, output_dir: str | Path, step: int, keep: int, identity: dict, protect: Collection[int] = ()
+) -> Path:
     """Save the state for ``step`` and the run's ``identity`` on every process, mark it complete, and prune to the
-    ``keep`` saved last."""
+    ``keep`` saved last, besides the states of the ``protect`` steps (kept for averaging)."""
     path = state_dir(output_dir, step)
     if accelerator.is_main_process:  # a state being rewritten is incomplete until its marker is written again
         (path / DONE_FILE).unlink(missing_ok=True)
@@ -200,7 +202,8 @@ def save_training_state(accelerator, output_dir: str | Path, step: int, keep: in
         (path / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
         atomic.fsync_tree(path)
         atomic.write_text(path / DONE_FILE, str(step))
-        by_age = sorted(saved_states(output_dir), key=lambda p: (p / DONE_FILE).stat().st_mtime_ns)
+        rotated = [p for p in saved_states(output_dir) if _step(p) not in set(protect)]
+        by_age = sorted(rotated, key=lambda p: (p / DONE_FILE).stat().st_mtime_ns)
         for old in by_age[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved training state %s", path)

@@ -49,6 +49,7 @@ WEIGHT_FILE_PATTERNS = (
     "pytorch_model*.bin.index.json",
 )
 INFO_FILE = "finetune_info.json"
+BEST_DIR = "best"  # OUTPUT_DIR/best: the export of the best evaluation (``selection``), beside OUTPUT_DIR/model
 SETTINGS_FILE = "training_settings.json"
 LOCAL_PATH_PREFIX = "<local>/"  # an absolute local path in an export keeps only its last part
 # What every export writes itself: never taken from the base folder (an earlier export holds them), so a file of
@@ -281,13 +282,24 @@ class RunExports:
     presets: PresetSpeakers | None = None  # a CustomVoice init's speakers, kept beside the new ones
     instructions: tuple[bool, ...] = (False,)  # whether training clips carried an instruction (both: some did)
 
-    def export(self, accelerator, step_module, output_dir: str | Path, step: int, link_base_files: bool = False):
-        """``export_checkpoint`` of the model being trained, with the run's settings and ``step`` recorded.
+    def export(
+        self,
+        accelerator,
+        step_module,
+        output_dir: str | Path,
+        step: int,
+        link_base_files: bool = False,
+        info: dict | None = None,
+        state_dict: dict | None = None,
+    ):
+        """``export_checkpoint`` of the model being trained, with the run's settings, ``step`` and ``info``
+        (more ``finetune_info.json`` keys) recorded. ``state_dict`` (on the main process; any non-None value on the
+        others) replaces the model's weights (averaged states): nothing is then gathered.
 
         Every process must call it (the state is gathered from all); the main process writes ``output_dir`` and
         gets its path, the others None.
         """
-        state = gathered_state_dict(accelerator, step_module)
+        state = gathered_state_dict(accelerator, step_module) if state_dict is None else state_dict
         if not accelerator.is_main_process:
             return None
         settings = self.settings
@@ -295,7 +307,7 @@ class RunExports:
         write_adapter = None
         if self.lora is not None:  # the adapter from the trained state, the checkpoint from the merged one
             write_adapter = partial(self.lora.save_adapter, state, base_model=portable_path(settings.INIT_MODEL_PATH))
-            state = self.lora.merged_state_dict(state)
+            state = self.lora.merged_state_dict(state, settings.LORA_MERGE_SCALE)
         return export_checkpoint(
             accelerator.unwrap_model(step_module).model,
             self.base_model_dir,
@@ -308,8 +320,10 @@ class RunExports:
                 "optimizer_steps": step,
                 "training_layout": settings.TRAINING_LAYOUT,
                 "finetune_method": settings.FINETUNE_METHOD,
+                **({"lora_merge_scale": settings.LORA_MERGE_SCALE} if self.lora is not None else {}),
                 "training_mode": settings.TRAINING_MODE,
                 "trained_calls": trained_calls(settings, self.instructions),
+                **(info or {}),
             },
             link_base_files=link_base_files,
             state_dict=state,
@@ -318,6 +332,29 @@ class RunExports:
             presets=self.presets,
             export_type=mode.export_type,
         )
+
+
+def copy_export(source: str | Path, output_dir: str | Path, info: dict) -> Path:
+    """A copy of the export ``source`` at ``output_dir`` (files hard-linked where the filesystem allows: exports
+    are never written in place) with ``info`` merged into its ``finetune_info.json``; written to a staging folder
+    and renamed into place like every export."""
+    source, output_dir = Path(source), Path(output_dir)
+    atomic.restore_previous(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        for item in source.iterdir():
+            if item.name == INFO_FILE:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, staging / item.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(item, staging / item.name)
+        atomic.write_json(staging / INFO_FILE, {**read_info(source), **info}, indent=2)
+        atomic.replace_folder(staging, output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return output_dir
 
 
 def trained_calls(settings: Settings, instructions: tuple[bool, ...] = (False,)) -> dict[str, list]:

@@ -3,8 +3,8 @@ its base model, or files the package did not write.
 
 The export replaces EXPORT_DIR as a whole (``atomic.replace_folder``), so EXPORT_DIR must be a folder of its own:
 not OUTPUT_DIR, DATASET_DIR or the Base model folder, not a folder holding one of them, not inside DATASET_DIR or
-the Base model, not inside the run's states or in-training evaluation export, and not an existing folder holding
-anything but an earlier export (one with ``finetune_info.json``).
+the Base model, not inside the run's states, in-training evaluation export or best export (``best/``), and not
+an existing folder holding anything but an earlier export (one with ``finetune_info.json``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from finetuning.settings import Settings, SettingsError
 from finetuning.training.callbacks import EVAL_CHECKPOINT_DIR
 from finetuning.training.checkpointing import STATES_DIR
-from finetuning.training.export import INFO_FILE
+from finetuning.training.export import BEST_DIR, INFO_FILE
 
 FIX = "set EXPORT_DIR to a new folder of its own (or leave it empty for OUTPUT_DIR/model)"
 
@@ -43,7 +43,7 @@ def check_export_dir(settings: Settings, model_dir: Path) -> None:
             raise SettingsError(f"{what} contains {named}: the export would delete it; {FIX}")
         if key != "OUTPUT_DIR" and path in export.parents:
             raise SettingsError(f"{what} is inside {named}; {FIX}")
-    for own in (STATES_DIR, EVAL_CHECKPOINT_DIR):
+    for own in (STATES_DIR, EVAL_CHECKPOINT_DIR, BEST_DIR):
         folder = protected["OUTPUT_DIR"] / own
         if export == folder or folder in export.parents:
             raise SettingsError(f"{what} is the run's {own} folder ({folder}) or inside it; {FIX}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ from tqdm.auto import tqdm
 from finetuning.resources import resolve_model_dir
 from finetuning.settings import Settings
 from finetuning.training import engines
+from finetuning.training.averaging import average_for_export, protected_steps
+from finetuning.training.best import BestExport
 from finetuning.training.callbacks import ExportCallback, ExportHook
 from finetuning.training.checkpointing import (
     StopRequest,
@@ -33,16 +34,9 @@ from finetuning.training.checkpointing import (
     save_training_state,
     saved_states,
 )
-from finetuning.training.clone import CloneExamples, EpochIndices, build_reference_pool
-from finetuning.training.conditioning import Conditioning, TrainingExamples
 from finetuning.training.data import (
-    Example,
     instruction_use,
-    load_examples,
-    load_training_examples,
-    make_train_loader,
     pin_dataset_revision,
-    speaker_languages,
 )
 from finetuning.training.export import RunExports, checkpoint_dtype
 from finetuning.training.guards import check_export_dir
@@ -51,15 +45,15 @@ from finetuning.training.init_model import (
     TrainingError,
     check_instructions,
     load_base_model,
-    speaker_table,
 )
 from finetuning.training.lora import apply_lora, log_trainable_summary
 from finetuning.training.losses import build_auxiliary_losses
 from finetuning.training.modes import training_mode
 from finetuning.training.optim import check_optimizer, make_optimizer, make_scheduler, optimizer_step
 from finetuning.training.presets import PresetSpeakers, check_init_model
-from finetuning.training.replay import ReplayMixed, replay_source
-from finetuning.training.sampler import DurationBatchSampler
+from finetuning.training.replay import replay_source
+from finetuning.training.run_data import make_train_data
+from finetuning.training.selection import Selection
 from finetuning.training.speed import (
     ModelFlops,
     check_speed_options,
@@ -67,8 +61,7 @@ from finetuning.training.speed import (
     keep_freed_memory,
     peak_flops,
 )
-from finetuning.training.step import TalkerStep, sequence_length
-from finetuning.training.streaming import StreamingBatches, stream_languages
+from finetuning.training.step import TalkerStep
 from finetuning.training.tracking import MetricsLog, MetricWindow, SampleAudit, tracker_config
 from finetuning.training.validation import validation_losses
 
@@ -78,7 +71,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     """What a run did: optimizer steps taken, steps skipped for non-finite loss, last losses, export path
-    (None when the run stopped early on a signal: its state is saved for RESUME_FROM=latest).
+    (None when the run stopped early on a signal: its state is saved for RESUME_FROM=latest), whether early
+    stopping ended it, and the best evaluation's export (``best/``; None when nothing was selected).
 
     The two step counts are saved with every training state (``state_dict``), so a resumed run counts on.
     """
@@ -89,6 +83,8 @@ class TrainResult:
     train_loss: float = float("nan")
     eval_loss: float | None = None
     export_dir: Path | None = None
+    best_dir: Path | None = None
+    early_stopped: bool = False
     history: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -113,97 +109,6 @@ def make_accelerator(settings: Settings):
     if "wandb" in trackers:
         os.environ["WANDB_MODE"] = settings.WANDB_MODE
     return engines.make_accelerator(settings, trackers)
-
-
-def make_sampler(
-    examples: list[Example], settings: Settings, talker_config, accelerator, dataset: TrainingExamples
-) -> DurationBatchSampler:
-    """The batch sampler over ``examples``, budgeting each epoch's samples as ``dataset`` draws them."""
-    longest = [
-        sequence_length(
-            talker_config,
-            e.text_ids.numel(),
-            e.codes.shape[0],
-            e.language,
-            settings.TRAINING_LAYOUT,
-            instruct=e.instruct_size(),
-        )
-        + _longest_reference(dataset, i)
-        for i, e in enumerate(examples)
-    ]
-    return DurationBatchSampler(
-        longest,
-        [e.speaker for e in examples],
-        batch_size=settings.BATCH_SIZE,
-        max_batch_tokens=settings.MAX_BATCH_TOKENS,
-        num_buckets=settings.NUM_BUCKETS,
-        mixing=settings.SPEAKER_MIXING,
-        mixing_alpha=settings.SPEAKER_MIXING_ALPHA,
-        max_repeat=settings.SPEAKER_MAX_REPEAT,
-        seed=settings.SEED,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-        epoch_lengths=dataset.epoch_lengths if settings.MAX_BATCH_TOKENS else None,
-    )
-
-
-def _longest_reference(dataset: TrainingExamples, index: int) -> int:
-    """Positions the longest ICL reference example ``index`` can draw adds (0 without voice cloning): what its
-    bucket is chosen by."""
-    if not isinstance(dataset, CloneExamples) or dataset.icl_fraction == 0:
-        return 0
-    return dataset.pool.longest_reference(dataset.examples[index].speaker)
-
-
-def make_train_data(
-    settings: Settings,
-    tokenizer,
-    model,
-    accelerator,
-    xvector_dtype: torch.dtype,
-    presets: PresetSpeakers | None = None,
-    make_replay: Callable[[list[Example]], list[Example]] | None = None,
-):
-    """(train batches, their sampler, each speaker's language, validation sets, conditioning): the conditioning is
-    the (S, D) speaker embeddings, or with TRAINING_MODE=voice_clone every training clip's x-vector (C, D)
-    (``training.clone``), computed once here by the frozen speaker encoder in ``xvector_dtype``. The validation
-    sets are ``Conditioning.validation``'s (row languages, and "auto"). A CustomVoice init's ``presets`` follow the
-    new speakers' rows in the table, and ``make_replay(train examples)`` (REPLAY_FRACTION) gives the replay examples
-    mixed into the training samples (``training.replay``).
-
-    Map-style: every example in memory (codes int16), batches chosen by ``DurationBatchSampler`` and collated by
-    a DataLoader. ``DATA_STREAMING``: a ``StreamingBatches`` stream is both (memory bounded by its buffers)."""
-    talker_config = model.config.talker_config
-    conditioning = Conditioning.from_settings(settings)
-    mode = training_mode(settings)
-    if settings.DATA_STREAMING:
-        stream = StreamingBatches(
-            settings, tokenizer, talker_config, accelerator.num_processes, accelerator.process_index
-        )
-        validation = conditioning.validation(load_examples(settings, tokenizer, "validation")[0])
-        embeds = speaker_table(model, settings, xvector_dtype)
-        return stream, stream, stream_languages(settings), validation, embeds
-    train_examples, validation = load_training_examples(settings, tokenizer)
-    languages = speaker_languages(train_examples, settings.TRAIN_SPEAKERS)
-    pin_memory = accelerator.device.type == "cuda"
-    if mode.references:
-        pool = build_reference_pool(model, settings, train_examples, xvector_dtype)
-        dataset = CloneExamples(pool, settings.SEED, settings.CLONE_ICL_FRACTION, conditioning, talker_config)
-        validation = dataset.validation(validation)
-        conditioning_table = pool.xvectors
-    else:
-        conditioning_table = speaker_table(model, settings, xvector_dtype)
-        if presets is not None and presets.rows:  # replayed presets: speakers S .. S + P - 1 of the table
-            conditioning_table = torch.cat([conditioning_table, presets.embeds.to(conditioning_table.dtype)])
-        if make_replay is None:
-            dataset = TrainingExamples(train_examples, conditioning, talker_config)
-        else:
-            replay = make_replay(train_examples)
-            fraction = settings.REPLAY_FRACTION
-            dataset = ReplayMixed(train_examples, conditioning, talker_config, replay, fraction, settings.SEED)
-    sampler = make_sampler(train_examples, settings, talker_config, accelerator, dataset)
-    loader = make_train_loader(dataset, EpochIndices(sampler), settings.DATALOADER_WORKERS, pin_memory)
-    return loader, sampler, languages, conditioning.validation(validation), conditioning_table
 
 
 def build_step_module(model, settings: Settings, conditioning_table: torch.Tensor, aux_losses) -> TalkerStep:
@@ -307,8 +212,9 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     scheduler = make_scheduler(optimizer, settings, total_steps)
     step_module, optimizer = engines.prepare_engine(accelerator, step_module, optimizer)
     result = TrainResult()
+    selection = Selection.from_settings(settings)  # saved with every state: a resumed run keeps its history
     identity = run_identity(settings, accelerator.num_processes, sampler.examples_per_speaker())
-    accelerator.register_for_checkpointing(scheduler, sampler, result)  # sampler: the data position
+    accelerator.register_for_checkpointing(scheduler, sampler, result, selection)  # sampler: the data position
     log = MetricsLog(accelerator, settings.OUTPUT_DIR)
     if resume_path is not None:
         load_training_state(accelerator, resume_path, identity, settings.OUTPUT_DIR)
@@ -322,6 +228,8 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
         accelerator.init_trackers("finetune", config=tracker_config(settings))
 
     hook = ExportHook(on_export, exports)
+    best = BestExport(selection, exports, settings)
+    cap = settings.EVAL_MAX_BATCHES
     audit = SampleAudit(settings, accelerator.process_index)
     bar = tqdm(
         total=total_steps, initial=result.optimizer_steps, desc="training", disable=not accelerator.is_main_process
@@ -330,7 +238,7 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     step_module.train()
     parameters = list(step_module.parameters())  # what clipping reads, listed once
     with StopRequest() as stop:
-        while result.optimizer_steps < total_steps and not result.interrupted:
+        while result.optimizer_steps < total_steps and not result.interrupted and not selection.should_stop():
             for batch in train_loader:
                 batch = send_to_device(batch, accelerator.device, non_blocking=True)
                 with accelerator.accumulate(step_module):
@@ -362,20 +270,33 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
                     bar.set_postfix(loss=f"{record['train/loss']:.3f}")
                     result.train_loss = record["train/loss"]
                     log.write(record)
+                losses = None
                 if val_examples and settings.EVAL_STEPS and step % settings.EVAL_STEPS == 0 and step != total_steps:
                     with window.paused():
-                        cap = settings.EVAL_MAX_BATCHES
                         losses = validation_losses(step_module, val_sets, settings, accelerator, cap)
-                        log.write({"step": step, **losses})
+                        selected = best.evaluated(accelerator, step_module, step, losses=losses)
+                        log.write({"step": step, **losses, **selected})
                 if hook.due(step, total_steps):
                     with window.paused():
-                        hook.export_and_call(accelerator, step_module, step)
+                        speech = hook.export_and_call(accelerator, step_module, step)
+                        extra = {}
+                        if losses is None and val_examples and best.wants_losses:
+                            losses = extra = validation_losses(step_module, val_sets, settings, accelerator, cap)
+                        selected = best.evaluated(accelerator, step_module, step, losses, speech, hook.checkpoint_dir)
+                        if speech:  # in metrics.jsonl for the curves; the callback sent them to the trackers
+                            log.write({"step": step, **speech}, trackers=False)
+                        if selected:
+                            log.write({"step": step, **extra, **selected})
                 stop_now = stop.on_any_process(accelerator)
-                if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now:
-                    save_training_state(accelerator, settings.OUTPUT_DIR, step, settings.SAVE_TOTAL_LIMIT, identity)
+                result.early_stopped = selection.should_stop()
+                if (settings.SAVE_STEPS and step % settings.SAVE_STEPS == 0) or stop_now or result.early_stopped:
+                    keep = settings.SAVE_TOTAL_LIMIT
+                    save_training_state(
+                        accelerator, settings.OUTPUT_DIR, step, keep, identity, protected_steps(settings, selection)
+                    )
                     saved_step = step
                 result.interrupted = stop_now
-                if step >= total_steps or stop_now:
+                if step >= total_steps or stop_now or result.early_stopped:
                     break
             else:
                 sampler.set_epoch(sampler.epoch + 1)
@@ -386,23 +307,52 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
         return result
     final_state = None  # the last steps reach the disk before validation, export and merge can fail
     if saved_step != result.optimizer_steps:  # kept beside the SAVE_TOTAL_LIMIT states until the export is in place
+        keep = settings.SAVE_TOTAL_LIMIT + 1
         final_state = save_training_state(
-            accelerator, settings.OUTPUT_DIR, result.optimizer_steps, settings.SAVE_TOTAL_LIMIT + 1, identity
+            accelerator,
+            settings.OUTPUT_DIR,
+            result.optimizer_steps,
+            keep,
+            identity,
+            protected_steps(settings, selection),
         )
     audit.final(step_module.parameters())  # lets an audit confirm every process ends with the same weights
+    result.early_stopped = selection.should_stop()  # also when a resumed state had already stopped
+    if result.early_stopped:
+        logger.info("early stopping at step %d: %s", result.optimizer_steps, selection.stop_reason())
+    probe = None  # the final step's losses on the probe batches every evaluation scored (what selection compares)
+    eval_metrics = {}  # logged with the final selection, after the export
     if val_examples:
         eval_metrics = validation_losses(step_module, val_sets, settings, accelerator)
         result.eval_loss = eval_metrics["eval/codec0_loss"]
-        log.write({"step": result.optimizer_steps, **eval_metrics})
+        if best.wants_losses:
+            probe = validation_losses(step_module, val_sets, settings, accelerator, cap) if cap else eval_metrics
 
+    selected, state, info = {}, None, None
+    if settings.AVERAGE_CHECKPOINTS:  # the final evaluation ranks too, so it comes before the export it may shape
+        selected = best.evaluated(accelerator, step_module, result.optimizer_steps, probe)
+        state, info = average_for_export(settings, selection, accelerator)
     accelerator.wait_for_everyone()
-    result.export_dir = exports.export(accelerator, step_module, settings.export_dir, result.optimizer_steps)
+    result.export_dir = exports.export(
+        accelerator, step_module, settings.export_dir, result.optimizer_steps, info=info, state_dict=state
+    )
     if result.export_dir is not None:
         logger.info("exported %s", result.export_dir)
         if final_state is not None:
             shutil.rmtree(final_state, ignore_errors=True)
-    if hook.active:
-        hook.call(accelerator, result.export_dir, result.optimizer_steps)
+    step = result.optimizer_steps
+    if not settings.AVERAGE_CHECKPOINTS and not selection.needs_speech:
+        selected = best.evaluated(accelerator, step_module, step, probe, None, settings.export_dir)
+    if eval_metrics or selected:  # before the speech callback, whose report draws the run's curves
+        log.write({"step": step, **eval_metrics, **selected})
+    speech = hook.call(accelerator, result.export_dir, step) if hook.active else None
+    if speech:
+        log.write({"step": step, **speech}, trackers=False)  # the callback logged them already
+    if not settings.AVERAGE_CHECKPOINTS and selection.needs_speech:
+        if selected := best.evaluated(accelerator, step_module, step, probe, speech, settings.export_dir):
+            log.write({"step": step, **selected})
+    if selection.best_step is not None:
+        result.best_dir = best.path
     accelerator.wait_for_everyone()
     return result
 

@@ -54,19 +54,25 @@ class LoraAdapter:
     peft_model: torch.nn.Module
     scalings: dict[str, float]
 
-    def merged_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def merged_state_dict(self, state: dict[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:
         """The Base model's keys and merged weights from ``state``, a state dict of the adapted model (keys as in
-        the model, e.g. from ``export.gathered_state_dict``). Merging is done in float32; tensors stay where they
-        are. Raises KeyError when ``state`` lacks an adapted layer's parts."""
+        the model, e.g. from ``export.gathered_state_dict``), the update scaled by ``scale`` (LORA_MERGE_SCALE):
+        W + scale x alpha / rank x B A for adapted layers, W + scale x (trained copy - W) for fully trained
+        modules, so 0 gives the Base model's weights and 1 the trained model's. Merging is done in float32; tensors
+        stay where they are. Raises KeyError when ``state`` lacks an adapted layer's parts."""
         merged = {}
         for name, tensor in state.items():
             if ".lora_" in name or ORIGINAL_MODULE in name:
                 continue
-            merged[name.replace(BASE_LAYER, ".").replace(TRAINED_COPY, ".")] = tensor
+            key = name.replace(BASE_LAYER, ".").replace(TRAINED_COPY, ".")
+            original = state.get(name.replace(TRAINED_COPY, ORIGINAL_MODULE)) if TRAINED_COPY in name else None
+            if original is not None and scale != 1.0 and tensor.is_floating_point():
+                tensor = (original.float() + scale * (tensor.float() - original.float())).to(tensor.dtype)
+            merged[key] = tensor
         for layer, scaling in self.scalings.items():
             lora_a, lora_b = (state[layer + part].float() for part in LORA_WEIGHT_PARTS)  # (r, in), (out, r)
             base = state[f"{layer}{BASE_LAYER}weight"]  # (out, in)
-            merged[f"{layer}.weight"] = (base.float() + (lora_b @ lora_a) * scaling).to(base.dtype)
+            merged[f"{layer}.weight"] = (base.float() + (lora_b @ lora_a) * (scaling * scale)).to(base.dtype)
         return merged
 
     def save_adapter(self, state: dict[str, torch.Tensor], checkpoint_dir: Path, base_model: str) -> None:

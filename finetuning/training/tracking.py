@@ -121,11 +121,13 @@ class MetricsLog:
             logger.warning("%s: dropped %d damaged line(s) (cut short by a crash?)", self.path, torn)
         atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, trackers: bool = True) -> None:
+        """Keep and write ``record``; ``trackers=False`` for values a callback already sent to the trackers."""
         self.history.append(record)
         if not self.accelerator.is_main_process:
             return
-        self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
+        if trackers:
+            self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
         logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -24,7 +24,7 @@ import torch
 from conftest import REPO_ROOT, make_settings, subprocess_env
 
 from finetuning.constants import SAMPLE_RATE
-from finetuning.evaluation.listening import HTML_FILE
+from finetuning.evaluation.listening import CURVES_FILE, HTML_FILE
 from finetuning.evaluation.metrics import metric_catalogue
 from finetuning.evaluation.report import JSON_FILE, MARKDOWN_FILE, log_report, render_markdown, write_report
 from finetuning.evaluation.runner import compare_checkpoints, evaluate_checkpoint, evaluate_model
@@ -265,6 +265,27 @@ def test_files_hold_the_report_and_never_the_token(comparison, single):
     assert single["step"] == TRAIN_STEPS
 
 
+def test_end_of_speech_failures_are_counted_per_speaker_and_overall(single, comparison):
+    kinds = []
+    for speaker, section in single["speakers"].items():
+        counts = section["end_of_speech"]
+        own = [u["end_of_speech"] for u in section["utterances"]]
+        assert counts["n"] == len(own) > 0 and counts["seconds_per_char"] > 0, speaker
+        assert (
+            counts["rate"]
+            == section["means"]["eos_failure_rate"]["value"]
+            == sum(k is not None for k in own) / len(own)
+        )
+        for u in section["utterances"]:
+            assert u["end_of_speech"] == ("runaway" if u["reached_length_cap"] else u["end_of_speech"])
+        kinds += own
+    overall = single["end_of_speech"]["overall"]
+    assert overall["n"] == len(kinds) and overall["rate"] == sum(k is not None for k in kinds) / len(kinds)
+    assert set(single["end_of_speech"]["thresholds"]) >= {"runaway", "truncated", "run_on"}
+    markdown = open(f"{comparison['output_dir']}/{MARKDOWN_FILE}").read()
+    assert "## End of speech" in markdown and "| baseline | all |" in markdown
+
+
 def test_log_report_writes_scalars_and_an_audio_sample_per_speaker(single, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
@@ -358,6 +379,36 @@ def test_cli_exit_codes(trained, tmp_path, capsys):
     assert "nobody" in capsys.readouterr().err
 
 
+def test_lora_scales_score_each_merge_scale_side_by_side(trained, tmp_path, capsys):
+    """``--lora-scales``: the export merged at each scale (a line between the Base weights and the export's) is
+    evaluated, and the summary holds every scale's means; bad scales get one line."""
+    from safetensors.torch import load_file
+
+    from finetuning.evaluate import main
+    from finetuning.evaluation.lora_scales import SUMMARY_JSON, write_scaled_export
+
+    settings, export = trained
+    env_file = str(_env_file(settings, tmp_path / "eval.env"))
+    argv = ["--checkpoint", str(export), "--env-file", env_file, "--speaker", "english_speaker"]
+    assert main([*argv, "--lora-scales", "0.5,0"]) == 2 and "outside (0, 1]" in capsys.readouterr().err
+    assert main([*argv, "--lora-scales", "0.5,1", "--output_dir", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "lora_scales" / SUMMARY_JSON).read_text())
+    assert list(summary["means"]) == ["0.5", "1"]
+    assert all("perplexity_codec0" in summary["means"][s]["english_speaker"] for s in ("0.5", "1"))
+    assert summary["means"]["0.5"] != summary["means"]["1"]
+    full = write_scaled_export(export, Path(settings.INIT_MODEL_PATH), 1.0, tmp_path / "one")
+    half = write_scaled_export(export, Path(settings.INIT_MODEL_PATH), 0.5, tmp_path / "half")
+    exported, base = (
+        load_file(str(export / "model.safetensors")),
+        load_file(f"{settings.INIT_MODEL_PATH}/model.safetensors"),
+    )
+    at_one, at_half = load_file(str(full / "model.safetensors")), load_file(str(half / "model.safetensors"))
+    name = "talker.model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(at_one[name], exported[name])
+    torch.testing.assert_close(at_half[name], (exported[name] + base[name]) / 2, rtol=1e-6, atol=1e-7)
+    assert json.loads((half / "finetune_info.json").read_text())["lora_merge_scale"] == 0.5
+
+
 def test_training_evaluates_generated_speech_every_eval_generate_steps(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -370,6 +421,13 @@ def test_training_evaluates_generated_speech_every_eval_generate_steps(trained):
     events.Reload()
     tags = events.Tags()
     assert any(tag.startswith("eval/english_speaker/perplexity") for tag in tags["scalars"])
+    # the curves' scalars: selection and end-of-speech failures in TensorBoard, speech metrics in metrics.jsonl too
+    assert {"select/eval_loss", "select/best_step", "eval/english_speaker/eos_failure_rate"} <= set(tags["scalars"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speech_steps = [r["step"] for r in records if "eval/english_speaker/eos_failure_rate" in r]
+    assert speech_steps == [TRAIN_STEPS // 2, TRAIN_STEPS]
+    html = (out / "evaluation" / f"step-{TRAIN_STEPS:06d}" / HTML_FILE).read_text()
+    assert "Training curves" in html and f"step {TRAIN_STEPS}, the step SELECT_BY chose" in html
     assert "eval/swahili_speaker/sample" in tags["audio"]
     assert "train/loss" in tags["scalars"]
     # in-training exports link the base model's unchanged files instead of copying them every time
@@ -408,7 +466,9 @@ def test_listening_report_plays_and_shows_every_utterance_from_disk(which, reque
     utterances = sum(len(s["utterances"]) for s in runs[0]["speakers"].values())
     assert utterances == len(SPEAKERS)
     assert len(sources.audio) == utterances * (len(runs) + 1)
-    assert len(sources.images) == utterances * len(runs)
+    # one picture per utterance and model, and the run's curves (OUTPUT_DIR holds the trained run's metrics.jsonl)
+    assert sources.images.count(CURVES_FILE) == 1
+    assert len(sources.images) == utterances * len(runs) + 1
     for src in sources.audio + sources.images:
         assert src and not Path(src).is_absolute() and (out / src).is_file(), src
     for src in sources.images:

@@ -199,6 +199,33 @@ def pocketsphinx():
     return load_asr_backend("pocketsphinx")
 
 
+def test_end_of_speech_failures_at_the_stated_thresholds():
+    from finetuning.evaluation.end_of_speech import (
+        EOS_LONG_RATIO,
+        EOS_SHORT_RATIO,
+        end_of_speech_failure,
+        failure_counts,
+        speaking_rate,
+    )
+
+    assert (EOS_SHORT_RATIO, EOS_LONG_RATIO) == (0.5, 2.0)
+    # 10, 20 and 5 non-space characters said in 1.0, 1.6 and 0.6 s: 0.1, 0.08, 0.12 s per character -> median 0.1
+    rate = speaking_rate(["abcde fghij", "a" * 20, "hello"], [1.0, 1.6, 0.6])
+    assert rate == pytest.approx(0.1)
+    text = "twenty chars of text"  # 17 non-space characters: 1.7 s expected
+    assert end_of_speech_failure(text, 1.7, rate, reached_length_cap=False) is None
+    assert (
+        end_of_speech_failure(text, 0.86, rate, False) is None
+        and end_of_speech_failure(text, 3.39, rate, False) is None
+    )
+    assert end_of_speech_failure(text, 0.84, rate, False) == "truncated"  # stopped before half of it
+    assert end_of_speech_failure(text, 3.41, rate, False) == "run_on"  # went on past twice its length
+    assert end_of_speech_failure(text, 1.7, rate, reached_length_cap=True) == "runaway"  # no EOS before the cap
+    assert end_of_speech_failure(text, 0.1, float("nan"), False) is None  # no rate: only runaways are known
+    kinds = [None, "truncated", "runaway", None]
+    assert failure_counts(kinds) == {"rate": 0.5, "n": 4, "runaway": 1, "truncated": 1, "run_on": 0}
+
+
 def test_pocketsphinx_wer_lower_for_matching_text(pocketsphinx):
     texts = voice_texts("english_speaker")
     # Clips pocketsphinx gets partly right (its WER over all 14 bundled clips is ~0.8): the check is that the

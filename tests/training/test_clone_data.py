@@ -161,7 +161,8 @@ def test_the_xvector_table_stays_one_host_copy_and_batches_bring_their_rows(tiny
     from accelerate import Accelerator
     from conftest import prepare_small_dataset
 
-    from finetuning.training.loop import build_step_module, make_train_data
+    from finetuning.training.loop import build_step_module
+    from finetuning.training.run_data import make_train_data
 
     root = prepare_small_dataset(tmp_path_factory, "clone_table", tiny_model_dir)
     settings = make_settings(root, tiny_model_dir, TRAINING_MODE="voice_clone", VALIDATION_FRACTION=0.0)

@@ -133,6 +133,59 @@ def test_merged_export_equals_the_adapter_model(lora_runs):
             torch.testing.assert_close(tensor, peft_merged[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+def test_merge_scale_0_gives_the_base_models_logits_and_1_the_trained_export(lora_runs):
+    """``merged_state_dict(state, scale)``: at 0 (which LORA_MERGE_SCALE itself refuses) every weight is the Base
+    model's, so its logits are the Base model's exactly; at 1 every weight is the merged export's (which
+    ``test_merged_export_equals_the_adapter_model`` matches with the adapter model's logits)."""
+    import qwen_tts
+    from conftest import make_settings
+    from test_train import _trained_rows
+
+    from finetuning.constants import FIRST_SPEAKER_ROW
+    from finetuning.evaluation.lora_scales import scaled_weights
+    from finetuning.settings import SettingsError
+    from finetuning.training.lora import LORA_WEIGHT_PARTS, LoraAdapter
+
+    settings, result = lora_runs[("equal", "non_streaming")]
+    state = _final_state(settings)
+    layers = [name.removesuffix(LORA_WEIGHT_PARTS[0]) for name in state if name.endswith(LORA_WEIGHT_PARTS[0])]
+    adapter = LoraAdapter(peft_model=None, scalings=dict.fromkeys(layers, settings.LORA_ALPHA / settings.LORA_RANK))
+    base_weights = load_file(str(Path(settings.INIT_MODEL_PATH) / "model.safetensors"))
+    at_zero, at_one = adapter.merged_state_dict(state, 0.0), adapter.merged_state_dict(state, 1.0)
+    exported = load_file(str(result.export_dir / "model.safetensors"))
+    assert set(at_zero) == set(at_one) == set(exported) and set(exported) <= set(base_weights)
+    speaker_rows = torch.zeros(exported["talker.model.codec_embedding.weight"].shape[0], dtype=torch.bool)
+    speaker_rows[FIRST_SPEAKER_ROW:] = True  # written from the speaker embeddings after the merge
+    changed = 0
+    for name, tensor in at_one.items():
+        expected = exported[name]
+        if name == "talker.model.codec_embedding.weight":
+            tensor, expected = tensor[~speaker_rows], expected[~speaker_rows]
+        assert torch.equal(tensor, expected), name
+        assert torch.equal(at_zero[name], base_weights[name]), name
+        changed += not torch.equal(at_one[name], base_weights[name])
+    assert changed > len(layers)  # adapted layers and fully trained modules moved
+    # evaluate.py --lora-scales merges by a straight line from the Base weights to the export: the same weights
+    at_half = scaled_weights(exported, base_weights, 0.5, export_scale=1.0)
+    for name, tensor in adapter.merged_state_dict(state, 0.5).items():
+        if name != "talker.model.codec_embedding.weight":
+            torch.testing.assert_close(at_half[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+    wrapper = qwen_tts.Qwen3TTSModel.from_pretrained(settings.INIT_MODEL_PATH, dtype=torch.float32)
+    base, tokenizer = wrapper.model.eval(), wrapper.processor.tokenizer
+    row = _trained_rows(settings)[0]
+    speaker = torch.randn(base.config.talker_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = _logits(base, tokenizer, row, speaker, "non_streaming")
+    missing, unexpected = base.load_state_dict(at_zero, strict=False)
+    assert not unexpected and all(name.startswith("speaker_encoder.") for name in missing)
+    after = _logits(base, tokenizer, row, speaker, "non_streaming")
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(SettingsError, match="LORA_MERGE_SCALE"):
+        make_settings(Path(settings.OUTPUT_DIR), Path(settings.INIT_MODEL_PATH), LORA_MERGE_SCALE=0)
+
+
 def test_trainable_share_and_bad_names(tiny_model_dir, tmp_path):
     import qwen_tts
     from conftest import make_settings

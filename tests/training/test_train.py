@@ -374,3 +374,46 @@ def test_export_lists_every_speaker_and_keeps_no_secret(overfit_runs):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".txt", ".md"):
             assert SECRET not in path.read_text(), path
     assert not list(export.parent.glob(".model-*")), "staging folders must not be left behind"
+
+
+def without_eos(export_dir: Path, out_dir: Path) -> Path:
+    """A copy of an export whose EOS logit stock generation suppresses: stock ``generate`` suppresses every
+    control id but ``codec_eos_token_id``, which the copy's config moves past the vocabulary, so the real EOS row
+    is at -inf and nothing stops generation but ``max_new_tokens``."""
+    import shutil
+
+    shutil.copytree(export_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["talker_config"]["codec_eos_token_id"] = config["talker_config"]["vocab_size"]
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+def test_end_of_speech_failures_of_the_overfit_export_and_of_its_copy_without_eos(overfit_runs, tmp_path):
+    """The overfit export ends every trained utterance where its recording ends (failure rate 0.0); the same
+    weights with EOS suppressed run every utterance up to ``max_new_tokens`` (rate 1.0, all runaways)."""
+    import qwen_tts
+
+    from finetuning.constants import FRAME_RATE_HZ
+    from finetuning.evaluation.end_of_speech import end_of_speech_failure, failure_counts, speaking_rate
+    from finetuning.evaluation.speech import generation_language
+
+    settings, result = overfit_runs[("equal", "mixed")]
+    rows = _trained_rows(settings)
+    seconds_per_char = speaking_rate(
+        [r["text"] for r in rows], [r["audio_codes"].shape[0] / FRAME_RATE_HZ for r in rows]
+    )
+    counts = {}
+    for name, export in (("trained", result.export_dir), ("no_eos", without_eos(result.export_dir, tmp_path / "x"))):
+        model = qwen_tts.Qwen3TTSModel.from_pretrained(str(export))
+        kinds = []
+        for row in rows:
+            cap = row["audio_codes"].shape[0] + 10
+            language = generation_language(model.model, row["language"])
+            codes = _stock_codes(model, row["speaker"], row["text"], cap, language, non_streaming=True)
+            generated_s = codes.shape[0] / FRAME_RATE_HZ
+            kinds.append(end_of_speech_failure(row["text"], generated_s, seconds_per_char, codes.shape[0] >= cap - 1))
+        counts[name] = failure_counts(kinds)
+    print(f"\nend-of-speech failures: {counts}")
+    assert counts["trained"] == {"rate": 0.0, "n": len(rows), "runaway": 0, "truncated": 0, "run_on": 0}
+    assert counts["no_eos"] == {"rate": 1.0, "n": len(rows), "runaway": len(rows), "truncated": 0, "run_on": 0}

@@ -107,7 +107,7 @@ def _evaluate(settings, export, output_dir, watched):
     report = evaluate_model(wrapper, settings, targets, scorers, export, output_dir)
     write_report(report, output_dir, settings)
     rows = list(load_split(settings, SPEAKER, "validation", ["id", "instruct"]))
-    return report, calls, rows
+    return report, calls, rows, (settings, export)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def designed(tiny_model_dir, tmp_path_factory):
 
 
 def test_each_row_is_spoken_with_its_instruction_and_grouped_per_instruction(instructed):
-    report, calls, rows = instructed
+    report, calls, rows, _ = instructed
     assert report["checkpoint"]["trained_instruct"] == [False, True]
     instructs = [row["instruct"] for row in rows]
     assert "" in instructs and any(instructs), instructs  # the held-out half has rows with and without one
@@ -146,8 +146,40 @@ def test_each_row_is_spoken_with_its_instruction_and_grouped_per_instruction(ins
     assert "instruct_effect" not in groups[""]  # nothing to leave out
 
 
+def test_perplexity_is_conditioned_on_the_rows_instruction(instructed):
+    """Recomputed through ``held_out_perplexity`` with the row's instruction segment: the reported value; without
+    it, another one (the segment shifts every later position)."""
+    import numpy as np
+
+    from finetuning.evaluation.speech import generation_language, speaking_layout
+    from finetuning.evaluation.targets import held_out_perplexity
+    from finetuning.training.export import read_info
+    from finetuning.training.layout import instruct_text
+    from finetuning.training.step import assistant_text
+
+    report, _, _, (settings, export) = instructed
+    model = load_model(export, settings)
+    tokenizer, inner = model.processor.tokenizer, model.model
+    layout = speaking_layout(read_info(export)["training_layout"], "custom_voice")
+    embed = inner.talker.get_input_embeddings().weight[inner.config.talker_config.spk_id[SPEAKER]].detach()
+    rows = {row["id"]: row for row in load_split(settings, SPEAKER, "validation", ["id", "text", "audio_codes"])}
+    instructed_rows = [u for u in report["speakers"][SPEAKER]["utterances"] if u["instruct"]]
+    assert instructed_rows
+    for utterance in instructed_rows:
+        row = rows[utterance["id"]]
+        text_ids = tokenizer(assistant_text(row["text"]), return_tensors="pt")["input_ids"][0]
+        instruct_ids = tokenizer(instruct_text(utterance["instruct"]), return_tensors="pt")["input_ids"][0]
+        codes = np.asarray(row["audio_codes"], dtype=np.int64)
+        language = generation_language(inner, "english")
+        assert utterance["generation_language"] == language
+        with_it, _ = held_out_perplexity(inner, text_ids, codes, embed, language, layout, instruct_ids)
+        without, _ = held_out_perplexity(inner, text_ids, codes, embed, language, layout)
+        assert utterance["values"]["perplexity_codec0"] == pytest.approx(with_it["perplexity_codec0"], rel=1e-5)
+        assert without["perplexity_codec0"] != pytest.approx(with_it["perplexity_codec0"], rel=1e-5)
+
+
 def test_the_instruction_effect_is_the_prosody_difference_of_with_and_without(instructed):
-    report, _, rows = instructed
+    report, _, rows, _ = instructed
     output_dir = report["output_dir"]
     effects = []
     for utterance in report["speakers"][SPEAKER]["utterances"]:
@@ -191,7 +223,7 @@ def test_the_instruction_effect_is_the_prosody_difference_of_with_and_without(in
 
 
 def test_voice_design_export_is_evaluated_through_generate_voice_design(designed):
-    report, calls, rows = designed
+    report, calls, rows, _ = designed
     assert report["checkpoint"]["model_type"] == "voice_design"
     assert report["checkpoint"]["trained_instruct"] == [True]
     section = report["speakers"][SPEAKER]

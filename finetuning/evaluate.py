@@ -3,7 +3,9 @@
 
 The checkpoint speaks each speaker's held-out texts (seeded sampling, at most EVAL_MAX_SECONDS each); the clips
 are scored for perplexity, speaker similarity, pronunciation, tone and prosody against the speaker's real audio
-(see ``finetuning/evaluation/runner.py``). ``--compare`` evaluates a second model on the same texts, seeds and scorers,
+(see ``finetuning/evaluation/runner.py``). A checkpoint trained with instructions (or for voice design) speaks each
+row with its own instruction; means are also reported per instruction, with the prosody difference from the same
+row generated without it. ``--compare`` evaluates a second model on the same texts, seeds and scorers,
 e.g. the Base model as a zero-shot clone, and reports both side by side with the difference. Writes
 ``evaluation.json``, ``evaluation.md`` and the generated clips to ``--output_dir`` (default OUTPUT_DIR/evaluation).
 Exit codes: 0 done, 1 data or model error, 2 bad settings.

@@ -56,7 +56,9 @@ def _utterance_rows(runs: dict[str, dict], speaker: str, output_dir: Path) -> li
     rows = []
     for utterance_id, utterance in first.items():
         real_path = utterance.get("real_audio")
-        cells = [f"<td><b>{html.escape(utterance_id)}</b><br>{html.escape(utterance['text'])}</td>"]
+        instruct = utterance.get("instruct")
+        said = f"<br><i>instruction: {html.escape(instruct)}</i>" if instruct else ""
+        cells = [f"<td><b>{html.escape(utterance_id)}</b><br>{html.escape(utterance['text'])}{said}</td>"]
         cells.append(f"<td>{_audio(real_path) if real_path else '<span class=muted>no recording</span>'}</td>")
         for role, utterances in by_role.items():
             generated = utterances.get(utterance_id)
@@ -75,7 +77,9 @@ def _utterance_rows(runs: dict[str, dict], speaker: str, output_dir: Path) -> li
                 real, _ = sf.read(output_dir / real_path, dtype="float32")
                 save_utterance_figure(wav, real, sample_rate, output_dir / plot, title=f"{role}: {utterance_id}")
                 picture = f'<br><img alt="{html.escape(role)} plots" src="{html.escape(plot.as_posix())}">'
-            cells.append(f"<td>{_audio(generated['audio'])}<br>{values}{picture}</td>")
+            effect = generated.get("instruct_effect")
+            without = f"<br>without the instruction: {_audio(effect['audio_without'])}" if effect else ""
+            cells.append(f"<td>{_audio(generated['audio'])}{without}<br>{values}{picture}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return rows
 
@@ -113,8 +117,34 @@ def render_listening_report(report: dict, output_dir: str | Path, history: list[
         parts.append(f"<table><tr><th>utterance</th><th>real recording</th>{header}</tr>")
         parts += _utterance_rows(runs, speaker, output_dir)
         parts.append("</table>")
+    parts += _instruction_section(head)
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _instruction_section(run: dict) -> list[str]:
+    """Means per instruction and, where rows were also generated without theirs, what the instruction changed."""
+    groups = run.get("instructions") or {}
+    if not groups:
+        return []
+    parts = ["<h2>Per instruction</h2><table><tr><th>instruction</th><th>utterances</th><th>speakers</th>"]
+    parts.append("".join(f"<th>{metric}</th>" for metric in SHOWN_METRICS) + "<th>instruction effect</th></tr>")
+    for instruct, group in groups.items():
+        speakers = ", ".join(f"{speaker}={count}" for speaker, count in group["speakers"].items())
+        cells = [instruct or "(none)", str(group["utterances"]), speakers]
+        cells += [_fmt(group["means"][m]["value"]) if m in group["means"] else "—" for m in SHOWN_METRICS]
+        effect = group.get("instruct_effect")
+        if effect:
+            values = "; ".join(f"{m}: {_fmt(mean['value'])}" for m, mean in effect["means"].items())
+            cells.append(
+                f"{effect['pairs']} pair(s), {effect['identical']} identical; {values} ({effect['scorer']}: "
+                f"{effect['compared']})"
+            )
+        else:
+            cells.append("—")
+        parts.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+    parts.append("</table>")
+    return parts
 
 
 def write_listening_report(report: dict, output_dir: str | Path, history: list[dict] | None = None) -> Path:

@@ -121,6 +121,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- **{group} unavailable**: {reason}")
         for role, run in runs.items():
             lines += _utterance_table(role, run["speakers"][speaker]["utterances"])
+    lines += _instruction_tables(head)
     lines += ["", "<details><summary>settings (secrets removed)</summary>", "", "```json"]
     lines += [json.dumps(head["settings"], indent=2, sort_keys=True), "```", "</details>", ""]
     return "\n".join(lines)
@@ -166,6 +167,50 @@ def _means_table(runs: dict, speaker: str, difference: dict) -> list[str]:
             delta = diff.get("difference")
             row.append("n/a" if delta is None else f"{delta:+.3f} ({diff['verdict']})")
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return lines
+
+
+INSTRUCTION_METRICS = ("speaker_similarity", "wer", "tone_f0_corr", "duration_ratio", "perplexity_codec0")
+
+
+def instruction_label(instruct: str) -> str:
+    """How an instruction group is shown: its text, or "(none)" for rows generated without one."""
+    return instruct or "(none)"
+
+
+def _instruction_tables(run: dict) -> list[str]:
+    """Means per instruction (every speaker's utterances generated with it) and, where rows were also generated
+    without their instruction, the prosody difference the instruction made."""
+    groups = run.get("instructions") or {}
+    if not groups:
+        return []
+    scorers = {metric: run["metrics"][metric]["scorer"] for metric in INSTRUCTION_METRICS}
+    lines = ["", "## Per instruction", ""]
+    lines.append(
+        "Every speaker's utterances grouped by the instruction they were generated with (trained_calls.instruct of "
+        f"the checkpoint: {run['checkpoint'].get('trained_instruct')}); scorers: "
+        + ", ".join(f"{metric} {scorer}" for metric, scorer in scorers.items())
+        + "."
+    )
+    lines += ["", "| instruction | utterances | speakers | " + " | ".join(INSTRUCTION_METRICS) + " |"]
+    lines.append("|" + "---|" * (len(INSTRUCTION_METRICS) + 3))
+    for instruct, group in groups.items():
+        speakers = ", ".join(f"{speaker}={count}" for speaker, count in group["speakers"].items())
+        cells = [instruction_label(instruct), group["utterances"], speakers]
+        cells += [_fmt(group["means"][metric]["value"]) if metric in group["means"] else "—" for metric in scorers]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    effects = {instruct: group["instruct_effect"] for instruct, group in groups.items() if "instruct_effect" in group}
+    if effects:
+        first = next(iter(effects.values()))
+        metrics = list(first["means"])
+        lines += ["", f"What the instruction changes: {first['compared']}; prosody scorer {first['scorer']}. "]
+        lines[-1] += "0 semitones and ratios of 1 = no change; identical = pairs equal sample for sample."
+        lines += ["", "| instruction | pairs | identical | " + " | ".join(metrics) + " |"]
+        lines.append("|" + "---|" * (len(metrics) + 3))
+        for instruct, effect in effects.items():
+            cells = [instruction_label(instruct), effect["pairs"], effect["identical"]]
+            cells += [_fmt(effect["means"][metric]["value"]) for metric in metrics]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
 
 

@@ -11,6 +11,14 @@ evaluation speak each text (free-running sampling, seeded per utterance, at most
 * pronunciation (WER/CER of an ASR transcript) where the recogniser knows the language;
 * tone (speaker-normalised F0 contour) and prosody, against the real recording of the same text.
 
+A checkpoint trained with instructions (``finetune_info.json``: ``trained_calls.instruct`` holds true; every
+voice-design export) speaks each row with the row's own instruction, and perplexity is conditioned on it too. The
+means are then also grouped per instruction (``"instructions"``, keyed by the instruction text, "" = none), beside
+the per-speaker ones. Where an instruction can be left out (custom voice), each row with one is generated a second
+time without it (same text, speaker and seed), and ``instruct_effect`` says how far the instruction moved the
+prosody (``metrics.prosody_difference`` of the clip with it against the clip without it: 0 semitones and ratios of
+1 = the instruction changed nothing).
+
 Scoring models load once (``scorers.load_scorers``) and are passed in; one that cannot load is reported as
 unavailable with the reason, never replaced. Every number names the scorer behind it; ranges and directions come
 from ``metrics.metric_catalogue``. The runner returns results as JSON-safe dicts; ``report`` writes and logs them.
@@ -24,11 +32,11 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from finetuning.constants import FRAME_RATE_HZ, SAMPLE_RATE
 from finetuning.evaluation import end_of_speech as eos
+from finetuning.evaluation.grouping import instruct_effect, instruction_groups, means
 from finetuning.evaluation.metrics import metric_catalogue
 from finetuning.evaluation.scorers import Scorers, load_scorers
 from finetuning.evaluation.speech import (
@@ -49,6 +57,7 @@ from finetuning.training.export import read_info
 REPORT_VERSION = 1
 AUDIO_DIR = "audio"
 REAL_AUDIO_SUBDIR = "real"  # the held-out recordings themselves, for listening beside the generated clips
+WITHOUT_INSTRUCT_SUBDIR = "without_instruct"  # the same rows generated without their instruction
 
 
 def evaluate_model(
@@ -100,6 +109,7 @@ def evaluate_model(
             "layout": layout,
             "layout_source": layout_source,
             "generate_defaults": dict(wrapper.generate_defaults),
+            "trained_instruct": read_info(model.name_or_path).get("trained_calls", {}).get("instruct"),
         },
         "generation": {
             "sampling": "the model's generate_config defaults, seeded per utterance (utterance_seed)",
@@ -114,6 +124,7 @@ def evaluate_model(
         },
         "end_of_speech": end_of_speech_summary(speakers),
         "speakers": speakers,
+        "instructions": instruction_groups(speakers, described),
         "settings": settings.public_dict(),
     }
 
@@ -164,23 +175,29 @@ def _evaluate_speaker(
         return section
     voice = make_voice(wrapper, speaker, target, non_streaming=layout == "non_streaming")
     section["conditioning"] = voice.conditioning
-    rows = [{"id": u.id, "text": u.text, "language": u.language, "audio_codes": u.codes} for u in target.utterances]
+    instructs = {u.id: u.instruct if voice.takes_instruct else "" for u in target.utterances}
+    rows = [
+        {"id": u.id, "text": u.text, "language": u.language, "audio_codes": u.codes, "instruct": instructs[u.id]}
+        for u in target.utterances
+    ]
     examples, section["skipped_rows"] = build_examples(rows, 0, wrapper.processor.tokenizer, speaker, target.split)
-    text_ids = {example.id: example.text_ids for example in examples}
-    spoken = [u for u in target.utterances if u.id in text_ids]
+    by_id = {example.id: example for example in examples}
+    spoken = [u for u in target.utterances if u.id in by_id]
     real_s = [u.audio.size / SAMPLE_RATE for u in target.utterances]
     seconds_per_char = eos.speaking_rate([u.text for u in target.utterances], real_s)
     for utterance in tqdm(spoken, desc=f"{speaker}: generating and scoring", unit="utt", leave=False):
         language = language_override or generation_language(model, utterance.language)
         seed = utterance_seed(settings.SEED, speaker, utterance.id)
-        wav = generate_speech(voice, utterance.text, language, seed, max_new_tokens, wrapper.device)
+        instruct = instructs[utterance.id]
+        wav = generate_speech(voice, utterance.text, language, seed, max_new_tokens, wrapper.device, instruct)
         audio_path = Path(audio_subdir) / speaker / _file_name(utterance.id)  # relative to output_dir
         real_path = Path(AUDIO_DIR) / REAL_AUDIO_SUBDIR / speaker / _file_name(utterance.id)
         for path, samples in ((audio_path, wav), (real_path, utterance.audio)):
             (output_dir / path).parent.mkdir(parents=True, exist_ok=True)
             sf.write(output_dir / path, samples, SAMPLE_RATE)
+        example = by_id[utterance.id]
         perplexities, tokens = held_out_perplexity(
-            model, text_ids[utterance.id], utterance.codes, voice.speaker_embed, language, layout
+            model, example.text_ids, utterance.codes, voice.speaker_embed, language, layout, example.instruct_ids
         )
         values, errors, transcript = score_generated(wav, utterance, target, scorers)
         frames = round(wav.size / SAMPLE_RATE * FRAME_RATE_HZ)
@@ -206,41 +223,23 @@ def _evaluate_speaker(
                 "tokens": tokens,
                 "transcript": transcript,
                 "errors": errors,
+                "instruct": instruct,
             }
         )
+        if instruct and voice.without:
+            without_path = Path(audio_subdir) / WITHOUT_INSTRUCT_SUBDIR / speaker / _file_name(utterance.id)
+            effect = instruct_effect(voice, utterance.text, language, seed, max_new_tokens, wrapper.device, wav)
+            (output_dir / without_path).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(output_dir / without_path, effect.pop("wav"), SAMPLE_RATE)
+            section["utterances"][-1]["instruct_effect"] = {"audio_without": without_path.as_posix(), **effect}
     described = scorers.describe()
     section["end_of_speech"] = {
         **eos.failure_counts([u["end_of_speech"] for u in section["utterances"]]),
         "seconds_per_char": seconds_per_char,
     }
-    section["means"] = _means(section["utterances"], described)
-    section["real_audio"] = _means(target.real, described)
+    section["means"] = means(section["utterances"], described)
+    section["real_audio"] = means(target.real, described)
     return section
-
-
-def _means(utterances: list[dict], described: dict) -> dict:
-    """{metric: {"value", "n", "of", "scorer", "aggregate"}}; perplexities are token-weighted (exp of the mean
-    cross-entropy over all targets of all utterances), other metrics are plain means over utterances."""
-    means = {}
-    for metric, info in metric_catalogue().items():
-        if not any(metric in u["values"] for u in utterances):
-            continue  # never scored (scorer unavailable, language unsupported)
-        values = [(u["values"].get(metric), u.get("tokens", {}).get(metric, 1)) for u in utterances]
-        present = [(v, n) for v, n in values if v is not None]
-        if not present:
-            value = None
-        elif info["group"] == "perplexity":
-            value = math.exp(sum(n * math.log(v) for v, n in present) / sum(n for _, n in present))
-        else:
-            value = float(np.mean([v for v, _ in present]))
-        means[metric] = {
-            "value": value,
-            "n": len(present),
-            "of": len(utterances),
-            "scorer": described[info["group"]]["backend"],
-            "aggregate": "token-weighted" if info["group"] == "perplexity" else "mean",
-        }
-    return means
 
 
 def compare_reports(baseline: dict, candidate: dict) -> dict:

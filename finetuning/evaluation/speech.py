@@ -3,9 +3,12 @@
 ``synthesize`` speaks with an exported custom-voice checkpoint as a user would (``finetuning/generate.py``), and
 ``clone`` clones a reference clip with a voice-clone (base) checkpoint.
 For evaluation, ``make_voice`` decides how a model speaks as a speaker: a ``custom_voice`` checkpoint (exported by
-this package) through stock ``generate_custom_voice(speaker=...)`` with its own speaker row; a ``base`` model as a
-zero-shot clone through stock ``generate_voice_clone`` in x-vector-only mode from the speaker's first reference
-clip. ``generate_speech`` samples one seeded clip without touching the caller's random state.
+this package) through stock ``generate_custom_voice(speaker=...)`` with its own speaker row; a ``voice_design``
+checkpoint through stock ``generate_voice_design`` (no speaker slot: each row's instruction is the voice
+description); a ``base`` model as a zero-shot clone through stock ``generate_voice_clone`` in x-vector-only mode
+from the speaker's first reference clip. Whether a voice takes the row's instruction comes from the export's
+``finetune_info.json`` (``trained_calls.instruct``), never from the model type alone. ``generate_speech`` samples
+one seeded clip without touching the caller's random state.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from finetuning.resources import ModelUnavailable, one_line, resolve_device, res
 from finetuning.settings import Settings
 from finetuning.training.export import WEIGHT_FILE_PATTERNS, read_info
 
-MODEL_TYPES = ("base", "custom_voice")
-# Stock non_streaming_mode defaults, as layouts: generate_custom_voice True, generate_voice_clone False.
-STOCK_DEFAULT_LAYOUT = {"custom_voice": "non_streaming", "base": "streaming"}
+MODEL_TYPES = ("base", "custom_voice", "voice_design")
+# Stock non_streaming_mode defaults, as layouts: generate_custom_voice and generate_voice_design True,
+# generate_voice_clone False.
+STOCK_DEFAULT_LAYOUT = {"custom_voice": "non_streaming", "voice_design": "non_streaming", "base": "streaming"}
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # MIXED_PRECISION -> dtype
 CHECKPOINT_FILES = ("config.json",)
 
@@ -204,16 +208,33 @@ def clone(
 
 @dataclass
 class Voice:
-    """How one model speaks as one speaker: the generation call and the speaker embedding (D,) it conditions on."""
+    """How one model speaks as one speaker: the generation call and the speaker embedding (D,) it conditions on
+    (None: voice design has no speaker slot).
+
+    takes_instruct  the row's instruction is passed on (stock ``instruct=``): a custom-voice export trained with
+                    instructions, or voice design (the description); otherwise every row is spoken without one
+    without         an instruction may also be left out (custom voice); voice design has no voice without one
+    """
 
     speaker_embed: object
     conditioning: str
-    speak: Callable[[str, str, int], tuple[list, int]]  # (text, language, max_new_tokens) -> (wavs, sample_rate)
+    # (text, language, max_new_tokens, instruct or None) -> (wavs, sample_rate)
+    speak: Callable[[str, str, int, str | None], tuple[list, int]]
+    takes_instruct: bool = False
+    without: bool = True
+
+
+def trained_with_instructions(model) -> bool:
+    """Whether ``model``'s ``finetune_info.json`` says it was trained with instructions (``trained_calls.instruct``
+    holds true); a checkpoint this package did not export (no such entry) is not given any."""
+    return True in read_info(model.name_or_path).get("trained_calls", {}).get("instruct", [False])
 
 
 def make_voice(wrapper, speaker: str, target: SpeakerTargets, non_streaming: bool) -> Voice:
-    """A ``custom_voice`` model speaks with its own speaker row; a ``base`` model clones the first reference clip
-    from its x-vector (stock ``generate_voice_clone``, x_vector_only_mode). Raises EvaluationError otherwise."""
+    """A ``custom_voice`` model speaks with its own speaker row (and the row's instruction when it was trained
+    with instructions); a ``voice_design`` model speaks the voice each row's instruction describes; a ``base``
+    model clones the first reference clip from its x-vector (stock ``generate_voice_clone``, x_vector_only_mode).
+    Raises EvaluationError otherwise."""
     model = wrapper.model
     if model.tts_model_type == "custom_voice":
         rows = model.config.talker_config.spk_id
@@ -222,22 +243,38 @@ def make_voice(wrapper, speaker: str, target: SpeakerTargets, non_streaming: boo
         row = rows[speaker.lower()]
         embed = model.talker.get_input_embeddings().weight[row].detach()
 
-        def speak(text, language, max_new_tokens):
+        def speak(text, language, max_new_tokens, instruct=None):
             return wrapper.generate_custom_voice(
                 text=text,
                 speaker=speaker,
+                language=language,
+                instruct=instruct,
+                non_streaming_mode=non_streaming,
+                max_new_tokens=max_new_tokens,
+            )
+
+        takes = trained_with_instructions(model)
+        conditioning = f"generate_custom_voice(speaker={speaker!r}{', instruct=<row>' if takes else ''})"
+        return Voice(embed, f"{conditioning}; codec row {row}", speak, takes_instruct=takes)
+    if model.tts_model_type == "voice_design":
+
+        def speak(text, language, max_new_tokens, instruct=None):
+            return wrapper.generate_voice_design(
+                text=text,
+                instruct=instruct or "",
                 language=language,
                 non_streaming_mode=non_streaming,
                 max_new_tokens=max_new_tokens,
             )
 
-        return Voice(embed, f"generate_custom_voice(speaker={speaker!r}); codec row {row}", speak)
+        conditioning = "generate_voice_design(instruct=<row>): no speaker slot, the row's description"
+        return Voice(None, conditioning, speak, takes_instruct=True, without=False)
     if model.tts_model_type == "base":
         prompt = wrapper.create_voice_clone_prompt(
             ref_audio=(target.references[0], SAMPLE_RATE), x_vector_only_mode=True
         )
 
-        def speak(text, language, max_new_tokens):
+        def speak(text, language, max_new_tokens, instruct=None):  # stock cloning takes no instruction
             return wrapper.generate_voice_clone(
                 text=text,
                 language=language,
@@ -256,16 +293,18 @@ def utterance_seed(seed: int, speaker: str, utterance_id: str) -> int:
     return zlib.crc32(f"{seed}:{speaker}:{utterance_id}".encode())
 
 
-def generate_speech(voice: Voice, text: str, language: str, seed: int, max_new_tokens: int, device) -> np.ndarray:
-    """One sampled clip (24 kHz float32). The caller's RNG state is restored afterwards, so calling this from a
-    training loop does not change the training run."""
+def generate_speech(
+    voice: Voice, text: str, language: str, seed: int, max_new_tokens: int, device, instruct: str | None = None
+) -> np.ndarray:
+    """One sampled clip (24 kHz float32), with ``instruct`` (None or "": none). The caller's RNG state is restored
+    afterwards, so calling this from a training loop does not change the training run."""
     import torch
 
     device = torch.device(device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
-        wavs, sample_rate = voice.speak(text, language, max_new_tokens)
+        wavs, sample_rate = voice.speak(text, language, max_new_tokens, instruct or None)
     return resample(np.asarray(wavs[0], dtype=np.float32).reshape(-1), int(sample_rate), SAMPLE_RATE)
 
 

@@ -24,12 +24,13 @@ from finetuning.settings import Settings
 from finetuning.training.data import load_references, load_split
 
 HELD_OUT_SPLITS = ("validation", "test")  # first one with rows is evaluated
-ROW_COLUMNS = ["id", "text", "language", "audio", "audio_codes"]
+ROW_COLUMNS = ["id", "text", "language", "audio", "audio_codes", "instruct"]
 
 
 @dataclass
 class Utterance:
-    """One held-out utterance: real 24 kHz audio, its codes (T, 16) and its pitch analysis (None if silent)."""
+    """One held-out utterance: real 24 kHz audio, its codes (T, 16), its pitch analysis (None if silent) and the
+    instruction it was recorded under ("" = none; a dataset prepared before the column existed has none)."""
 
     id: str
     text: str
@@ -38,6 +39,7 @@ class Utterance:
     codes: np.ndarray
     analysis: metrics.ClipAnalysis | None
     analysis_error: str | None = None
+    instruct: str = ""
 
 
 @dataclass
@@ -126,7 +128,8 @@ def _utterance(row) -> Utterance:
     except ValueError as exc:
         analysis, error = None, f"real clip: {exc}"
     codes = np.asarray(row["audio_codes"], dtype=np.int64)
-    return Utterance(row["id"], row["text"], row["language"], audio, codes, analysis, error)
+    instruct = (row.get("instruct") or "").strip()
+    return Utterance(row["id"], row["text"], row["language"], audio, codes, analysis, error, instruct)
 
 
 # -------------------------------------------------------------------------------------------- scoring --
@@ -186,11 +189,15 @@ def checked(values: dict, errors: dict) -> dict:
     return out
 
 
-def held_out_perplexity(model, text_ids, codes, speaker_embed, language: str, layout: str) -> tuple[dict, dict]:
+def held_out_perplexity(
+    model, text_ids, codes, speaker_embed, language: str, layout: str, instruct_ids=None
+) -> tuple[dict, dict]:
     """Teacher-forced perplexities of one utterance's real codes: ({metric: value}, {metric: targets scored}).
 
     ``model`` is a ``Qwen3TTSForConditionalGeneration``; text_ids (Lt,) long, codes (T, 16) long, speaker_embed
-    (D,). Codec-0 covers the T first codes and EOS; sub-talker covers the 15 x T codes of codebooks 2-16.
+    (D,) or None (voice design: no speaker slot), instruct_ids (Li,) long the instruction's user turn as
+    generation was given it, or None. Codec-0 covers the T first codes and EOS; sub-talker covers the 15 x T codes
+    of codebooks 2-16.
     """
     import torch
 
@@ -202,9 +209,10 @@ def held_out_perplexity(model, text_ids, codes, speaker_embed, language: str, la
             model,
             [torch.as_tensor(text_ids, device=device)],
             [torch.as_tensor(codes, device=device, dtype=torch.long)],
-            speaker_embed.view(1, -1).to(device, model.talker.dtype),
+            None if speaker_embed is None else speaker_embed.view(1, -1).to(device, model.talker.dtype),
             [language_id_for(model.config.talker_config, language)],
             layout=layout,
+            instruct_ids=[None if instruct_ids is None else torch.as_tensor(instruct_ids, device=device)],
         )
         out = talker_forward(model, inputs)
         values = {

@@ -15,9 +15,9 @@ from conftest import REPO_ROOT, make_settings, subprocess_env
 from finetuning.preparation import schema
 
 MEMORY_PROBE = str(Path(__file__).with_name("stream_memory_probe.py"))
-SCALES = (10, 80)  # times the bundled corpus
+SCALES = (2, 60)  # times the bundled corpus
 FRAME_REPEATS = 8
-# 1960 more samples x 250 frames x 16 int16 codes = 15.7 MB that map-style must hold at the larger scale.
+# 1624 more samples x 250 frames x 16 int16 codes = 13.0 MB that map-style must hold at the larger scale.
 MIN_MAP_GROWTH_MB = 10.0
 # Streaming holds a 64-example shuffle buffer (20 s utterances as Python lists, about 8 MB) plus one open batch
 # per bucket; the allocator adds up to about 10 MB of noise between runs (measured), whatever the corpus size.

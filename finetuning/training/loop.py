@@ -179,9 +179,9 @@ def _train(settings: Settings, on_export: ExportCallback | None, accelerator, he
     check_init_model(settings, model_dir)
     check_export_dir(settings, model_dir)  # before anything is written
     settings = pin_dataset_revision(settings, accelerator)  # every process reads one Hub commit, saved with the run
+    resume_path = prepare_output_dir(settings, accelerator, held)  # OUTPUT_DIR usable and locked, DATASET_DIR shared
     instructions = instruction_use(settings)
     check_instructions(settings, model_dir, instructions)
-    resume_path = prepare_output_dir(settings, accelerator, held)
     with engines.whole_model_loading(accelerator):
         model, tokenizer, stock = load_base_model(model_dir, accelerator.device, settings)
     presets = PresetSpeakers.from_model(model)

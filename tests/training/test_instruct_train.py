@@ -154,7 +154,7 @@ def test_custom_voice_follows_each_instruction(instruct_run, margin_log):
     _check(wrapper, rows, generate, speaker_embed, margin_log, "instruct-custom_voice")
 
 
-def test_instructions_for_a_model_whose_stock_call_drops_them_are_refused(instruct_run, tiny_model_dirs):
+def test_instructions_for_a_model_whose_stock_call_drops_them_are_refused(instruct_run, tiny_model_dirs, tmp_path):
     """The 0.6B-like tiny model (tts_model_size "0b6"): generate_custom_voice would drop instruct=, so training on
     instruction data stops before the model loads, with one line naming the size."""
     import dataclasses
@@ -162,7 +162,7 @@ def test_instructions_for_a_model_whose_stock_call_drops_them_are_refused(instru
     from finetuning.training.loop import TrainingError, train
 
     settings, _ = instruct_run
-    small = dataclasses.replace(settings, INIT_MODEL_PATH=str(tiny_model_dirs["wide_text"]))
+    small = dataclasses.replace(settings, INIT_MODEL_PATH=str(tiny_model_dirs["wide_text"]), OUTPUT_DIR=str(tmp_path))
     with pytest.raises(TrainingError, match="drops instruct= .*'0b6'") as error:
         train(small)
     assert "\n" not in str(error.value)
